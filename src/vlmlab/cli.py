@@ -1,0 +1,118 @@
+"""`vlmlab ...`: one command line for training, captioning and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _config(args):
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "output_dir", None):
+        overrides.append(f"train.output_dir={args.output_dir}")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    train(_config(args), resume=args.resume)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(_config(args), num_images=args.num_images)
+
+
+def cmd_caption(args) -> None:
+    from .train import load_run
+
+    model = load_run(args.run_dir)
+    kwargs = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    captions = []
+    for start in range(0, len(args.images), 16):
+        captions += model.caption(args.images[start : start + 16], **kwargs)
+    for path, caption in zip(args.images, captions):
+        print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}\t{caption}")
+
+
+def cmd_params(args) -> None:
+    from .vlm import build_vlm, format_parameter_table
+
+    print(format_parameter_table(build_vlm(_config(args)).parameter_table()))
+
+
+def cmd_synth(args) -> None:
+    from .data.synthetic import generate_world
+
+    path = generate_world(args.out_dir, n_images=args.n, seed=args.seed, max_objects=args.max_objects)
+    print(f"wrote {path}")
+
+
+def cmd_prepare(args) -> None:
+    from .language_model import SMOLLM2_NAME, smollm2_dir
+
+    print(f"{SMOLLM2_NAME}: {smollm2_dir()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p, required: bool):
+        p.add_argument("config", nargs=None if required else "?", help="YAML config (defaults: the embedded demo)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.lr=3e-4")
+        p.add_argument("--output-dir", help="shorthand for --set train.output_dir=...")
+
+    p = sub.add_parser("train", help="train a captioning VLM from a config")
+    with_config(p, required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train on the synthetic world and show image-dependent captions")
+    with_config(p, required=False)
+    p.add_argument("--num-images", type=int, default=8)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("caption", help="caption images with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--beams", type=int, help="beam size (default: the run's generate.num_beams)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("params", help="print the parameter table of a config's model")
+    with_config(p, required=False)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("synth", help="render the synthetic world to a folder")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-objects", type=int, default=2)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="convert the default LM's GGUF to cached safetensors (done once)")
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+        print(f"vlmlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

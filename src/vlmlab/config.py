@@ -1,0 +1,209 @@
+"""Plain dataclass configs: defaults here, a YAML file on top, `--set key=value` overrides on top of that.
+
+Unknown keys and wrong types fail at load time, before any model is built, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot work: names the key and what is allowed."""
+
+
+@dataclass
+class VisionConfig:
+    name: str = "efficientnet-lite0"  # or "efficientnet-lite1/2", "hf:<hub name or local dir>" (CLIP/SigLIP)
+    image_size: int | None = None  # None: the encoder's native size
+
+
+@dataclass
+class ConnectorConfig:
+    type: str = "qformer"
+    num_queries: int = 16
+    depth: int = 2
+    width: int = 256
+    heads: int = 4
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    freeze: bool = False  # keep the connector at its initialisation (the "frozen Q-Former" control)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = True
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: per-architecture default (language_model.py)
+
+
+@dataclass
+class LMConfig:
+    name: str = "smollm2-135m-instruct"  # or a transformers hub name / local dir
+    chat_format: bool = False  # wrap the prompt in the model's chat template
+    end_token: str | None = None  # None: <|im_end|> with chat format, else <|endoftext|> (see language_model.py)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["synthetic:data/synthetic"])  # FORMAT:PATH specs
+    prompt: str = "A picture of"
+    max_caption_tokens: int = 32
+    split_seed: int = 0  # deterministic train/val/test split where a format has none
+    max_train_images: int | None = None  # take a deterministic subset (quick runs)
+    max_eval_images: int | None = None
+    synthetic_images: int = 2000  # size of the synthetic world when a spec asks for it
+    synthetic_max_objects: int = 2
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr: float = 1e-3  # connector
+    lora_lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    log_every: int = 10
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPUs)
+    feature_batch_size: int = 32
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def _check_value(key: str, value, annotation):
+    """Accepts `value` for a field annotated `annotation`, converting int->float; raises naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str | int | float):  # a single item where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation in (str, float) and not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}; allowed here: {sorted(fields)}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(current))}")
+            _merge(current, value, key + ".")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}}; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.subkey=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping")
+        _merge(cfg, tree)
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Values that type-check but cannot work."""
+    c, t = cfg.connector, cfg.train
+    if c.num_queries < 1:
+        raise ConfigError("connector.num_queries must be >= 1")
+    if c.width % c.heads != 0:
+        raise ConfigError(f"connector.width ({c.width}) must be divisible by connector.heads ({c.heads})")
+    if cfg.lm.lora.enabled and cfg.lm.lora.r < 1:
+        raise ConfigError("lm.lora.r must be >= 1 when lm.lora.enabled is true")
+    if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
+        raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be >= 1")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError("train.mixed_precision must be one of 'no', 'bf16', 'fp16'")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets must name at least one FORMAT:PATH spec")
+    if cfg.generate.num_beams < 1 or cfg.generate.max_new_tokens < 1:
+        raise ConfigError("generate.num_beams and generate.max_new_tokens must be >= 1")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

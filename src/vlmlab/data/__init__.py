@@ -1,0 +1,1 @@
+"""Caption datasets: readers for the official formats and the synthetic world."""

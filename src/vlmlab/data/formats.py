@@ -1,0 +1,296 @@
+"""Readers for the official caption formats, all returning the same CaptionSample records.
+
+A dataset is named by a spec 'FORMAT:PATH' (e.g. 'coco:../shared/data/coco2017-mini'), so configs can
+mix datasets and every reader reads the full dataset in its own on-disk layout, unconverted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SPLITS = ("train", "val", "test")
+FORMATS = ("coco", "karpathy", "flickr8k", "synthetic")
+
+
+@dataclass
+class CaptionSample:
+    image_id: str  # unique within a dataset, e.g. "coco:397133"
+    image_path: str  # absolute path to the image file
+    captions: list[str]  # stripped, non-empty human captions (all references of this image)
+    split: str  # "train" | "val" | "test"
+    meta: dict = field(default_factory=dict)  # e.g. synthetic ground truth, coco file_name
+
+
+def load_captions(
+    spec: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, list[CaptionSample]]:
+    """spec is 'FORMAT:PATH'. Returns {'train': [...], 'val': [...], 'test': [...]}, each sorted by image_id.
+
+    seed / val_fraction / test_fraction only matter where the format has no split of its own (COCO, and
+    Flickr8k images that no split file lists).
+    """
+    fmt, sep, path = spec.partition(":")
+    if not sep or fmt not in FORMATS or not path:
+        raise ValueError(f"bad dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to <= 1")
+    fractions = (seed, val_fraction, test_fraction)
+    if fmt == "coco":
+        samples = _read_coco(_existing(path, spec), *fractions)
+    elif fmt == "karpathy":
+        json_path, image_root = _split_at(path)
+        samples = _read_karpathy(_existing(json_path, spec), _existing(image_root, spec) if image_root else None)
+    elif fmt == "flickr8k":
+        samples = _read_flickr8k(_existing(path, spec), *fractions)
+    else:  # synthetic: generated on first use; its splits are recorded in the json
+        from .synthetic import ensure_world
+
+        samples = _read_karpathy(ensure_world(path), None)
+    out: dict[str, list[CaptionSample]] = {s: [] for s in SPLITS}
+    for s in samples:
+        out[s.split].append(s)
+    for split in out.values():
+        split.sort(key=lambda s: s.image_id)
+    return out
+
+
+def load_image(path) -> Image.Image:
+    """Decodes the whole file (so truncated files raise here, not later) and returns an RGB image."""
+    img = Image.open(path)
+    try:
+        img.load()  # a single-frame file is closed once loaded; a multi-frame one keeps its handle open
+        if getattr(img, "n_frames", 1) > 1:
+            img, animated = img.copy(), img  # first frame only
+            animated.close()
+    except BaseException:
+        img.close()
+        raise
+    try:
+        ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the pixels
+        pass
+    return _to_rgb(img)
+
+
+def filter_readable(samples: list[CaptionSample]) -> tuple[list[CaptionSample], list[str]]:
+    """Keeps the samples whose image fully decodes; returns (good, bad_paths) and warns once if any failed.
+
+    A full decode is needed: Image.verify() passes zero-length-tail and truncated JPEGs.
+    """
+
+    def readable(path: str) -> bool:
+        try:
+            with Image.open(path) as img:
+                img.load()
+            return True
+        except Exception:  # noqa: BLE001 - any decoder error means "unreadable image"
+            return False
+
+    paths = [s.image_path for s in samples]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
+        ok = list(pool.map(readable, paths))
+    good = [s for s, k in zip(samples, ok) if k]
+    bad = [p for p, k in zip(paths, ok) if not k]
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} of {len(samples)} images that could not be read (first: {bad[0]})", stacklevel=2
+        )
+    return good, bad
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _existing(path: str, spec: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"dataset spec {spec!r}: path {str(p)!r} does not exist")
+    return p
+
+
+def _split_at(path: str) -> tuple[str, str | None]:
+    """'JSON@IMAGE_ROOT' -> (JSON, IMAGE_ROOT); a path that exists as written is taken whole."""
+    if "@" in path and not Path(path).exists():
+        json_path, root = path.rsplit("@", 1)
+        return json_path, root
+    return path, None
+
+
+def hash_split(seed: int, key: str, val_fraction: float, test_fraction: float) -> str:
+    """A split that depends only on (seed, key): stable across runs, machines and dataset growth."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _abs(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16-bit / float greyscale: rescale, then grey
+        a = np.asarray(img, dtype=np.float32)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):  # transparent pixels would turn black: put them on white
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _add(by_id: dict[str, CaptionSample], sample: CaptionSample) -> None:
+    """Collapses repeated entries of one image into one sample holding all its captions."""
+    if sample.image_id in by_id:
+        by_id[sample.image_id].captions.extend(sample.captions)
+    else:
+        by_id[sample.image_id] = sample
+
+
+# ---------------------------------------------------------------------------------------------- COCO
+
+
+def _read_coco(path: Path, seed: int, val_fraction: float, test_fraction: float) -> list[CaptionSample]:
+    """COCO captions JSON(s); images in ROOT/<split>/<file_name> where the json is captions_<split>.json."""
+    if path.is_dir():
+        files = sorted((path / "annotations").glob("captions_*.json"))
+        if not files:
+            raise ValueError(f"{path}: no annotations/captions_*.json found (expected a COCO root)")
+    else:
+        files = [path]
+    by_id: dict[str, CaptionSample] = {}
+    for f in files:
+        folder = f.stem.removeprefix("captions_")
+        image_dir = f.resolve().parent.parent / folder
+        try:
+            data = json.loads(f.read_text())
+            images = {im["id"]: im["file_name"] for im in data["images"]}  # duplicate entries collapse here
+            annotations = data["annotations"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{f}: not a COCO captions file ({type(e).__name__}: {e})") from e
+        captions: dict[int, list[str]] = {}
+        missing = 0
+        for i, ann in enumerate(annotations):
+            try:
+                image_id, text = ann["image_id"], ann["caption"]
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{f}: annotation {i} lacks image_id/caption") from e
+            if image_id not in images:
+                missing += 1
+                continue
+            if isinstance(text, str) and text.strip():
+                captions.setdefault(image_id, []).append(text.strip())
+        if missing:
+            warnings.warn(f"{f}: skipped {missing} captions whose image_id is not listed in 'images'", stacklevel=3)
+        for image_id, caps in captions.items():
+            key = f"coco:{image_id}"
+            split = hash_split(seed, key, val_fraction, test_fraction)
+            meta = {"file_name": images[image_id], "coco_split": folder}
+            _add(by_id, CaptionSample(key, _abs(image_dir / images[image_id]), caps, split, meta))
+    return list(by_id.values())
+
+
+# ---------------------------------------------------------------------------------------------- Karpathy
+
+_KARPATHY_KEYS = {"filename", "filepath", "split", "sentences", "sentids", "imgid", "cocoid"}
+_KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def _read_karpathy(path: Path, image_root: Path | None) -> list[CaptionSample]:
+    """Karpathy's split JSON (dataset_coco.json, dataset_flickr8k.json, ...), splits as recorded."""
+    try:
+        data = json.loads(path.read_text())
+        images = data["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a Karpathy split file ({type(e).__name__}: {e})") from e
+    name = data.get("dataset") or path.stem.removeprefix("dataset_")
+    root = image_root if image_root is not None else path.parent
+    by_id: dict[str, CaptionSample] = {}
+    for i, im in enumerate(images):
+        try:
+            filename, raw_split = im["filename"], im["split"]
+            sentences = im["sentences"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: images[{i}] lacks filename/split/sentences") from e
+        if raw_split not in _KARPATHY_SPLITS:
+            raise ValueError(f"{path}: images[{i}] has split {raw_split!r}, expected one of {sorted(_KARPATHY_SPLITS)}")
+        captions = [s["raw"].strip() for s in sentences if isinstance(s.get("raw"), str) and s["raw"].strip()]
+        if not captions:
+            continue
+        key = f"{name}:{im['cocoid']}" if "cocoid" in im else f"{name}:{Path(filename).stem}"
+        image_path = _abs(root / im.get("filepath", "") / filename)
+        meta = {k: v for k, v in im.items() if k not in _KARPATHY_KEYS}
+        _add(by_id, CaptionSample(key, image_path, captions, _KARPATHY_SPLITS[raw_split], meta))
+    return list(by_id.values())
+
+
+# ---------------------------------------------------------------------------------------------- Flickr8k
+
+_FLICKR_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")  # the official folder is misspelt
+_FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                       "test": "Flickr_8k.testImages.txt"}  # fmt: skip
+
+
+def _read_flickr8k(root: Path, seed: int, val_fraction: float, test_fraction: float) -> list[CaptionSample]:
+    """Flickr8k.token.txt + the three split files; images no split file lists get a hash split."""
+    text_dirs = [root, root / "Flickr8k_text"]  # the official text zip unpacks into Flickr8k_text/
+    token_file = next((d / "Flickr8k.token.txt" for d in text_dirs if (d / "Flickr8k.token.txt").is_file()), None)
+    if token_file is None:
+        raise ValueError(f"{root}: no Flickr8k.token.txt found (looked in {', '.join(map(str, text_dirs))})")
+    image_dir = next((root / d for d in _FLICKR_IMAGE_DIRS if (root / d).is_dir()), None)
+    if image_dir is None:
+        raise ValueError(f"{root}: no image folder found (expected one of {', '.join(_FLICKR_IMAGE_DIRS)})")
+
+    split_of: dict[str, tuple[str, Path]] = {}
+    for split, fname in _FLICKR_SPLIT_FILES.items():
+        f = token_file.parent / fname
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            name = line.strip()
+            if not name:
+                continue
+            if name in split_of and split_of[name][0] != split:
+                raise ValueError(f"{f}: {name} is also listed in {split_of[name][1]}")
+            split_of[name] = (split, f)
+
+    captions: dict[str, list[str]] = {}
+    with open(token_file, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            head, tab, caption = line.partition("\t")
+            name, hash_, _ = head.rpartition("#")
+            if not tab or not hash_ or not name:
+                raise ValueError(f"{token_file}:{lineno}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r}")
+            caps = captions.setdefault(name, [])
+            if caption.strip():
+                caps.append(caption.strip())
+
+    samples = []
+    for name, caps in captions.items():
+        if not caps:
+            continue
+        key = f"flickr8k:{Path(name).stem}"
+        split = split_of[name][0] if name in split_of else hash_split(seed, key, val_fraction, test_fraction)
+        samples.append(CaptionSample(key, _abs(image_dir / name), caps, split, {"file_name": name}))
+    return samples

@@ -1,0 +1,194 @@
+"""The built-in synthetic world: 1-2 coloured shapes on a plain background, captioned exactly.
+
+Every caption is fully determined by the picture (colour, shape, size, grid cell), so a model that
+ignores the image cannot do well: it is the quickest honest test that captions follow the image.
+The world is written in Karpathy's split format, so the ordinary 'karpathy' reader loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+
+RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (40, 70, 220),
+    "yellow": (235, 205, 0),
+    "purple": (140, 50, 180),
+    "orange": (250, 135, 0),
+}
+BACKGROUNDS = ((255, 255, 255), (225, 225, 225))  # white, light grey
+SIZE_FRACTION = {"small": 0.45, "large": 0.85}  # shape side / grid cell side
+WORLD_VERSION = 1  # bump when rendering or captions change, so ensure_world regenerates old worlds
+
+
+@dataclass
+class SceneObject:
+    colour: str
+    shape: str
+    size: str
+    position: str  # one of POSITIONS: a cell of the 3x3 grid
+
+
+def sample_scene(rng: random.Random, max_objects: int = 2) -> list[SceneObject]:
+    """1..max_objects objects, each in its own grid cell (so they never overlap)."""
+    if not 1 <= max_objects <= len(POSITIONS):
+        raise ValueError(f"max_objects must be in 1..{len(POSITIONS)}, got {max_objects}")
+    n = rng.randint(1, max_objects)
+    return [
+        SceneObject(rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(SIZES), position)
+        for position in rng.sample(POSITIONS, n)
+    ]
+
+
+def object_box(obj: SceneObject, image_size: int = 224, jitter: tuple[float, float] = (0.0, 0.0)):
+    """The shape's bounding box (x0, y0, x1, y1), always inside its grid cell.
+
+    jitter in [-1, 1]^2 moves the shape within the slack its cell leaves around it.
+    """
+    cell = image_size / 3
+    row, col = divmod(POSITIONS.index(obj.position), 3)
+    side = SIZE_FRACTION[obj.size] * cell
+    slack = (cell - side) / 2 - 1  # keep 1 px clear of the cell border
+    cx = (col + 0.5) * cell + jitter[0] * slack
+    cy = (row + 0.5) * cell + jitter[1] * slack
+    return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+
+def render_scene(objects: list[SceneObject], image_size: int = 224, rng: random.Random | None = None) -> Image.Image:
+    """Draws the scene; with an rng the background shade and each shape's place within its cell vary."""
+    background = rng.choice(BACKGROUNDS) if rng else BACKGROUNDS[0]
+    img = Image.new("RGB", (image_size, image_size), background)
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        jitter = (rng.uniform(-1, 1), rng.uniform(-1, 1)) if rng else (0.0, 0.0)
+        x0, y0, x1, y1 = object_box(obj, image_size, jitter)
+        fill = RGB[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    return img
+
+
+# "at the top left", "on the left", "in the center": the preposition English uses for each cell
+_PLACE = {p: f"at the {p}" for p in POSITIONS} | {"left": "on the left", "right": "on the right", "center": "in the center"}
+TEMPLATES = ("{}.", "there is {}.", "an image of {}.", "a picture showing {}.")
+
+
+def _phrase(obj: SceneObject) -> str:
+    return f"a {obj.size} {obj.colour} {obj.shape} {_PLACE[obj.position]}"
+
+
+def describe_scene(objects: list[SceneObject], rng: random.Random, template: int | None = None) -> str:
+    """One caption naming every object; the template (and the order of objects) is drawn from rng."""
+    if template is None:
+        template = rng.randrange(len(TEMPLATES))
+    phrases = [_phrase(o) for o in objects]
+    rng.shuffle(phrases)
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return TEMPLATES[template].format(listed)
+
+
+def scene_captions(objects: list[SceneObject], rng: random.Random, n: int = 3) -> list[str]:
+    """n captions of one scene, each from a different template."""
+    return [describe_scene(objects, rng, t) for t in rng.sample(range(len(TEMPLATES)), n)]
+
+
+def generate_world(
+    out_dir,
+    n_images: int = 2000,
+    seed: int = 0,
+    max_objects: int = 2,
+    image_size: int = 224,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+) -> Path:
+    """Writes out_dir/images/00000.png ... and out_dir/dataset_synthetic.json (Karpathy format); returns the json."""
+    params = dict(n_images=n_images, seed=seed, max_objects=max_objects, image_size=image_size,
+                  val_fraction=val_fraction, test_fraction=test_fraction, version=WORLD_VERSION)  # fmt: skip
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to <= 1")
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "dataset_synthetic.json"
+    json_path.unlink(missing_ok=True)  # written last: a half-written world has no json and is regenerated
+    width = max(5, len(str(n_images - 1)))
+    for stale in image_dir.glob("*.png"):  # images of an earlier, larger world
+        if re.fullmatch(r"\d+", stale.stem) and (len(stale.stem) != width or int(stale.stem) >= n_images):
+            stale.unlink()
+
+    splits = _assign_splits(n_images, random.Random(f"split-{seed}"), val_fraction, test_fraction)
+    rng = random.Random(seed)
+    entries = []
+    for i in tqdm(range(n_images), desc="rendering synthetic world", unit="img", leave=False):
+        objects = sample_scene(rng, max_objects)
+        filename = f"{i:0{width}d}.png"
+        render_scene(objects, image_size, rng).save(image_dir / filename, compress_level=1)
+        entries.append({
+            "filename": filename,
+            "filepath": "images",
+            "split": splits[i],
+            "sentences": [{"raw": c} for c in scene_captions(objects, rng)],
+            "objects": [asdict(o) for o in objects],
+        })  # fmt: skip
+    world = {"dataset": "synthetic", "seed": seed, "params": params, "images": entries}
+    tmp = json_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(world))
+    tmp.replace(json_path)
+    return json_path
+
+
+def ensure_world(out_dir, **kwargs) -> Path:
+    """Generates the world unless out_dir already holds one made with the given parameters.
+
+    Only the parameters passed are compared, so ensure_world(dir) accepts any existing world.
+    """
+    json_path = Path(out_dir) / "dataset_synthetic.json"
+    unknown = set(kwargs) - {"n_images", "seed", "max_objects", "image_size", "val_fraction", "test_fraction"}
+    if unknown:
+        raise TypeError(f"ensure_world got unknown parameters {sorted(unknown)}")
+    if json_path.is_file():
+        try:
+            with open(json_path) as f:
+                recorded = json.load(f).get("params", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            recorded = None
+        same = recorded and recorded.get("version") == WORLD_VERSION
+        same = same and all(recorded.get(k) == v for k, v in kwargs.items())
+        last = f"{recorded['n_images'] - 1:0{max(5, len(str(recorded['n_images'] - 1)))}d}.png" if same else ""
+        if same and (json_path.parent / "images" / last).is_file():
+            return json_path
+    return generate_world(out_dir, **kwargs)
+
+
+def _assign_splits(n: int, rng: random.Random, val_fraction: float, test_fraction: float) -> list[str]:
+    """Exact split sizes (at least one val and one test image when asked for and n allows it)."""
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    if n_val + n_test >= n:
+        n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+        n_test = min(n_test, n - n_val)
+    splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
+    rng.shuffle(splits)
+    return splits

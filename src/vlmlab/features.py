@@ -1,0 +1,115 @@
+"""Frozen-feature cache: each image goes through the frozen encoder once, ever.
+
+The encoder never changes during training, so its outputs are computed once per
+(encoder + preprocessing, image content) and reused across epochs and runs. Keys are
+`encoder.fingerprint()` (a folder) and the SHA-1 of the image file's bytes (a tensor name), so an
+edited image or a changed encoder/preprocessing misses the cache instead of reusing stale
+features. New features are appended as a new shard (safetensors, float16); nothing is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .data.formats import load_image
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, encoder):
+        self.encoder = encoder
+        self.dir = Path(root) / encoder.fingerprint()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._where: dict[str, Path] = {}  # content hash -> shard file
+        for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                for key in f.keys():
+                    self._where[key] = shard
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def features(
+        self, image_paths: list[str], batch_size: int = 32, desc: str = "encoding images"
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Image tokens for `image_paths` as one float16 tensor [M, N, D], encoding only what is missing.
+
+        Returns (features, kept): `kept` indexes the paths whose image could be read; unreadable or
+        missing images are left out and reported in one warning line, never a crash mid-epoch.
+        """
+        hashes, kept, bad = [], [], []
+        for i, path in enumerate(image_paths):
+            try:
+                hashes.append(file_sha1(path))
+                kept.append(i)
+            except OSError:
+                bad.append(path)
+        todo = sorted({h: image_paths[i] for h, i in zip(hashes, kept) if h not in self._where}.items())
+        unreadable = set(self._encode_missing(todo, batch_size, desc))
+        bad += [image_paths[i] for h, i in zip(hashes, kept) if h in unreadable]
+        kept_pairs = [(h, i) for h, i in zip(hashes, kept) if h not in unreadable]
+        if bad:
+            warnings.warn(
+                f"skipped {len(bad)} of {len(image_paths)} images that could not be read (first: {bad[0]})",
+                stacklevel=2,
+            )
+        return self._read([h for h, _ in kept_pairs]), [i for _, i in kept_pairs]
+
+    @torch.no_grad()
+    def _encode_missing(self, todo: list[tuple[str, str]], batch_size: int, desc: str) -> list[str]:
+        """Encodes (hash, path) pairs into a new shard; returns the hashes whose image failed to load."""
+        if not todo:
+            return []
+        new, failed = {}, []
+        device = next(self.encoder.parameters()).device
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+            images, keys = [], []
+            for key, path in todo[start : start + batch_size]:
+                try:
+                    images.append(load_image(path))
+                    keys.append(key)
+                except Exception:  # noqa: BLE001 - any decoder error means "unreadable image"
+                    failed.append(key)
+            if not images:
+                continue
+            tokens = self.encoder(self.encoder.preprocess(images).to(device)).to("cpu", torch.float16)
+            new.update({k: t.clone() for k, t in zip(keys, tokens)})
+        if new:
+            index = len(list(self.dir.glob("shard-*.safetensors")))
+            shard = self.dir / f"shard-{index:05d}-{os.getpid()}.safetensors"
+            tmp = shard.with_suffix(".tmp")
+            save_file(new, tmp)
+            tmp.replace(shard)  # atomic: a shard is either whole or absent
+            self._where.update({k: shard for k in new})
+        return failed
+
+    def _read(self, hashes: list[str]) -> torch.Tensor:
+        by_shard: dict[Path, list[int]] = {}
+        for i, h in enumerate(hashes):
+            by_shard.setdefault(self._where[h], []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(hashes)
+        for shard, positions in by_shard.items():
+            with safe_open(shard, "pt") as f:
+                for i in positions:
+                    out[i] = f.get_tensor(hashes[i])
+        if not out:
+            return torch.empty(0)
+        return torch.stack(out)

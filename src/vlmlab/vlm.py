@@ -1,0 +1,223 @@
+"""The composed vision-language model: frozen encoder -> connector -> frozen LLM (+ LoRA).
+
+    image --vision--> image tokens [B, N, D_img] --connector--> visual tokens [B, Q, D_lm]
+    [visual tokens][prompt embeddings] --LLM--> caption
+
+Training usually starts from cached image tokens (features.py), so `forward` takes image tokens,
+not pixels; `caption` takes images and runs the whole path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .connector import build_connector
+from .language_model import add_lora, base_causal_lm, choose_end_token, embedding_rms, load_language_model
+from .sequence import (
+    IGNORE_INDEX,
+    TextBatch,
+    build_generation_batch,
+    build_training_batch,
+    caption_token_ids,
+    decode_caption,
+    prompt_token_ids,
+)
+from .vision import build_vision_encoder
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: Config, vision: nn.Module, connector: nn.Module, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.connector = connector
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.specials = choose_end_token(tokenizer, cfg.lm.chat_format, cfg.lm.end_token)
+        self.prompt_ids = prompt_token_ids(tokenizer, cfg.data.prompt, cfg.lm.chat_format)
+
+    # ---- building blocks -------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """The vision encoder stays in eval mode: it is frozen, and BatchNorm statistics must not drift."""
+        super().train(mode)
+        self.vision.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.connector.parameters()).device
+
+    def visual_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens from the encoder [B, N, D_img] -> visual tokens for the LLM [B, Q, D_lm]."""
+        return self.connector(image_tokens.to(self.device, torch.float32))
+
+    def encode_images(self, images) -> torch.Tensor:
+        """PIL images -> image tokens [B, N, D_img] with the frozen encoder."""
+        pixels = self.vision.preprocess(images).to(self.device)
+        with torch.no_grad():
+            return self.vision(pixels)
+
+    def _embed(self, visual: torch.Tensor | None, text: TextBatch, visual_first_pad: bool = False):
+        """Concatenate [visual tokens][text embeddings]; visual positions are attended and never supervised."""
+        embed = base_causal_lm(self.lm).get_input_embeddings()
+        text_embeds = embed(text.input_ids.to(self.device))
+        mask = text.attention_mask.to(self.device)
+        labels = text.labels.to(self.device)
+        if visual is None:
+            return text_embeds, mask, labels
+        batch, num_visual = visual.shape[:2]
+        visual = visual.to(text_embeds.dtype)
+        visual_mask = torch.ones(batch, num_visual, dtype=mask.dtype, device=mask.device)
+        visual_labels = torch.full((batch, num_visual), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        if visual_first_pad:
+            # Left-padded generation batch: move each row's padding before its visual tokens, so every
+            # row reads [pad...][visual][prompt] and the answer starts at the last position.
+            rows = []
+            for i in range(batch):
+                pad = int((mask[i] == 0).sum())
+                rows.append(torch.cat([text_embeds[i, :pad], visual[i], text_embeds[i, pad:]]))
+            embeds = torch.stack(rows)
+            full_mask = torch.stack(
+                [torch.cat([mask[i][mask[i] == 0], visual_mask[i], mask[i][mask[i] == 1]]) for i in range(batch)]
+            )
+            return embeds, full_mask, torch.cat([visual_labels, labels], dim=1)
+        return (
+            torch.cat([visual, text_embeds], dim=1),
+            torch.cat([visual_mask, mask], dim=1),
+            torch.cat([visual_labels, labels], dim=1),
+        )
+
+    # ---- training --------------------------------------------------------------------------
+    def text_batch(self, captions: list[str]) -> TextBatch:
+        ids = [
+            caption_token_ids(self.tokenizer, c, self.cfg.lm.chat_format, self.cfg.data.max_caption_tokens)
+            for c in captions
+        ]
+        return build_training_batch(self.prompt_ids, ids, self.specials.end_id, self.specials.pad_id)
+
+    def forward(self, image_tokens: torch.Tensor | None, text: TextBatch, reduction: str = "mean"):
+        """Caption loss (next-token cross-entropy on caption + END tokens only).
+
+        reduction='mean': one scalar, mean NLL per supervised token.
+        reduction='sum_per_sample': (nll_sum [B], token_count [B]) for probes and per-image scores.
+        """
+        visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
+        embeds, mask, labels = self._embed(visual, text)
+        base = base_causal_lm(self.lm)
+        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # Position t predicts token t+1. Only supervised positions go through the (large) vocabulary head.
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = base.get_output_embeddings()(hidden[supervised]).float()
+        nll = F.cross_entropy(logits, targets[supervised], reduction="none")
+        if reduction == "mean":
+            return nll.mean()
+        if reduction == "sum_per_sample":
+            row = supervised.nonzero()[:, 0]
+            sums = torch.zeros(labels.shape[0], device=nll.device).index_add_(0, row, nll)
+            return sums, supervised.sum(dim=1)
+        raise ValueError(f"unknown reduction {reduction!r}")
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_from_tokens(
+        self,
+        image_tokens: torch.Tensor | None,
+        batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        repetition_penalty: float | None = None,
+    ) -> list[str]:
+        """Captions from image tokens. The LLM sees only [visual tokens][prompt]: no caption, no END."""
+        g = self.cfg.generate
+        batch = image_tokens.shape[0] if image_tokens is not None else (batch_size or 1)
+        text = build_generation_batch([self.prompt_ids] * batch, self.specials.pad_id)
+        visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
+        embeds, mask, _ = self._embed(visual, text, visual_first_pad=True)
+        was_training = self.training
+        self.eval()
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens or g.max_new_tokens,
+            num_beams=num_beams or g.num_beams,
+            repetition_penalty=repetition_penalty or g.repetition_penalty,
+            do_sample=False,
+            eos_token_id=self.specials.end_id,
+            pad_token_id=self.specials.pad_id,
+        )
+        self.train(was_training)
+        return [decode_caption(self.tokenizer, row.tolist(), self.specials.end_id) for row in out]
+
+    @torch.no_grad()
+    def caption(self, images, **generate_kwargs) -> list[str]:
+        """PIL images or paths -> captions."""
+        from .data.formats import load_image
+
+        images = [load_image(im) if isinstance(im, str | Path) else im for im in images]
+        return self.generate_from_tokens(self.encode_images(images), **generate_kwargs)
+
+    # ---- what is trained, what is saved ---------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the connector (also when frozen: its random init is part of the run) and LoRA."""
+        state = {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        for name, p in self.lm.named_parameters():
+            if "lora_" in name:
+                state[f"lm.{name}"] = p.detach()
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        self.connector.load_state_dict({k[len("connector.") :]: v for k, v in state.items() if k.startswith("connector.")})
+        lm_params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith("lm."):
+                    lm_params[k[len("lm.") :]].copy_(v)
+
+    def parameter_table(self) -> list[tuple[str, int, int]]:
+        """(module, total, trainable) for the vision encoder, connector, LLM base weights and LoRA."""
+        rows = []
+        for name, module in (("vision encoder", self.vision), ("connector", self.connector)):
+            ps = list(module.parameters())
+            rows.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
+        base = [(n, p) for n, p in self.lm.named_parameters() if "lora_" not in n]
+        lora = [(n, p) for n, p in self.lm.named_parameters() if "lora_" in n]
+        for name, ps in (("language model", base), ("LoRA adapters", lora)):
+            rows.append((name, sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad)))
+        return rows
+
+
+def build_vlm(cfg: Config) -> VLM:
+    """Builds the whole model from a config; the trainable parts start from a seeded initialisation."""
+    vision = build_vision_encoder(cfg.vision.name, cfg.vision.image_size)
+    lm, tokenizer = load_language_model(cfg.lm.name)
+    torch.manual_seed(cfg.train.seed)
+    lm_dim = base_causal_lm(lm).get_input_embeddings().embedding_dim
+    connector = build_connector(cfg.connector, vision.out_dim, lm_dim, embedding_rms(lm))
+    if cfg.connector.freeze:
+        connector.requires_grad_(False)
+    lora = cfg.lm.lora
+    if lora.enabled:
+        lm = add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    return VLM(cfg, vision, connector, lm, tokenizer)
+
+
+def format_parameter_table(rows: list[tuple[str, int, int]]) -> str:
+    total_all = sum(r[1] for r in rows)
+    lines = [f"{'module':<16} {'total':>13} {'trainable':>13} {'share of all':>13}"]
+    for name, total, trainable in rows:
+        lines.append(f"{name:<16} {total:>13,} {trainable:>13,} {trainable / max(total_all, 1):>12.3%}")
+    trainable_all = sum(r[2] for r in rows)
+    lines.append(f"{'all':<16} {total_all:>13,} {trainable_all:>13,} {trainable_all / max(total_all, 1):>12.3%}")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Shared fixtures: real tokenizers, a tiny randomly initialised GPT-2 of the real vocabulary, data paths."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+GPT2_TOKENIZER_DIR = SHARED / "models" / "gpt2-tokenizer"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent on this machine")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import GPT2Tokenizer
+
+    d = require(GPT2_TOKENIZER_DIR)
+    return GPT2Tokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer):
+    """A 2-layer random GPT-2 with the real 50,257-token vocabulary, saved like a hub checkpoint."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=len(gpt2_tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(out)
+    gpt2_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer as the default LM path gives it (converted from the GGUF once, then cached)."""
+    from transformers import AutoTokenizer
+
+    from vlmlab.language_model import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
