@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data.formats import load_image
+
+SHARD_IMAGES = 512
 
 
 def file_sha1(path: str | Path) -> str:
@@ -75,12 +78,13 @@ class FeatureCache:
 
     @torch.no_grad()
     def _encode_missing(self, todo: list[tuple[str, str]], batch_size: int, desc: str) -> list[str]:
-        """Encodes (hash, path) pairs into a new shard; returns the hashes whose image failed to load."""
-        if not todo:
-            return []
+        """Encodes (hash, path) pairs into new shards; returns the hashes whose image failed to load.
+
+        A shard is written every `SHARD_IMAGES` images, so an interrupted run keeps what it encoded.
+        """
         new, failed = {}, []
         device = next(self.encoder.parameters()).device
-        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
             images, keys = [], []
             for key, path in todo[start : start + batch_size]:
                 try:
@@ -88,18 +92,20 @@ class FeatureCache:
                     keys.append(key)
                 except Exception:  # noqa: BLE001 - any decoder error means "unreadable image"
                     failed.append(key)
-            if not images:
-                continue
-            tokens = self.encoder(self.encoder.preprocess(images).to(device)).to("cpu", torch.float16)
-            new.update({k: t.clone() for k, t in zip(keys, tokens)})
-        if new:
-            index = len(list(self.dir.glob("shard-*.safetensors")))
-            shard = self.dir / f"shard-{index:05d}-{os.getpid()}.safetensors"
-            tmp = shard.with_suffix(".tmp")
-            save_file(new, tmp)
-            tmp.replace(shard)  # atomic: a shard is either whole or absent
-            self._where.update({k: shard for k in new})
+            if images:
+                tokens = self.encoder(self.encoder.preprocess(images).to(device)).to("cpu", torch.float16)
+                new.update({k: t.contiguous() for k, t in zip(keys, tokens)})
+            if len(new) >= SHARD_IMAGES or (new and start + batch_size >= len(todo)):
+                self._write_shard(new)
+                new = {}
         return failed
+
+    def _write_shard(self, features: dict[str, torch.Tensor]) -> None:
+        shard = self.dir / f"shard-{time.time_ns()}-{os.getpid()}.safetensors"
+        tmp = shard.with_suffix(".tmp")
+        save_file(features, tmp)
+        tmp.replace(shard)  # atomic: a shard is either whole or absent
+        self._where.update({k: shard for k in features})
 
     def _read(self, hashes: list[str]) -> torch.Tensor:
         by_shard: dict[Path, list[int]] = {}
