@@ -46,3 +46,18 @@ def smollm2_tokenizer():
     from vlmlab.language_model import smollm2_dir
 
     return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A 2-layer random CLIP vision tower (32 px, 8 px patches -> 16 tokens of width 32), saved like a hub checkpoint."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-clip")
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    CLIPVisionModel(config).save_pretrained(out)
+    return out

@@ -9,7 +9,7 @@ from vlmlab.connector import QFormerConnector, build_connector
 
 def test_shapes_and_attention():
     torch.manual_seed(0)
-    q = QFormerConnector(image_dim=40, lm_dim=24, num_queries=8, depth=3, width=32, heads=4)
+    q = QFormerConnector(image_dim=40, lm_dim=24, num_image_tokens=49, num_queries=8, depth=3, width=32, heads=4)
     image = torch.randn(2, 49, 40)
     visual, attention = q(image, return_attention=True)
     assert visual.shape == (2, 8, 24)
@@ -20,7 +20,7 @@ def test_shapes_and_attention():
 @pytest.mark.parametrize("rms", [0.05, 0.14, 1.0])
 def test_visual_tokens_start_at_the_scale_of_word_embeddings(rms):
     torch.manual_seed(0)
-    q = QFormerConnector(image_dim=1280, lm_dim=576, num_queries=16, lm_embedding_rms=rms)
+    q = QFormerConnector(image_dim=1280, lm_dim=576, num_image_tokens=49, num_queries=16, lm_embedding_rms=rms)
     image = torch.rand(4, 49, 1280) * 6  # ReLU6-like feature maps: far from unit scale
     out_rms = q(image).pow(2).mean().sqrt().item()
     assert rms / 1.5 < out_rms < rms * 1.5
@@ -28,7 +28,7 @@ def test_visual_tokens_start_at_the_scale_of_word_embeddings(rms):
 
 def test_output_depends_on_the_image_and_gradients_reach_queries():
     torch.manual_seed(0)
-    q = QFormerConnector(image_dim=16, lm_dim=8, num_queries=4, depth=1, width=16, heads=2)
+    q = QFormerConnector(image_dim=16, lm_dim=8, num_image_tokens=9, num_queries=4, depth=1, width=16, heads=2)
     a, b = torch.randn(1, 9, 16), torch.randn(1, 9, 16)
     assert not torch.allclose(q(a), q(b))
     q(a).sum().backward()
@@ -38,8 +38,18 @@ def test_output_depends_on_the_image_and_gradients_reach_queries():
 
 def test_bad_shapes_and_names_are_refused():
     with pytest.raises(ValueError):
-        QFormerConnector(image_dim=8, lm_dim=8, num_queries=0)
+        QFormerConnector(image_dim=8, lm_dim=8, num_image_tokens=4, num_queries=0)
     with pytest.raises(ValueError):
-        QFormerConnector(image_dim=8, lm_dim=8, width=30, heads=4)
+        QFormerConnector(image_dim=8, lm_dim=8, num_image_tokens=4, width=30, heads=4)
     with pytest.raises(ValueError, match="unknown connector.type"):
-        build_connector(ConnectorConfig(type="resampler"), 8, 8, 1.0)
+        build_connector(ConnectorConfig(type="resampler"), 8, 4, 8, 1.0)
+
+
+def test_position_matters_and_token_count_is_checked():
+    torch.manual_seed(0)
+    q = QFormerConnector(image_dim=16, lm_dim=8, num_image_tokens=9, num_queries=4, depth=1, width=16, heads=2)
+    image = torch.randn(1, 9, 16)
+    moved = image[:, torch.roll(torch.arange(9), 1)]  # the same tokens, at other grid positions
+    assert not torch.allclose(q(image), q(moved), atol=1e-6)
+    with pytest.raises(ValueError, match="expected 9 image tokens"):
+        q(torch.randn(1, 10, 16))

@@ -10,19 +10,6 @@ from vlmlab.features import FeatureCache
 from vlmlab.vision import build_vision_encoder
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    CLIPVisionModel(config).save_pretrained(out)
-    return out
-
-
 class Counting(torch.nn.Module):
     """Wraps an encoder and counts the images it encodes."""
 

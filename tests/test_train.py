@@ -11,19 +11,6 @@ from vlmlab.config import load_config
 from vlmlab.train import load_run, train
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    CLIPVisionModel(config).save_pretrained(out)
-    return out
-
-
 def tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra):
     return load_config(
         None,
@@ -40,8 +27,10 @@ def tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra):
             "train.batch_size=8",
             "train.max_steps=40",
             "train.warmup_steps=2",
-            "train.lr=3e-3",
-            "train.lora_lr=3e-3",
+            "train.lr=1e-2",
+            "train.lora_lr=1e-2",
+            "lm.lora.target_modules=[c_attn, c_proj, c_fc]",
+            "lm.lora.r=16",
             "train.eval_every=20",
             "train.save_every=20",
             "train.log_every=5",
@@ -64,7 +53,8 @@ def test_train_save_reload_caption(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isola
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    assert val[-1] < 0.7 * val[0], f"validation loss did not fall: {val}"
+    # a random tiny LM barely moves in 40 steps (the real one is tested below); it must still move
+    assert val[-1] < val[0] - 0.5, f"validation loss did not fall: {val}"
 
     # the checkpoint holds only trainable weights: the connector and the LoRA adapters
     state = load_file(run_dir / "checkpoint" / "trainable.safetensors")
@@ -77,8 +67,7 @@ def test_train_save_reload_caption(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isola
     images = sorted((tmp_path / "world" / "images").glob("*.png"))[:4]
     captions = model.caption([str(p) for p in images])
     assert len(captions) == 4
-    for caption in captions:
-        assert caption.strip(), f"empty (EOS-only) caption among {captions}"
+    assert all(isinstance(c, str) for c in captions)
     # reloading twice gives the same captions: nothing random is left in generation or loading
     assert load_run(run_dir).caption([str(p) for p in images]) == captions
 
@@ -106,3 +95,32 @@ def test_cli_caption_and_errors(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
     # a bad key fails before any model is built, naming the key
     assert cli_main(["train", str(tmp_path / "c.yaml"), "--set", "train.bogus=1"]) == 2
     assert "train.bogus" in capsys.readouterr().err
+
+
+def test_short_run_with_the_default_models_learns_and_never_writes_empty_captions(tmp_path):
+    """The famous failure was a captioner that wrote only end-of-text. Train the real defaults
+    (EfficientNet-Lite0 + SmolLM2-135M + Q-Former + LoRA) briefly and look at what they write."""
+    # the default cache: the LM is converted once per machine; features are keyed by image content
+    cfg = load_config(
+        None,
+        [
+            f"data.datasets=[synthetic:{tmp_path / 'world'}]",
+            "data.synthetic_images=60",
+            "data.synthetic_max_objects=1",
+            "train.batch_size=4",
+            "train.max_steps=25",
+            "train.warmup_steps=5",
+            "train.eval_every=25",
+            "train.eval_batches=2",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    run_dir = train(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[-1] < 0.5 * val[0], f"validation loss did not fall on real weights: {val}"
+    model = load_run(run_dir)
+    images = sorted((tmp_path / "world" / "images").glob("*.png"))[:6]
+    captions = model.caption([str(p) for p in images])
+    for caption in captions:
+        assert len(caption.split()) >= 3, f"empty or EOS-only caption among {captions}"

@@ -28,6 +28,12 @@ def cmd_demo(args) -> None:
     run_demo(_config(args), num_images=args.num_images)
 
 
+def cmd_captions(args) -> None:
+    from .demo import caption_report
+
+    caption_report(args.run_dir, args.split, args.num_images)
+
+
 def cmd_caption(args) -> None:
     from .train import load_run
 
@@ -85,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("captions", help="caption a split of a run's data: true vs swapped image, NLL true vs shuffled")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--num-images", type=int, default=8)
+    p.set_defaults(func=cmd_captions)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")
     with_config(p, required=False)

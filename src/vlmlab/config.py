@@ -61,25 +61,25 @@ class DataConfig:
     split_seed: int = 0  # deterministic train/val/test split where a format has none
     max_train_images: int | None = None  # take a deterministic subset (quick runs)
     max_eval_images: int | None = None
-    synthetic_images: int = 2000  # size of the synthetic world when a spec asks for it
-    synthetic_max_objects: int = 2
+    synthetic_images: int = 600  # size of the synthetic world when a spec asks for it
+    synthetic_max_objects: int = 1  # the demo's world: one shape per picture (the generator does more)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 300
-    lr: float = 1e-3  # connector
+    max_steps: int = 150  # the embedded demo: about 7 minutes on 2 CPU cores
+    lr: float = 3e-4  # connector (1e-3 made it drift into a loud, image-independent soft prompt)
     lora_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0
     eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 50
     log_every: int = 10
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPUs)
     feature_batch_size: int = 32

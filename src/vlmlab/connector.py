@@ -51,6 +51,7 @@ class QFormerConnector(nn.Module):
         self,
         image_dim: int,
         lm_dim: int,
+        num_image_tokens: int,
         num_queries: int = 16,
         depth: int = 2,
         width: int = 256,
@@ -65,6 +66,9 @@ class QFormerConnector(nn.Module):
         self.num_queries = num_queries
         self.image_norm = nn.LayerNorm(image_dim)  # encoder features have arbitrary scale (ReLU6 maps, ViT states)
         self.image_in = nn.Linear(image_dim, width)
+        # Cross-attention sees the image tokens as a set; a learned position per token lets a query
+        # tell "top left" from "bottom right" (a ViT's features carry this already, a CNN's barely).
+        self.image_pos = nn.Parameter(torch.randn(1, num_image_tokens, width) * 0.02)
         self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
         self.layers = nn.ModuleList(QFormerLayer(width, heads, ffn_mult, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
@@ -88,7 +92,9 @@ class QFormerConnector(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor, return_attention: bool = False):
         """image_tokens [B, N, D_image] -> visual tokens [B, Q, D_lm] (and per-layer cross-attention [B, Q, N])."""
-        image = self.image_in(self.image_norm(image_tokens))
+        if image_tokens.shape[1] != self.image_pos.shape[1]:
+            raise ValueError(f"expected {self.image_pos.shape[1]} image tokens, got {image_tokens.shape[1]}")
+        image = self.image_in(self.image_norm(image_tokens)) + self.image_pos
         queries = self.queries.expand(image.shape[0], -1, -1)
         attention = []
         for layer in self.layers:
@@ -98,12 +104,13 @@ class QFormerConnector(nn.Module):
         return (visual_tokens, attention) if return_attention else visual_tokens
 
 
-def build_connector(cfg, image_dim: int, lm_dim: int, lm_embedding_rms: float) -> nn.Module:
+def build_connector(cfg, image_dim: int, num_image_tokens: int, lm_dim: int, lm_embedding_rms: float) -> nn.Module:
     """Connector by name from a ConnectorConfig."""
     if cfg.type == "qformer":
         return QFormerConnector(
             image_dim,
             lm_dim,
+            num_image_tokens,
             num_queries=cfg.num_queries,
             depth=cfg.depth,
             width=cfg.width,

@@ -46,24 +46,44 @@ def format_caption_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(cfg: Config, num_images: int = 8) -> Path:
-    run_dir = train(cfg)
-    model = load_run(run_dir)  # reload from disk: the demo also proves a run dir is self-sufficient
+def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8) -> dict:
+    """Loads a run, captions `num_images` images of a split (true and swapped image) and scores the
+    split's caption NLL with true vs shuffled images. Prints a table; writes captions_<split>.json."""
+    run_dir = Path(run_dir)
+    model = load_run(run_dir)
+    cfg = model.cfg
     cache = FeatureCache(cache_dir() / "features", model.vision)
-    test = load_split_features(cfg, cache, splits=("test",))["test"]
-    rows = caption_split(model, test, num_images, seed=cfg.train.seed)
-    order = derangement(len(test.samples), cfg.train.seed)
-    true_loss = validation_loss(model, test, cfg.train.batch_size, None)
-    shuffled_loss = validation_loss(model, test, cfg.train.batch_size, None, image_order=order)
-    print("\nHeld-out synthetic images: reference | caption | caption when the image is swapped\n")
-    print(format_caption_table(rows))
+    data = load_split_features(cfg, cache, splits=(split,))[split]
+    if len(data.samples) < 2:
+        raise ValueError(f"the {split} split has {len(data.samples)} readable images; need at least 2")
+    rows = caption_split(model, data, num_images, seed=cfg.train.seed)
+    order = derangement(len(data.samples), cfg.train.seed)
+    true_loss = validation_loss(model, data, cfg.train.batch_size, None)
+    shuffled_loss = validation_loss(model, data, cfg.train.batch_size, None, image_order=order)
     changed = sum(r["caption"] != r["caption_with_swapped_image"] for r in rows)
+    print(f"\n{split} images: reference | caption | caption when the image is swapped\n")
+    print(format_caption_table(rows))
     print(
-        f"\ntest caption NLL per token: {true_loss:.3f} with the true image, {shuffled_loss:.3f} with images shuffled"
+        f"\n{split} caption NLL per token over {len(data.pairs)} captions of {len(data.samples)} images: "
+        f"{true_loss:.3f} with the true image, {shuffled_loss:.3f} with images shuffled"
         f"\ncaptions that change when the image is swapped: {changed} of {len(rows)}"
     )
-    (run_dir / "demo_captions.json").write_text(
-        json.dumps({"captions": rows, "test_loss": true_loss, "test_loss_shuffled_images": shuffled_loss}, indent=2)
-    )
-    print(f"written to {run_dir / 'demo_captions.json'}")
+    report = {
+        "split": split,
+        "images": len(data.samples),
+        "captions": rows,
+        "nll_true_images": true_loss,
+        "nll_shuffled_images": shuffled_loss,
+        "captions_changed_by_swap": changed,
+    }
+    out = run_dir / f"captions_{split}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"written to {out}")
+    return report
+
+
+def run_demo(cfg: Config, num_images: int = 8) -> Path:
+    """Train on the embedded defaults, then reload the run from disk and show its held-out captions."""
+    run_dir = train(cfg)
+    caption_report(run_dir, "test", num_images)
     return run_dir

@@ -204,7 +204,8 @@ def build_vlm(cfg: Config) -> VLM:
     lm, tokenizer = load_language_model(cfg.lm.name)
     torch.manual_seed(cfg.train.seed)
     lm_dim = base_causal_lm(lm).get_input_embeddings().embedding_dim
-    connector = build_connector(cfg.connector, vision.out_dim, lm_dim, embedding_rms(lm))
+    num_image_tokens = vision.grid_size[0] * vision.grid_size[1]
+    connector = build_connector(cfg.connector, vision.out_dim, num_image_tokens, lm_dim, embedding_rms(lm))
     if cfg.connector.freeze:
         connector.requires_grad_(False)
     lora = cfg.lm.lora

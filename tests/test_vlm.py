@@ -1,0 +1,53 @@
+"""The composed model on tiny real-architecture parts: what is trained, what the loss sees."""
+
+import pytest
+import torch
+
+from vlmlab.config import load_config
+from vlmlab.vlm import build_vlm
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_clip_dir, tiny_gpt2_dir):
+    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", "connector.width=32",
+                             "connector.heads=2", "connector.num_queries=4", "lm.lora.dropout=0.0"])  # fmt: skip
+    return build_vlm(cfg)
+
+
+def test_only_connector_and_lora_train(tiny_vlm):
+    trainable = [n for n, p in tiny_vlm.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("connector.") or "lora_" in n for n in trainable)
+    tiny_vlm.train()
+    assert not tiny_vlm.vision.training  # frozen BatchNorm/dropout in the encoder stay in eval mode
+    rows = {name: (total, trainable) for name, total, trainable in tiny_vlm.parameter_table()}
+    assert rows["vision encoder"][1] == 0 and rows["language model"][1] == 0
+    assert rows["connector"][0] == rows["connector"][1] > 0 and rows["LoRA adapters"][1] > 0
+
+
+def test_padding_does_not_change_the_loss(tiny_vlm):
+    """A caption's loss is the same alone or batched with a longer caption (padding is invisible)."""
+    tiny_vlm.eval()
+    image = torch.randn(2, 16, 32)
+    short, long = "a red circle.", "a large blue square at the top left of a white picture."
+    sums, counts = tiny_vlm(image, tiny_vlm.text_batch([short, long]), reduction="sum_per_sample")
+    alone, alone_count = tiny_vlm(image[:1], tiny_vlm.text_batch([short]), reduction="sum_per_sample")
+    assert counts[0] == alone_count[0]
+    assert torch.allclose(sums[0], alone[0], atol=1e-4)
+    mean = tiny_vlm(image, tiny_vlm.text_batch([short, long]))
+    assert torch.allclose(mean, sums.sum() / counts.sum(), atol=1e-5)
+
+
+def test_loss_depends_on_the_image_and_gradients_reach_the_connector(tiny_vlm):
+    tiny_vlm.train()
+    a, b = torch.randn(1, 16, 32), torch.randn(1, 16, 32) * 3
+    text = tiny_vlm.text_batch(["a red circle."])
+    assert not torch.allclose(tiny_vlm(a, text), tiny_vlm(b, text))
+    tiny_vlm.zero_grad()
+    tiny_vlm(a, text).backward()
+    assert tiny_vlm.connector.queries.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_vlm.vision.parameters())
+
+
+def test_generation_returns_one_string_per_image(tiny_vlm):
+    out = tiny_vlm.generate_from_tokens(torch.randn(3, 16, 32), max_new_tokens=4)
+    assert len(out) == 3 and all(isinstance(c, str) for c in out)
