@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.formats import to_rgb
+
 # Bump when the preprocessing code changes in a way the settings below do not capture.
 PREPROCESS_VERSION = 1
 
@@ -35,17 +37,6 @@ RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BI
 # ---------------------------------------------------------------------------------------------------
 # Preprocessing: any PIL image -> normalised float32 pixels
 # ---------------------------------------------------------------------------------------------------
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode -> RGB; transparent pixels become white rather than whatever colour they hide."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def resize_square(image: Image.Image, size: int, mode: str, resample: str) -> Image.Image:

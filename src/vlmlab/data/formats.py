@@ -78,7 +78,7 @@ def load_image(path) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)  # phone photos store their rotation in EXIF
     except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the pixels
         pass
-    return _to_rgb(img)
+    return to_rgb(img)
 
 
 def filter_readable(samples: list[CaptionSample]) -> tuple[list[CaptionSample], list[str]]:
@@ -140,7 +140,8 @@ def _abs(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16-bit greyscale rescaled, transparent pixels put on white."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16-bit / float greyscale: rescale, then grey
