@@ -110,6 +110,7 @@ def test_short_run_with_the_default_models_learns_and_never_writes_empty_caption
             "train.batch_size=4",
             "train.max_steps=30",
             "train.warmup_steps=5",
+            "train.lora_lr=1e-3",
             "train.eval_every=30",
             "train.eval_batches=2",
             f"train.output_dir={tmp_path / 'run'}",
@@ -118,7 +119,7 @@ def test_short_run_with_the_default_models_learns_and_never_writes_empty_caption
     run_dir = train(cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
-    assert val[-1] < 0.7 * val[0], f"validation loss did not fall on real weights: {val}"
+    assert val[-1] < val[0] - 1.0, f"validation loss did not fall by a nat per token on real weights: {val}"
     model = load_run(run_dir)
     images = sorted((tmp_path / "world" / "images").glob("*.png"))[:6]
     captions = model.caption([str(p) for p in images])
