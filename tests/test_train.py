@@ -125,3 +125,13 @@ def test_short_run_with_the_default_models_learns_and_never_writes_empty_caption
     captions = model.caption([str(p) for p in images])
     for caption in captions:
         assert len(caption.split()) >= 3, f"empty or EOS-only caption among {captions}"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
+    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.grad_accum=3", "train.max_steps=4",
+                      "train.log_every=1", "train.batch_size=4")  # fmt: skip
+    run_dir = train(cfg)
+    state = torch.load(run_dir / "checkpoint" / "training_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4  # 12 micro-batches, 4 updates
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+    assert steps == [1, 2, 3, 4]

@@ -51,3 +51,18 @@ def test_loss_depends_on_the_image_and_gradients_reach_the_connector(tiny_vlm):
 def test_generation_returns_one_string_per_image(tiny_vlm):
     out = tiny_vlm.generate_from_tokens(torch.randn(3, 16, 32), max_new_tokens=4)
     assert len(out) == 3 and all(isinstance(c, str) for c in out)
+
+
+def test_generation_layout_puts_padding_before_the_visual_tokens(tiny_vlm):
+    """Left padding for prompts of different lengths: each row reads [pad...][visual][prompt]."""
+    from vlmlab.sequence import build_generation_batch
+
+    text = build_generation_batch([[11, 12, 13], [14]], pad_id=0)
+    visual = torch.randn(2, 4, tiny_vlm.connector.projection.out_features)
+    embeds, mask, labels = tiny_vlm._embed(visual, text, visual_first_pad=True)
+    assert mask.tolist() == [[1] * 7, [0, 0] + [1] * 5]
+    assert torch.equal(embeds[1, 2:6], visual[1])  # visual tokens right after the padding
+    assert torch.equal(embeds[0, :4], visual[0])
+    word = tiny_vlm.lm.get_base_model().get_input_embeddings()
+    assert torch.allclose(embeds[1, 6], word(torch.tensor(14)))  # the prompt ends the row
+    assert (labels == -100).all()
