@@ -34,6 +34,13 @@ def cmd_captions(args) -> None:
     caption_report(args.run_dir, args.split, args.num_images)
 
 
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate_run
+
+    kwargs = {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
+    evaluate_run(args.run_dir, args.data, args.split, **{k: v for k, v in kwargs.items() if v})
+
+
 def cmd_caption(args) -> None:
     from .train import load_run
 
@@ -97,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--num-images", type=int, default=8)
     p.set_defaults(func=cmd_captions)
+
+    p = sub.add_parser("eval", help="caption metrics and image-dependence probes on a split; writes eval.json/eval.md")
+    p.add_argument("run_dir")
+    p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the run's own data)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")
     with_config(p, required=False)

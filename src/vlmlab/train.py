@@ -45,11 +45,19 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 @torch.no_grad()
-def validation_loss(model: VLM, split: SplitFeatures, batch_size: int, max_batches: int | None, image_order=None):
+def validation_loss(
+    model: VLM,
+    split: SplitFeatures,
+    batch_size: int,
+    max_batches: int | None,
+    image_order=None,
+    no_image: bool = False,
+):
     """Mean caption NLL per token over the first batches of a split (fixed order).
 
     image_order: optional permutation of the split's images: caption i is scored under image
     image_order[row(i)], e.g. a derangement to measure how much the true image helps.
+    no_image: score the captions with no visual tokens at all.
     """
     was_training = model.training
     model.eval()
@@ -58,7 +66,7 @@ def validation_loss(model: VLM, split: SplitFeatures, batch_size: int, max_batch
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows = [r if image_order is None else image_order[r] for r, _ in chunk]
-        tokens = split.features[rows].float()
+        tokens = None if no_image else split.features[rows].float()
         sums, counts = model(tokens, model.text_batch([c for _, c in chunk]), reduction="sum_per_sample")
         total += sums.sum().item()
         count += counts.sum().item()
