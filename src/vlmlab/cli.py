@@ -38,7 +38,16 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate_run
 
     kwargs = {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
-    evaluate_run(args.run_dir, args.data, args.split, **{k: v for k, v in kwargs.items() if v})
+    evaluate_run(
+        args.run_dir,
+        args.data,
+        args.split,
+        baselines=not args.no_baselines,
+        train_baselines=not args.no_train_baselines,
+        retrieval_k=args.retrieval_k,
+        contact_images=args.contact_images,
+        **{k: v for k, v in kwargs.items() if v},
+    )
 
 
 def cmd_caption(args) -> None:
@@ -105,13 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8)
     p.set_defaults(func=cmd_captions)
 
-    p = sub.add_parser("eval", help="caption metrics and image-dependence probes on a split; writes eval.json/eval.md")
+    p = sub.add_parser("eval", help="caption metrics, image-dependence probes and baselines on a split; "
+                                    "writes eval.json, eval.md, contact_sheet.png")
     p.add_argument("run_dir")
     p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the run's own data)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--beams", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--no-baselines", action="store_true", help="only the run itself: no blind / frozen / retrieval rows")
+    p.add_argument("--no-train-baselines", action="store_true",
+                   help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)")
+    p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
+    p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")

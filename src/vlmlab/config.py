@@ -26,7 +26,7 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    type: str = "qformer"
+    type: str = "qformer"  # or "none": no visual tokens, the blind language-model baseline
     num_queries: int = 16
     depth: int = 2
     width: int = 256
@@ -184,6 +184,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def validate(cfg: Config) -> None:
     """Values that type-check but cannot work."""
     c, t = cfg.connector, cfg.train
+    from .connector import CONNECTOR_TYPES
+
+    if c.type not in CONNECTOR_TYPES:
+        raise ConfigError(f"connector.type {c.type!r} is unknown; allowed: {list(CONNECTOR_TYPES)}")
     if c.num_queries < 1:
         raise ConfigError("connector.num_queries must be >= 1")
     if c.width % c.heads != 0:

@@ -104,8 +104,17 @@ class QFormerConnector(nn.Module):
         return (visual_tokens, attention) if return_attention else visual_tokens
 
 
-def build_connector(cfg, image_dim: int, num_image_tokens: int, lm_dim: int, lm_embedding_rms: float) -> nn.Module:
-    """Connector by name from a ConnectorConfig."""
+CONNECTOR_TYPES = ("qformer", "none")
+
+
+def build_connector(cfg, image_dim: int, num_image_tokens: int, lm_dim: int, lm_embedding_rms: float) -> nn.Module | None:
+    """Connector by name from a ConnectorConfig.
+
+    'none' makes no visual tokens at all: the blind language-model baseline, trained on the same
+    captions, shows what the text prior alone can write.
+    """
+    if cfg.type == "none":
+        return None
     if cfg.type == "qformer":
         return QFormerConnector(
             image_dim,
@@ -119,4 +128,4 @@ def build_connector(cfg, image_dim: int, num_image_tokens: int, lm_dim: int, lm_
             dropout=cfg.dropout,
             lm_embedding_rms=lm_embedding_rms,
         )
-    raise ValueError(f"unknown connector.type {cfg.type!r}; allowed: ['qformer']")
+    raise ValueError(f"unknown connector.type {cfg.type!r}; allowed: {list(CONNECTOR_TYPES)}")

@@ -1,4 +1,4 @@
-"""`vlmlab eval`: caption metrics next to probes of whether the image reaches the text.
+"""`vlmlab eval`: caption metrics next to probes of whether the image reaches the text, and baselines.
 
 Probes, all on the same split:
 - caption NLL per token under the true image, another image (a fixed derangement), the mean image
@@ -7,10 +7,15 @@ Probes, all on the same split:
 - CIDEr-D of the generated captions against their own image's references and against a deranged
   pairing (a captioner that ignores the image scores the same on both);
 - the share of distinct captions, and of images whose caption changes when the image is swapped.
+
+Baselines, in the same table (see baselines.py): the blind LM, the frozen-connector control, and
+nearest-neighbour caption retrieval.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner, applicable_baselines, ensure_baseline
+from .contact_sheet import contact_sheet
 from .data.pairs import SplitFeatures, load_split_features
 from .features import FeatureCache
 from .language_model import cache_dir
@@ -25,6 +32,7 @@ from .metrics import caption_metrics
 from .train import derangement, load_run, validation_loss
 
 TABLE_COLUMNS = [
+    ("BLEU-1", "BLEU-1"),
     ("BLEU-4", "BLEU-4"),
     ("METEOR", "METEOR"),
     ("ROUGE-L", "ROUGE-L"),
@@ -38,6 +46,8 @@ TABLE_COLUMNS = [
     ("distinct captions", "distinct_share"),
     ("changed by swap", "swap_changed_share"),
 ]
+RETRIEVAL_KS = (1, 3, 5, 10, 20)
+BASELINE_LABELS = {"blind": "blind LM", "frozen_connector": "frozen connector"}
 
 
 @torch.no_grad()
@@ -48,40 +58,20 @@ def generate_all(model, features: torch.Tensor, batch_size: int, desc: str, **ge
     return captions
 
 
-def evaluate_split(model, split: SplitFeatures, batch_size: int = 16, seed: int = 0, **generate_kwargs) -> dict:
-    """All metrics and probes for one split; generation settings default to the run's config."""
+def score_captions(split: SplitFeatures, captions: list[str], swapped: list[str], order: list[int],
+                   use_java: bool | None = None) -> dict:  # fmt: skip
+    """Caption metrics, CIDEr-D against deranged references, distinct and swap-changed shares."""
     n = len(split.samples)
-    if n < 2:
-        raise ValueError(f"evaluation needs at least 2 readable images, got {n}")
-    order = derangement(n, seed)
-    g = model.cfg.generate
-    settings = {
-        "max_new_tokens": generate_kwargs.get("max_new_tokens") or g.max_new_tokens,
-        "num_beams": generate_kwargs.get("num_beams") or g.num_beams,
-        "repetition_penalty": generate_kwargs.get("repetition_penalty") or g.repetition_penalty,
-    }
-    captions = generate_all(model, split.features, batch_size, "captioning", **settings)
-    swapped = generate_all(model, split.features[order], batch_size, "captioning swapped images", **settings)
+    if len(captions) != n or len(swapped) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions and {len(swapped)} swapped-image captions")
     refs = {str(i): s.captions for i, s in enumerate(split.samples)}
     cands = {str(i): c for i, c in enumerate(captions)}
-    metrics = caption_metrics(refs, cands)
+    result = caption_metrics(refs, cands, use_java=use_java)
     deranged_refs = {str(i): split.samples[order[i]].captions for i in range(n)}
-    result = dict(metrics)
-    result["cider_deranged"] = caption_metrics(deranged_refs, cands, meteor=False)["CIDEr-D"]
-
-    mean_image = replace(split, features=split.features.float().mean(0, keepdim=True).expand_as(split.features))
-    nll = {
-        "nll_true": validation_loss(model, split, batch_size, None),
-        "nll_shuffled": validation_loss(model, split, batch_size, None, image_order=order),
-        "nll_mean_image": validation_loss(model, mean_image, batch_size, None),
-        "nll_no_image": validation_loss(model, split, batch_size, None, no_image=True),
-    }
-    result.update(nll)
-    result["visual_information_gain"] = nll["nll_shuffled"] - nll["nll_true"]
+    result["cider_deranged"] = caption_metrics(deranged_refs, cands, use_java=use_java, meteor=False)["CIDEr-D"]
     result["distinct_share"] = len(set(captions)) / n
     result["swap_changed_share"] = sum(a != b for a, b in zip(captions, swapped)) / n
     result["images"] = n
-    result["generation"] = settings
     result["examples"] = [
         {"image": s.image_path, "references": s.captions, "caption": c, "caption_with_swapped_image": w}
         for s, c, w in zip(split.samples, captions, swapped)
@@ -89,8 +79,70 @@ def evaluate_split(model, split: SplitFeatures, batch_size: int = 16, seed: int 
     return result
 
 
+def nll_probes(model, split: SplitFeatures, batch_size: int, order: list[int]) -> dict:
+    """Caption NLL/token under the true, a deranged, the mean, and no image; the gain true vs deranged."""
+    mean_image = replace(split, features=split.features.float().mean(0, keepdim=True).expand_as(split.features))
+    nll = {
+        "nll_true": validation_loss(model, split, batch_size, None),
+        "nll_shuffled": validation_loss(model, split, batch_size, None, image_order=order),
+        "nll_mean_image": validation_loss(model, mean_image, batch_size, None),
+        "nll_no_image": validation_loss(model, split, batch_size, None, no_image=True),
+    }
+    nll["visual_information_gain"] = nll["nll_shuffled"] - nll["nll_true"]
+    return nll
+
+
+def generation_settings(model, **overrides) -> dict:
+    """The run's generate config with command-line overrides on top (None/0 = not overridden)."""
+    g = model.cfg.generate
+    return {
+        "max_new_tokens": overrides.get("max_new_tokens") or g.max_new_tokens,
+        "num_beams": overrides.get("num_beams") or g.num_beams,
+        "repetition_penalty": overrides.get("repetition_penalty") or g.repetition_penalty,
+    }
+
+
+def evaluate_split(model, split: SplitFeatures, batch_size: int = 16, seed: int = 0, use_java: bool | None = None,
+                   **generate_kwargs) -> dict:  # fmt: skip
+    """All metrics and probes of a model on one split; generation settings default to the run's config."""
+    n = len(split.samples)
+    if n < 2:
+        raise ValueError(f"evaluation needs at least 2 readable images, got {n}")
+    order = derangement(n, seed)
+    settings = generation_settings(model, **generate_kwargs)
+    captions = generate_all(model, split.features, batch_size, "captioning", **settings)
+    swapped = generate_all(model, split.features[order], batch_size, "captioning swapped images", **settings)
+    result = score_captions(split, captions, swapped, order, use_java)
+    result.update(nll_probes(model, split, batch_size, order))
+    result["generation"] = settings
+    return result
+
+
+def evaluate_retrieval(retriever: NearestNeighbourCaptioner, split: SplitFeatures, seed: int = 0,
+                       use_java: bool | None = None) -> dict:  # fmt: skip
+    """The caption metrics of nearest-neighbour retrieval (it has no likelihood, so no NLL probes)."""
+    order = derangement(len(split.samples), seed)
+    captions = retriever.caption(split.features)
+    result = score_captions(split, captions, [captions[j] for j in order], order, use_java)
+    result["generation"] = {"retrieval_k": retriever.k}
+    return result
+
+
+def choose_retrieval_k(train: SplitFeatures, val: SplitFeatures, ks=RETRIEVAL_KS) -> tuple[int, dict[int, float]]:
+    """Tunes the retrieval baseline's k on the validation split (CIDEr-D, plain tokenizer): a fair baseline."""
+    if len(val.samples) < 2:
+        return 5, {}
+    refs = {str(i): s.captions for i, s in enumerate(val.samples)}
+    scores = {}
+    for k in ks:
+        captions = NearestNeighbourCaptioner(train, k).caption(val.features)
+        cands = {str(i): c for i, c in enumerate(captions)}
+        scores[k] = caption_metrics(refs, cands, use_java=False, meteor=False)["CIDEr-D"]
+    return max(scores, key=scores.get), scores
+
+
 def format_table(rows: dict[str, dict]) -> str:
-    """Markdown table: one row per evaluated run, the columns of TABLE_COLUMNS."""
+    """Markdown table: one row per evaluated captioner, the columns of TABLE_COLUMNS."""
     header = "| run | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |"
     lines = [header, "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
     for run, r in rows.items():
@@ -102,20 +154,94 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: str | Path, data: list[str] | None = None, split: str = "test", **generate_kwargs) -> dict:
-    """Evaluates a run on a split of its own data (or of `data` specs); writes eval.json and eval.md."""
+def _contact_cells(rows: dict[str, dict], main: str, count: int) -> list[dict]:
+    """Per image: a reference, the model's caption, its caption under a swapped image, then each baseline's."""
+    cells = []
+    for i, example in enumerate(rows[main]["examples"][:count]):
+        lines = [("reference", example["references"][0]), ("model", example["caption"]),
+                 ("model, swapped image", example["caption_with_swapped_image"])]  # fmt: skip
+        lines += [(name, r["examples"][i]["caption"]) for name, r in rows.items() if name != main]
+        cells.append({"image": example["image"], "lines": lines})
+    return cells
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: list[str] | None = None,
+    split: str = "test",
+    baselines: bool = True,
+    train_baselines: bool = True,
+    retrieval_k: int | None = None,
+    contact_images: int = 16,
+    use_java: bool | None = None,
+    **generate_kwargs,
+) -> dict:
+    """Evaluates a run and its baselines on a split; writes eval.json, eval.md and contact_sheet.png.
+
+    data: FORMAT:PATH specs to evaluate on (default: the run's own data); the baselines always train
+    on, and retrieval always searches, the run's own training split.
+    """
     run_dir = Path(run_dir)
     model = load_run(run_dir)
-    cfg = model.cfg
+    run_cfg = copy.deepcopy(model.cfg)
+    eval_cfg = copy.deepcopy(model.cfg)
     if data:
-        cfg.data.datasets = list(data)
+        eval_cfg.data.datasets = list(data)
     cache = FeatureCache(cache_dir() / "features", model.vision)
-    split_data = load_split_features(cfg, cache, splits=(split,))[split]
-    result = evaluate_split(model, split_data, cfg.train.batch_size, cfg.train.seed, **generate_kwargs)
-    result.update({"run": str(run_dir), "split": split, "data": cfg.data.datasets})
-    table = format_table({run_dir.name: result})
+    split_data = load_split_features(eval_cfg, cache, splits=(split,))[split]
+    batch, seed = run_cfg.train.batch_size, run_cfg.train.seed
+    main = f"model ({run_dir.name})"
+    rows = {main: evaluate_split(model, split_data, batch, seed, use_java, **generate_kwargs)}
+    notes = []
+    del model
+    gc.collect()
+
+    if baselines:
+        for name in applicable_baselines(run_cfg):
+            baseline_dir = ensure_baseline(run_cfg, name, run_dir, train_missing=train_baselines)
+            if baseline_dir is None:
+                notes.append(f"{BASELINE_LABELS[name]}: not trained yet (run without --no-train-baselines)")
+                continue
+            baseline = load_run(baseline_dir)
+            rows[BASELINE_LABELS[name]] = evaluate_split(baseline, split_data, batch, seed, use_java, **generate_kwargs)
+            notes.append(f"{BASELINE_LABELS[name]}: {TRAINED_BASELINES[name]} ({baseline_dir})")
+            del baseline
+            gc.collect()
+        own = load_split_features(run_cfg, cache, splits=("train", "val"))
+        k_scores = {}
+        if retrieval_k is None:
+            retrieval_k, k_scores = choose_retrieval_k(own["train"], own["val"])
+        retriever = NearestNeighbourCaptioner(own["train"], retrieval_k)
+        label = f"retrieval k-NN (k={retriever.k})"
+        rows[label] = evaluate_retrieval(retriever, split_data, seed, use_java)
+        tuned = f"; k tuned on val CIDEr-D {({k: round(v, 3) for k, v in k_scores.items()})}" if k_scores else ""
+        notes.append(f"{label}: consensus caption (BLEU) of the k nearest training images, pooled "
+                     f"{run_cfg.vision.name} features, cosine{tuned}")  # fmt: skip
+
+    first = rows[main]
+    result = {
+        "run": str(run_dir),
+        "split": split,
+        "data": eval_cfg.data.datasets,
+        "images": first["images"],
+        "tokenizer": first["tokenizer"],
+        "generation": first["generation"],
+        "rows": rows,
+    }
+    table = format_table(rows)
+    text = (
+        table
+        + f"\n\n{split} split of {eval_cfg.data.datasets}: {first['images']} images; "
+        + f"tokenizer: {first['tokenizer']}"
+        + ("" if first["java"] else " (no Java: plain tokenizer, METEOR skipped)")
+        + f"; generation: {first['generation']}\n"
+        + "".join(f"- {note}\n" for note in notes)
+    )
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    notes = f"\n\ntokenizer: {result['tokenizer']}; generation: {result['generation']}; {result['images']} images\n"
-    (run_dir / "eval.md").write_text(table + notes)
-    print(table + notes)
+    (run_dir / "eval.md").write_text(text)
+    if contact_images > 0:
+        sheet = contact_sheet(_contact_cells(rows, main, contact_images), run_dir / "contact_sheet.png",
+                              title=f"{run_dir.name}: {split} images, reference (grey) and captions")  # fmt: skip
+        text += f"contact sheet: {sheet}\n"
+    print(text)
     return result

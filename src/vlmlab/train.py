@@ -129,7 +129,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
 
 def build_optimizer(model: VLM, cfg: Config):
     t = cfg.train
-    connector = [p for p in model.connector.parameters() if p.requires_grad]
+    connector = [] if model.blind else [p for p in model.connector.parameters() if p.requires_grad]
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     groups = [g for g in ({"params": connector, "lr": t.lr}, {"params": lora, "lr": t.lora_lr}) if g["params"]]
     if not groups:

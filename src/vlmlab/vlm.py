@@ -31,7 +31,7 @@ from .vision import build_vision_encoder
 
 
 class VLM(nn.Module):
-    def __init__(self, cfg: Config, vision: nn.Module, connector: nn.Module, lm: nn.Module, tokenizer):
+    def __init__(self, cfg: Config, vision: nn.Module, connector: nn.Module | None, lm: nn.Module, tokenizer):
         super().__init__()
         self.cfg = cfg
         self.vision = vision
@@ -50,10 +50,17 @@ class VLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.connector.parameters()).device
+        return next(self.lm.parameters()).device
 
-    def visual_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+    @property
+    def blind(self) -> bool:
+        """No connector (connector.type 'none'): the LLM never sees the image, whatever is passed in."""
+        return self.connector is None
+
+    def visual_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor | None:
         """Image tokens from the encoder [B, N, D_img] -> visual tokens for the LLM [B, Q, D_lm]."""
+        if self.blind:
+            return None
         return self.connector(image_tokens.to(self.device, torch.float32))
 
     def encode_images(self, images) -> torch.Tensor:
@@ -165,7 +172,8 @@ class VLM(nn.Module):
     # ---- what is trained, what is saved ---------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the connector (also when frozen: its random init is part of the run) and LoRA."""
-        state = {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        connector = {} if self.blind else self.connector.state_dict()
+        state = {f"connector.{k}": v for k, v in connector.items()}
         for name, p in self.lm.named_parameters():
             if "lora_" in name:
                 state[f"lm.{name}"] = p.detach()
@@ -178,7 +186,8 @@ class VLM(nn.Module):
             raise ValueError(
                 f"checkpoint does not match this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
-        self.connector.load_state_dict({k[len("connector.") :]: v for k, v in state.items() if k.startswith("connector.")})
+        if not self.blind:
+            self.connector.load_state_dict({k[len("connector.") :]: v for k, v in state.items() if k.startswith("connector.")})
         lm_params = dict(self.lm.named_parameters())
         with torch.no_grad():
             for k, v in state.items():
@@ -189,7 +198,7 @@ class VLM(nn.Module):
         """(module, total, trainable) for the vision encoder, connector, LLM base weights and LoRA."""
         rows = []
         for name, module in (("vision encoder", self.vision), ("connector", self.connector)):
-            ps = list(module.parameters())
+            ps = [] if module is None else list(module.parameters())
             rows.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
         base = [(n, p) for n, p in self.lm.named_parameters() if "lora_" not in n]
         lora = [(n, p) for n, p in self.lm.named_parameters() if "lora_" in n]
@@ -206,7 +215,7 @@ def build_vlm(cfg: Config) -> VLM:
     lm_dim = base_causal_lm(lm).get_input_embeddings().embedding_dim
     num_image_tokens = vision.grid_size[0] * vision.grid_size[1]
     connector = build_connector(cfg.connector, vision.out_dim, num_image_tokens, lm_dim, embedding_rms(lm))
-    if cfg.connector.freeze:
+    if connector is not None and cfg.connector.freeze:
         connector.requires_grad_(False)
     lora = cfg.lm.lora
     if lora.enabled:
