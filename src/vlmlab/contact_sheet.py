@@ -29,6 +29,7 @@ def contact_sheet(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import offset_copy
 
     if not cells:
         raise ValueError("a contact sheet needs at least one image")
@@ -38,25 +39,30 @@ def contact_sheet(
         [(label, textwrap.wrap(f"{label}: {text}", wrap) or [f"{label}:"]) for label, text in cell["lines"]]
         for cell in cells
     ]
-    text_lines = max(sum(len(w) for _, w in cell) for cell in wrapped)
-    text_h = 0.17 * text_lines + 0.15  # inches below each picture
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, (3.4 + text_h) * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, cell, lines in zip(axes.flat, cells, wrapped):
+    line_h = 0.14  # inches per printed line at fontsize 7.5
+    text_h = 1.15 * max(line_h * sum(len(w) for _, w in cell) + 2 * len(cell) / 72 for cell in wrapped) + 0.15
+    image_h = 2.8
+    fig = plt.figure(figsize=(3.6 * columns, (image_h + text_h) * rows + (0.4 if title else 0)))
+    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[image_h, text_h] * rows, hspace=0.08, wspace=0.06)
+    for n, (cell, lines) in enumerate(zip(cells, wrapped)):
+        r, c = divmod(n, columns)
+        picture, caption = fig.add_subplot(grid[2 * r, c]), fig.add_subplot(grid[2 * r + 1, c])
+        picture.axis("off")
+        caption.axis("off")
         image = load_image(cell["image"])
         image.thumbnail((thumb_px, thumb_px))
-        ax.imshow(image)
-        ax.set_title(Path(cell["image"]).name, fontsize=7, color="0.4")
-        y = -0.03
+        picture.imshow(image)
+        picture.set_title(Path(cell["image"]).name, fontsize=7, color="0.4")
+        printed = 0  # lines so far: each label starts below the last, offset in points from the top
         for i, (_, chunk) in enumerate(lines):
-            ax.text(0.0, y, "\n".join(chunk), transform=ax.transAxes, va="top", ha="left", fontsize=7.5,
-                    color="0.45" if i == 0 else "black", fontweight="bold" if i == 1 else "normal")  # fmt: skip
-            y -= (0.17 * len(chunk) + 0.03) / 3.1  # inches -> axes fraction (the picture is ~3.1 in tall)
+            where = offset_copy(caption.transAxes, fig=fig, y=-printed * line_h * 72 - 2 * i, units="points")
+            caption.text(0.0, 1.0, "\n".join(chunk), transform=where, va="top", ha="left", fontsize=7.5,
+                         linespacing=1.15, color="0.45" if i == 0 else "black",
+                         fontweight="bold" if i == 1 else "normal")  # fmt: skip
+            printed += len(chunk)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=90)
+    fig.savefig(out_png, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return out_png
