@@ -40,10 +40,12 @@ def contact_sheet(
         for cell in cells
     ]
     line_h = 0.14  # inches per printed line at fontsize 7.5
-    text_h = 1.15 * max(line_h * sum(len(w) for _, w in cell) + 2 * len(cell) / 72 for cell in wrapped) + 0.15
+    text_h = 1.3 * max(line_h * sum(len(w) for _, w in cell) + 2 * len(cell) / 72 for cell in wrapped) + 0.15
     image_h = 2.8
-    fig = plt.figure(figsize=(3.6 * columns, (image_h + text_h) * rows + (0.4 if title else 0)))
-    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[image_h, text_h] * rows, hspace=0.08, wspace=0.06)
+    height = (image_h + text_h + 0.3) * rows + (0.5 if title else 0.1)
+    fig = plt.figure(figsize=(3.6 * columns, height))
+    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[image_h, text_h] * rows, hspace=0.1, wspace=0.06,
+                            top=1 - (0.5 if title else 0.1) / height, bottom=0.0, left=0.01, right=0.99)  # fmt: skip
     for n, (cell, lines) in enumerate(zip(cells, wrapped)):
         r, c = divmod(n, columns)
         picture, caption = fig.add_subplot(grid[2 * r, c]), fig.add_subplot(grid[2 * r + 1, c])
@@ -61,7 +63,7 @@ def contact_sheet(
                          fontweight="bold" if i == 1 else "normal")  # fmt: skip
             printed += len(chunk)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,7 +138,9 @@ def choose_retrieval_k(train: SplitFeatures, val: SplitFeatures, ks=RETRIEVAL_KS
     for k in ks:
         captions = NearestNeighbourCaptioner(train, k).caption(val.features)
         cands = {str(i): c for i, c in enumerate(captions)}
-        scores[k] = caption_metrics(refs, cands, use_java=False, meteor=False)["CIDEr-D"]
+        with warnings.catch_warnings():  # the plain tokenizer is chosen here (speed), not a fallback
+            warnings.simplefilter("ignore")
+            scores[k] = caption_metrics(refs, cands, use_java=False, meteor=False)["CIDEr-D"]
     return max(scores, key=scores.get), scores
 
 
