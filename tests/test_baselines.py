@@ -97,6 +97,7 @@ def test_baseline_configs_flip_one_switch(tmp_path):
 def test_stale_keys_name_what_changed(tmp_path):
     cfg = load_config(None, ["train.max_steps=7"])
     assert stale_keys(cfg, tmp_path) is None  # nothing saved
-    save_config(load_config(None, ["train.max_steps=9", "train.output_dir=elsewhere"]), tmp_path / "config.yaml")
-    assert stale_keys(cfg, tmp_path) == ["train.max_steps"]  # output_dir is not a difference
+    saved = load_config(None, ["train.max_steps=9", "train.output_dir=elsewhere", "generate.num_beams=3"])
+    save_config(saved, tmp_path / "config.yaml")
+    assert stale_keys(cfg, tmp_path) == ["train.max_steps"]  # neither output_dir nor generation settings count
     assert finished_step(tmp_path) is None

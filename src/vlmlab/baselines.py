@@ -65,7 +65,10 @@ def finished_step(run_dir: str | Path) -> int | None:
 
 
 def stale_keys(expected: Config, run_dir: str | Path) -> list[str] | None:
-    """Config keys on which a saved run differs from `expected` (None: no saved run); output_dir ignored."""
+    """Config keys on which a saved run differs from `expected` (None: no saved run).
+
+    Ignored: where the run is written, and generation settings (they act at evaluation, not in training).
+    """
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return None
@@ -74,7 +77,7 @@ def stale_keys(expected: Config, run_dir: str | Path) -> list[str] | None:
         for k, v in tree.items():
             if isinstance(v, dict):
                 yield from flat(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" != "train.output_dir":
+            elif f"{prefix}{k}" != "train.output_dir" and not prefix.startswith("generate."):
                 yield f"{prefix}{k}", v
 
     saved, want = dict(flat(config_to_dict(load_config(path)))), dict(flat(config_to_dict(expected)))

@@ -46,6 +46,7 @@ def cmd_eval(args) -> None:
         train_baselines=not args.no_train_baselines,
         retrieval_k=args.retrieval_k,
         contact_images=args.contact_images,
+        out_dir=args.out_dir,
         **{k: v for k, v in kwargs.items() if v},
     )
 
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)")
     p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
+    p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")

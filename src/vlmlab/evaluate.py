@@ -177,14 +177,18 @@ def evaluate_run(
     retrieval_k: int | None = None,
     contact_images: int = 16,
     use_java: bool | None = None,
+    out_dir: str | Path | None = None,
     **generate_kwargs,
 ) -> dict:
     """Evaluates a run and its baselines on a split; writes eval.json, eval.md and contact_sheet.png.
 
     data: FORMAT:PATH specs to evaluate on (default: the run's own data); the baselines always train
     on, and retrieval always searches, the run's own training split.
+    out_dir: where the three files go (default: the run dir), e.g. to keep evaluations with other settings apart.
     """
     run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = load_run(run_dir)
     run_cfg = copy.deepcopy(model.cfg)
     eval_cfg = copy.deepcopy(model.cfg)
@@ -240,10 +244,10 @@ def evaluate_run(
         + f"; generation: {first['generation']}\n"
         + "".join(f"- {note}\n" for note in notes)
     )
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "eval.md").write_text(text)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "eval.md").write_text(text)
     if contact_images > 0:
-        sheet = contact_sheet(_contact_cells(rows, main, contact_images), run_dir / "contact_sheet.png",
+        sheet = contact_sheet(_contact_cells(rows, main, contact_images), out_dir / "contact_sheet.png",
                               title=f"{run_dir.name}: {split} images, reference (grey) and captions")  # fmt: skip
         text += f"contact sheet: {sheet}\n"
     print(text)
