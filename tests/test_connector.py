@@ -53,3 +53,37 @@ def test_position_matters_and_token_count_is_checked():
     assert not torch.allclose(q(image), q(moved), atol=1e-6)
     with pytest.raises(ValueError, match="expected 9 image tokens"):
         q(torch.randn(1, 10, 16))
+
+
+@pytest.mark.parametrize("kind, tokens", [("qformer", 4), ("meanpool", 4), ("linear", 9), ("mlp", 9)])
+def test_every_connector_type_makes_visual_tokens_at_word_scale(kind, tokens):
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(type=kind, num_queries=4, width=32, heads=2, depth=1)
+    connector = build_connector(cfg, image_dim=40, num_image_tokens=9, lm_dim=24, lm_embedding_rms=0.2)
+    image = torch.rand(3, 9, 40) * 6
+    visual = connector(image)
+    assert visual.shape == (3, tokens, 24) and connector.num_visual_tokens == tokens
+    assert 0.2 / 1.5 < visual.pow(2).mean().sqrt().item() < 0.2 * 1.5
+    assert not torch.allclose(visual[0], visual[1])  # other image, other tokens
+
+
+def test_parameter_counts_follow_the_design():
+    """Per-token linear: LayerNorm + one D->L map; meanpool's last layer makes Q tokens at once."""
+    linear = build_connector(ConnectorConfig(type="linear"), 40, 9, 24, 1.0)
+    assert sum(p.numel() for p in linear.parameters()) == 2 * 40 + 40 * 24 + 24
+    mlp = build_connector(ConnectorConfig(type="mlp"), 40, 9, 24, 1.0)
+    assert sum(p.numel() for p in mlp.parameters()) == 2 * 40 + (40 * 24 + 24) + 2 * 24 + (24 * 24 + 24)
+    pool = build_connector(ConnectorConfig(type="meanpool", num_queries=4, width=32), 40, 9, 24, 1.0)
+    assert sum(p.numel() for p in pool.parameters()) == 2 * 40 + (40 * 32 + 32) + 2 * 32 + (32 * 4 * 24 + 4 * 24)
+
+
+def test_meanpool_cannot_see_where_things_are_but_per_token_can():
+    torch.manual_seed(0)
+    image = torch.randn(1, 9, 16)
+    moved = image[:, torch.roll(torch.arange(9), 1)]
+    pool = build_connector(ConnectorConfig(type="meanpool", num_queries=2, width=16), 16, 9, 8, 1.0)
+    mlp = build_connector(ConnectorConfig(type="mlp"), 16, 9, 8, 1.0)
+    assert torch.allclose(pool(image), pool(moved), atol=1e-6)
+    assert not torch.allclose(mlp(image), mlp(moved))
+    with pytest.raises(ValueError, match="expected 9 image tokens"):
+        mlp(torch.randn(1, 10, 16))

@@ -28,7 +28,7 @@ from .metrics import plain_tokenize
 BASELINES_DIR = "baselines"
 TRAINED_BASELINES = {
     "blind": "blind language model: no visual tokens, same LLM + LoRA, same captions",
-    "frozen_connector": "frozen Q-Former: connector kept at its random init, only LoRA learns",
+    "frozen_connector": "frozen connector (Q-Former + projection) kept at its random init, only LoRA learns",
 }
 
 

@@ -66,7 +66,10 @@ def cmd_caption(args) -> None:
 def cmd_params(args) -> None:
     from .vlm import build_vlm, format_parameter_table
 
-    print(format_parameter_table(build_vlm(_config(args)).parameter_table()))
+    model = build_vlm(_config(args))
+    print(format_parameter_table(model.parameter_table()))
+    tokens = 0 if model.blind else model.connector.num_visual_tokens
+    print(f"connector {model.cfg.connector.type!r}: {tokens} visual tokens per image")
 
 
 def cmd_synth(args) -> None:

@@ -7,6 +7,9 @@ The BLIP-2 design (`QFormerConnector`): Q learnable query vectors attend to each
 (self-attention), read the image (cross-attention to the image tokens), pass an FFN, repeated for
 `depth` layers; a linear projection then maps them to the LLM's width. The number of visual tokens
 is Q, whatever the image resolution.
+
+The other arms of the ablation: `MeanPoolConnector` (no spatial detail), `PerTokenConnector`
+(LLaVA's linear / MLP projector: no compression), and `none` (no visual tokens: the blind LM).
 """
 
 from __future__ import annotations
@@ -104,17 +107,70 @@ class QFormerConnector(nn.Module):
         return (visual_tokens, attention) if return_attention else visual_tokens
 
 
-CONNECTOR_TYPES = ("qformer", "none")
+def scaled_projection(in_dim: int, out_dim: int, lm_embedding_rms: float) -> nn.Linear:
+    """A last layer whose outputs start at the RMS of the LLM's word embeddings, for unit-variance inputs."""
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.normal_(layer.weight, std=lm_embedding_rms / math.sqrt(in_dim))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class MeanPoolConnector(nn.Module):
+    """The "no Q-Former" arm: average the image tokens into one vector, then an MLP to Q visual tokens.
+
+    Pooling throws away where things are; the MLP (ClipCap-style prefix) keeps the number of visual
+    tokens equal to the Q-Former's, so an ablation changes one thing: spatial detail.
+    """
+
+    def __init__(self, image_dim: int, lm_dim: int, num_tokens: int = 16, width: int = 256, lm_embedding_rms: float = 1.0):
+        super().__init__()
+        self.num_visual_tokens, self.lm_dim = num_tokens, lm_dim
+        self.mlp = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, width), nn.GELU(), nn.LayerNorm(width))
+        self.projection = scaled_projection(width, num_tokens * lm_dim, lm_embedding_rms)
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        pooled = image_tokens.mean(dim=1)  # [B, D_image]: one vector per image
+        return self.projection(self.mlp(pooled)).view(-1, self.num_visual_tokens, self.lm_dim)
+
+
+class PerTokenConnector(nn.Module):
+    """LLaVA style: every image token becomes one visual token (N in, N out), through a linear map
+    (LLaVA-1, depth 1) or a 2-layer GELU MLP (LLaVA-1.5, depth 2). Nothing is compressed."""
+
+    def __init__(self, image_dim: int, lm_dim: int, num_image_tokens: int, depth: int = 1, lm_embedding_rms: float = 1.0):
+        super().__init__()
+        if depth not in (1, 2):
+            raise ValueError(f"a per-token projector has depth 1 (linear) or 2 (mlp), got {depth}")
+        self.num_visual_tokens = num_image_tokens
+        layers: list[nn.Module] = [nn.LayerNorm(image_dim)]
+        if depth == 2:  # the LayerNorm after GELU only fixes the starting scale of the last layer's inputs
+            layers += [nn.Linear(image_dim, lm_dim), nn.GELU(), nn.LayerNorm(lm_dim)]
+        self.mlp = nn.Sequential(*layers)
+        self.projection = scaled_projection(lm_dim if depth == 2 else image_dim, lm_dim, lm_embedding_rms)
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        if image_tokens.shape[1] != self.num_visual_tokens:
+            raise ValueError(f"expected {self.num_visual_tokens} image tokens, got {image_tokens.shape[1]}")
+        return self.projection(self.mlp(image_tokens))
+
+
+CONNECTOR_TYPES = ("qformer", "meanpool", "linear", "mlp", "none")
 
 
 def build_connector(cfg, image_dim: int, num_image_tokens: int, lm_dim: int, lm_embedding_rms: float) -> nn.Module | None:
     """Connector by name from a ConnectorConfig.
 
-    'none' makes no visual tokens at all: the blind language-model baseline, trained on the same
-    captions, shows what the text prior alone can write.
+    qformer: Q learned queries read the image (BLIP-2); meanpool: one pooled vector -> Q tokens;
+    linear / mlp: one visual token per image token (LLaVA-1 / LLaVA-1.5); none: no visual tokens at
+    all, the blind language-model baseline that shows what the text prior alone can write.
     """
     if cfg.type == "none":
         return None
+    if cfg.type == "meanpool":
+        return MeanPoolConnector(image_dim, lm_dim, cfg.num_queries, cfg.width, lm_embedding_rms)
+    if cfg.type in ("linear", "mlp"):
+        depth = 1 if cfg.type == "linear" else 2
+        return PerTokenConnector(image_dim, lm_dim, num_image_tokens, depth, lm_embedding_rms)
     if cfg.type == "qformer":
         return QFormerConnector(
             image_dim,
