@@ -66,3 +66,19 @@ def test_generation_layout_puts_padding_before_the_visual_tokens(tiny_vlm):
     word = tiny_vlm.lm.get_base_model().get_input_embeddings()
     assert torch.allclose(embeds[1, 6], word(torch.tensor(14)))  # the prompt ends the row
     assert (labels == -100).all()
+
+
+@pytest.mark.parametrize("kind, visual", [("meanpool", 4), ("mlp", 16), ("none", 0)])
+def test_every_connector_type_trains_and_captions(tiny_clip_dir, tiny_gpt2_dir, kind, visual):
+    """Each ablation arm plugs into the same VLM: a loss with gradients on what trains, and a caption."""
+    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", f"connector.type={kind}",
+                             "connector.width=32", "connector.num_queries=4", "generate.max_new_tokens=3"])  # fmt: skip
+    model = build_vlm(cfg)
+    image = torch.randn(2, 16, 32)
+    tokens = model.visual_tokens(image)
+    assert (tokens is None) if visual == 0 else tokens.shape[1] == visual
+    loss = model(image, model.text_batch(["a red square.", "a blue circle."]))
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert len(model.generate_from_tokens(image)) == 2
