@@ -4,6 +4,7 @@ Most tests use the plain tokenizer (use_java=False): no JVM, milliseconds. The J
 tokenizer + METEOR, ~10 s to load METEOR) runs once, in a module fixture, and is skipped without Java.
 """
 
+import math
 import shutil
 import warnings
 
@@ -54,6 +55,20 @@ def test_half_the_words_match():
     m = plain({"1": ["the cat sat down"]}, {"1": "the cat ran away"})
     assert m["BLEU-1"] == pytest.approx(0.5, abs=1e-6)
     assert m["ROUGE-L"] == pytest.approx(0.5)
+
+
+def test_cider_d_by_hand():
+    """CIDEr-D = 10 * mean over n=1..4 of the clipped tf-idf cosine, times exp(-len_diff^2 / 72).
+
+    Two images, so every n-gram here has idf log(2/1). Image 1: "a b" vs "a b c": unigram cosine
+    2/sqrt(6), bigram 1/sqrt(2), no 3-/4-grams in the candidate (0); length penalty exp(-1/72).
+    Image 2: "x y" vs "x y": 1, 1, and 0, 0 (a 2-word caption has no 3-grams), so 5, not 10.
+    """
+    penalty = math.exp(-1 / 72)
+    image1 = 10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) * penalty / 4
+    image2 = 10 * (1 + 1) / 4
+    m = plain({"1": ["a b c"], "2": ["x y"]}, {"1": "a b", "2": "x y"})
+    assert m["CIDEr-D"] == pytest.approx((image1 + image2) / 2, rel=1e-9)
 
 
 def test_cider_ranks_right_captions_above_shuffled():
