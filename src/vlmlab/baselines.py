@@ -57,7 +57,9 @@ def applicable_baselines(cfg: Config) -> list[str]:
 
 def finished_step(run_dir: str | Path) -> int | None:
     """The step of a run's checkpoint (from the safetensors header, without loading the weights)."""
-    path = Path(run_dir) / "checkpoint" / "trainable.safetensors"
+    from .train import CHECKPOINT, TRAINABLE_FILE
+
+    path = Path(run_dir) / CHECKPOINT / TRAINABLE_FILE
     if not path.exists():
         return None
     with safe_open(str(path), "pt") as f:

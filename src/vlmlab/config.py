@@ -26,7 +26,7 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    type: str = "qformer"  # or "none": no visual tokens, the blind language-model baseline
+    type: str = "qformer"  # meanpool | linear | mlp (LLaVA) | none (no visual tokens: the blind baseline)
     num_queries: int = 16
     depth: int = 2
     width: int = 256

@@ -20,6 +20,19 @@ import torch
 from torch import nn
 
 
+def scaled_projection(in_dim: int, out_dim: int, lm_embedding_rms: float) -> nn.Linear:
+    """A connector's last layer, made so that visual tokens start at the scale of the LLM's word embeddings.
+
+    Its inputs come out of a LayerNorm (unit variance per element), so weights of std
+    rms/sqrt(in_dim) give outputs of per-element RMS ~= rms. Visual tokens far louder than text
+    tokens swamp the LLM's attention; far quieter ones are ignored at the start of training.
+    """
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.normal_(layer.weight, std=lm_embedding_rms / math.sqrt(in_dim))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class QFormerLayer(nn.Module):
     """Pre-norm block: queries talk to each other, then look at the image, then think (FFN)."""
 
@@ -75,19 +88,8 @@ class QFormerConnector(nn.Module):
         self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
         self.layers = nn.ModuleList(QFormerLayer(width, heads, ffn_mult, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
-        self.projection = nn.Linear(width, lm_dim)  # the "linear projection" into the LLM's embedding space
-        self.reset_output_scale(lm_embedding_rms)
-
-    def reset_output_scale(self, lm_embedding_rms: float) -> None:
-        """Start visual tokens at the scale of the LLM's word embeddings.
-
-        After `out_norm` each element has unit variance, so a projection with weights of std
-        rms/sqrt(width) gives outputs of per-element RMS ~= rms. Visual tokens far louder than text
-        tokens swamp the LLM's attention; far quieter ones are ignored at the start of training.
-        """
-        width = self.projection.in_features
-        nn.init.normal_(self.projection.weight, std=lm_embedding_rms / math.sqrt(width))
-        nn.init.zeros_(self.projection.bias)
+        # the "linear projection" into the LLM's embedding space
+        self.projection = scaled_projection(width, lm_dim, lm_embedding_rms)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -105,14 +107,6 @@ class QFormerConnector(nn.Module):
             attention.append(weights)
         visual_tokens = self.projection(self.out_norm(queries))
         return (visual_tokens, attention) if return_attention else visual_tokens
-
-
-def scaled_projection(in_dim: int, out_dim: int, lm_embedding_rms: float) -> nn.Linear:
-    """A last layer whose outputs start at the RMS of the LLM's word embeddings, for unit-variance inputs."""
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.normal_(layer.weight, std=lm_embedding_rms / math.sqrt(in_dim))
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class MeanPoolConnector(nn.Module):

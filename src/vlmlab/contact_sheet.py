@@ -35,12 +35,10 @@ def contact_sheet(
         raise ValueError("a contact sheet needs at least one image")
     columns = max(1, min(columns, len(cells)))
     rows = -(-len(cells) // columns)
-    wrapped = [
-        [(label, textwrap.wrap(f"{label}: {text}", wrap) or [f"{label}:"]) for label, text in cell["lines"]]
-        for cell in cells
-    ]
+    wrapped = [[textwrap.wrap(f"{label}: {text}", wrap) or [f"{label}:"] for label, text in cell["lines"]]
+               for cell in cells]  # fmt: skip
     line_h = 0.14  # inches per printed line at fontsize 7.5
-    text_h = 1.3 * max(line_h * sum(len(w) for _, w in cell) + 2 * len(cell) / 72 for cell in wrapped) + 0.15
+    text_h = 1.3 * max(line_h * sum(len(w) for w in cell) + 2 * len(cell) / 72 for cell in wrapped) + 0.15
     image_h = 2.8
     height = (image_h + text_h + 0.3) * rows + (0.5 if title else 0.1)
     fig = plt.figure(figsize=(3.6 * columns, height))
@@ -56,7 +54,7 @@ def contact_sheet(
         picture.imshow(image)
         picture.set_title(Path(cell["image"]).name, fontsize=7, color="0.4")
         printed = 0  # lines so far: each label starts below the last, offset in points from the top
-        for i, (_, chunk) in enumerate(lines):
+        for i, chunk in enumerate(lines):
             where = offset_copy(caption.transAxes, fig=fig, y=-printed * line_h * 72 - 2 * i, units="points")
             caption.text(0.0, 1.0, "\n".join(chunk), transform=where, va="top", ha="left", fontsize=7.5,
                          linespacing=1.15, color="0.45" if i == 0 else "black",
