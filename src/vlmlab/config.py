@@ -83,6 +83,7 @@ class TrainConfig:
     log_every: int = 10
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPUs)
     feature_batch_size: int = 32
+    on_nonfinite: str = "stop"  # "stop": a NaN/inf loss or gradient ends the run | "skip": drop that batch's update
 
 
 @dataclass
@@ -196,6 +197,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lm.lora.r must be >= 1 when lm.lora.enabled is true")
     if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
         raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be >= 1")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite {t.on_nonfinite!r} is unknown; allowed: 'stop', 'skip'")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be one of 'no', 'bf16', 'fp16'")
     if not cfg.data.datasets:

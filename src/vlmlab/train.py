@@ -6,10 +6,14 @@ Only the connector and LoRA adapters learn. Each step: cached image tokens -> vi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,8 @@ from .vlm import VLM, build_vlm, format_parameter_table
 CHECKPOINT = "checkpoint"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "manifest.json"
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -74,34 +80,116 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int) -> None:
-    """Writes checkpoint/ via a temporary folder and a rename, so a crash never leaves half a checkpoint."""
-    final = run_dir / CHECKPOINT
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(model.trainable_state_dict(), tmp / TRAINABLE_FILE, metadata={"step": str(step)})
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-        },
-        tmp / STATE_FILE,
+class CheckpointError(RuntimeError):
+    """A checkpoint that is partial, corrupt or does not fit this run: never loaded silently."""
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: VLMLAB_KILL_AT=NAME@STEP makes this process SIGKILL itself here."""
+    if os.environ.get("VLMLAB_KILL_AT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_durably(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, data_state: dict) -> None:
+    """Writes checkpoint/ atomically: files go to checkpoint.tmp/, a manifest of their SHA-256 last, then a rename.
+
+    A crash at any point leaves either the previous checkpoint or the new one whole (see find_checkpoint).
+    """
+    final, tmp, old = (run_dir / (CHECKPOINT + suffix) for suffix in ("", ".tmp", ".old"))
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a partial write from a crashed run: never a candidate for loading
+    tmp.mkdir(parents=True)
+    _write_durably(
+        tmp / TRAINABLE_FILE, lambda p: save_file(model.trainable_state_dict(), p, metadata={"step": str(step)})
     )
-    old = run_dir / (CHECKPOINT + ".old")
+    _fault_point("checkpoint-partial", step)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+    }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    _write_durably(tmp / STATE_FILE, lambda p: torch.save(state, p))
+    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in (TRAINABLE_FILE, STATE_FILE)}}
+    _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    _fault_point("checkpoint-written", step)
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         final.replace(old)
+    _fault_point("checkpoint-swapping", step)
     tmp.replace(final)
     if old.exists():
         shutil.rmtree(old)
 
 
+def verify_checkpoint(path: Path) -> int:
+    """Checks every file of a checkpoint folder against its manifest; returns its step or raises CheckpointError."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; the checkpoint was not finished (or predates manifests)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, step = manifest["files"], int(manifest["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+    for name, digest in files.items():
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name}: SHA-256 does not match the manifest; the file is corrupt")
+    return step
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: checkpoint/, or checkpoint.old/ when a crash hit the rename in between.
+
+    checkpoint.tmp/ is never loaded. A checkpoint/ that fails verification raises: resuming from it, or silently
+    from scratch, would both hide the damage.
+    """
+    final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    if final.exists():
+        verify_checkpoint(final)
+        return final
+    if old.exists():
+        verify_checkpoint(old)
+        return old
+    return None
+
+
 def load_trainable(run_dir: Path, model: VLM) -> None:
-    path = Path(run_dir) / CHECKPOINT / TRAINABLE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {path})")
-    model.load_trainable_state_dict(load_file(path))
+    """Loads a run's trained weights after verifying them (find_checkpoint)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if (path / TRAINABLE_FILE).exists() and not (path / MANIFEST_FILE).exists():
+        # a finished checkpoint/ always has a manifest now (it is renamed into place whole): an older vlmlab wrote it
+        warnings.warn(f"{path} has no manifest (written by an older vlmlab): its integrity is not checked", stacklevel=2)
+    else:
+        path = find_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT / TRAINABLE_FILE})")
+    load_trainable_from(path, model)
+
+
+def load_trainable_from(checkpoint: Path, model: VLM) -> None:
+    model.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> None:
@@ -169,33 +257,55 @@ def train(cfg: Config, resume: bool = False) -> Path:
     val_order = derangement(len(val_split.samples), seed=t.seed) if len(val_split.samples) >= 2 else None
 
     loader = DataLoader(
-        CaptionPairs(train_split), batch_size=t.batch_size, shuffle=True, collate_fn=collate_pairs, drop_last=True
+        CaptionPairs(train_split),
+        batch_size=t.batch_size,
+        shuffle=True,
+        collate_fn=collate_pairs,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(t.seed),  # its own RNG: starting an epoch leaves the global one alone
     )
-    if len(loader) == 0:
-        raise ValueError(f"train.batch_size {t.batch_size} exceeds the {len(train_split.pairs)} training pairs")
+    if len(loader) < accelerator.num_processes:
+        raise ValueError(
+            f"train.batch_size {t.batch_size} x {accelerator.num_processes} process(es) exceeds the "
+            f"{len(train_split.pairs)} training pairs"
+        )
     optimizer = build_optimizer(model, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     vlm: VLM = accelerator.unwrap_model(model)
+    batches_per_epoch = len(loader)  # per process, after sharding
+    data_layout = {"batches_per_epoch": batches_per_epoch, "num_processes": accelerator.num_processes}
 
-    step = 0
-    if resume and (run_dir / CHECKPOINT / STATE_FILE).exists():
-        load_trainable(run_dir, vlm)
-        state = torch.load(run_dir / CHECKPOINT / STATE_FILE, weights_only=False)
+    step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpoint = find_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        load_trainable_from(checkpoint, vlm)
+        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+        saved_layout = {k: state["data"][k] for k in data_layout}
+        if saved_layout != data_layout:
+            raise CheckpointError(
+                f"{checkpoint} was written with data layout {saved_layout}, this run has {data_layout}: "
+                "the data order cannot be continued (same data, batch size and process count are needed)"
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         step = state["step"]
+        consumed = state["data"]["epoch"] * batches_per_epoch + state["data"]["batches_into_epoch"]
         if main:
-            print(f"resumed from {run_dir / CHECKPOINT} at step {step}")
+            _truncate_metrics(metrics_path, step)  # records after the checkpoint are redone, not duplicated
+            print(f"resumed from {checkpoint} at step {step}")
     elif resume and main:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
 
-    metrics_path = run_dir / "metrics.jsonl"
     if main and step == 0:
         metrics_path.write_text("")
+    trace_dir = os.environ.get("VLMLAB_TRACE_DATA")  # tests: which pairs each rank trained on, per step
 
     def log(record: dict) -> None:
         if main:
@@ -217,33 +327,71 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 + (f" (images shuffled: {record['val_loss_shuffled_images']:.3f})" if val_order else "")
             )
 
+    def nonfinite(what: str, value: float) -> None:
+        """Stops the run (the default) or, with train.on_nonfinite=skip, drops this batch's update."""
+        if t.on_nonfinite == "stop":
+            saved = find_checkpoint(run_dir)
+            raise FloatingPointError(
+                f"non-finite {what} ({value}) at step {step + 1}; no update was applied. "
+                + (f"The last good checkpoint ({saved}, step {verify_checkpoint(saved)}) is intact. " if saved else "")
+                + "Set train.on_nonfinite=skip to skip such batches instead."
+            )
+        log({"step": step + 1, "skipped_nonfinite": what, "value": value})
+        if main:
+            tqdm.write(f"step {step + 1}: non-finite {what} ({value}); batch skipped")
+
     if step == 0:
         evaluate_and_log(0)
     model.train()
-    batches_per_epoch = len(loader)
-    epoch, skip = divmod(step * t.grad_accum, batches_per_epoch)
+    epoch, skip = divmod(consumed, batches_per_epoch)
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", disable=not main)
-    running, running_n, started = 0.0, 0, time.time()
+    running, running_n, started, skipped, skipped_in_a_row = 0.0, 0, time.time(), 0, 0
+    window_ok = True  # no non-finite loss among this accumulation window's micro-batches
     while step < t.max_steps:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
-        for image_tokens, captions in epoch_loader:
+        for image_tokens, captions, indices in epoch_loader:
+            consumed += 1
             with accelerator.accumulate(model):
                 loss = model(image_tokens, vlm.text_batch(captions))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            running += loss.item()
-            running_n += 1
+                # every rank takes the same branch, or DDP's gradient all-reduce would wait forever
+                global_loss = accelerator.reduce(loss.detach(), "mean")
+                if torch.isfinite(global_loss):
+                    accelerator.backward(loss)
+                else:
+                    window_ok = False
+                    nonfinite("training loss", global_loss.item())
+                    skipped += 1
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+                    # under fp16 the loss scaler skips overflowing steps itself (and lowers its scale)
+                    if window_ok and t.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                        window_ok = False
+                        nonfinite("gradient norm", grad_norm.item())
+                        skipped += 1
+                    if window_ok:
+                        optimizer.step()
+                        scheduler.step()
+                    optimizer.zero_grad()
+            if trace_dir:
+                with open(Path(trace_dir) / f"rank{accelerator.process_index}.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step + 1, "pairs": indices.tolist()}) + "\n")
             if not accelerator.sync_gradients:
                 continue
+            if not window_ok:  # the update was dropped: this step is redone with the next batch
+                window_ok = True
+                skipped_in_a_row += 1
+                if skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} updates in a row dropped for non-finite values at step {step + 1}: "
+                        "the run is diverging, not meeting the odd bad batch; stopping"
+                    )
+                continue
+            skipped_in_a_row = 0
+            running += global_loss.item()
+            running_n += 1
             step += 1
             progress.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
@@ -252,7 +400,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
                     "step": step,
                     "train_loss": running / running_n,
                     "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": running_n * t.batch_size * accelerator.num_processes / max(elapsed, 1e-9),
+                    "samples_per_s": running_n * t.batch_size * t.grad_accum * accelerator.num_processes
+                    / max(elapsed, 1e-9),
                 }
                 log(record)
                 progress.set_postfix(loss=f"{record['train_loss']:.3f}")
@@ -260,7 +409,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             if step % t.eval_every == 0 or step == t.max_steps:
                 evaluate_and_log(step)
             if main and (step % t.save_every == 0 or step == t.max_steps):
-                save_checkpoint(run_dir, vlm, optimizer, scheduler, step)
+                epoch_now, into = divmod(consumed, batches_per_epoch)
+                data_state = {**data_layout, "epoch": epoch_now, "batches_into_epoch": into}
+                save_checkpoint(run_dir, vlm, optimizer, scheduler, step, data_state)
+            _fault_point("step", step)
             accelerator.wait_for_everyone()
             if step >= t.max_steps:
                 break
@@ -268,9 +420,19 @@ def train(cfg: Config, resume: bool = False) -> Path:
     progress.close()
     if main:
         plot_losses(metrics_path, run_dir / "loss.png")
-        print(f"run saved to {run_dir}")
+        print(f"run saved to {run_dir}" + (f" ({skipped} batches skipped for non-finite values)" if skipped else ""))
     accelerator.end_training()
     return run_dir
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the log records up to `step` (written before that checkpoint); rewritten atomically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def load_run(run_dir: str | Path) -> VLM:

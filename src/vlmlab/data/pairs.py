@@ -35,12 +35,13 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, i: int):
         row, caption = self.split.pairs[i]
-        return self.split.features[row], caption
+        return self.split.features[row], caption, i
 
 
 def collate_pairs(batch):
-    tokens, captions = zip(*batch)
-    return torch.stack(tokens).float(), list(captions)
+    """-> (image tokens [B, N, D] float32, captions, pair indices); the indices trace which rank saw what."""
+    tokens, captions, indices = zip(*batch)
+    return torch.stack(tokens).float(), list(captions), torch.tensor(indices)
 
 
 def load_samples(cfg) -> dict[str, list[CaptionSample]]:
