@@ -113,3 +113,65 @@ def test_resume_refuses_a_changed_data_layout(tmp_path, tiny_clip_dir, tiny_gpt2
     train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "train.save_every=2"))
     with pytest.raises(CheckpointError, match="data layout"):
         train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.batch_size=4"), resume=True)
+
+
+def _poison_training_call(monkeypatch, call: int, kind: str):
+    """Makes the call-th training forward (validation passes excluded) give a NaN loss or a NaN gradient."""
+    from vlmlab.vlm import VLM
+
+    original, calls = VLM.forward, {"n": 0}
+
+    def forward(self, image_tokens, text, reduction="mean"):  # training calls use reduction="sum"
+        out = original(self, image_tokens, text, reduction=reduction)
+        if reduction != "sum" or not self.training:
+            return out
+        calls["n"] += 1
+        if calls["n"] != call:
+            return out
+        nll_sum, count = out
+        if kind == "loss":
+            return nll_sum * float("nan"), count
+        q = self.connector.queries.sum()
+        return nll_sum + 0.0 * torch.sqrt(q - q), count  # finite value; d sqrt(u)/du at 0 is inf, so the gradient is NaN
+
+    monkeypatch.setattr(VLM, "forward", forward)
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_a_nonfinite_value_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
+    tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, kind
+):
+    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.save_every=2")
+    _poison_training_call(monkeypatch, call=4, kind=kind)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step 4;.*step 2\) is intact"):
+        train(cfg)
+    checkpoint = tmp_path / "run" / CHECKPOINT
+    assert verify_checkpoint(checkpoint) == 2
+    weights = load_run(tmp_path / "run").trainable_state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_skip_mode_drops_the_bad_batch_and_finishes(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, kind):
+    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.log_every=1",
+                      "train.on_nonfinite=skip")  # fmt: skip
+    _poison_training_call(monkeypatch, call=4, kind=kind)
+    run = train(cfg)
+    records = _records(run)
+    assert [r["step"] for r in records if "skipped_nonfinite" in r] == [4]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]  # step 4 redone on the next batch
+    assert all(r["train_loss"] == r["train_loss"] for r in records if "train_loss" in r)  # no NaN logged
+    state = torch.load(run / CHECKPOINT / "training_state.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 6 and state["data"]["batches_into_epoch"] == 7  # 7 batches, 6 updates
+    assert all(torch.isfinite(v).all() for v in load_run(run).trainable_state_dict().values())
+
+
+def test_a_diverged_run_in_skip_mode_still_stops(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
+    for call in range(1, 40):
+        _poison_training_call(monkeypatch, call=call, kind="loss")  # every training batch, stacked
+    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.on_nonfinite=skip")
+    with pytest.raises(FloatingPointError, match="in a row"):
+        train(cfg)

@@ -39,10 +39,16 @@ class FeatureCache:
         self.dir = Path(root) / encoder.fingerprint()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._where: dict[str, Path] = {}  # content hash -> shard file
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Indexes shards written since the last look (e.g. by rank 0 while the other ranks waited)."""
+        known = set(self._where.values())
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
-            with safe_open(shard, "pt") as f:
-                for key in f.keys():
-                    self._where[key] = shard
+            if shard not in known:
+                with safe_open(shard, "pt") as f:
+                    for key in f.keys():
+                        self._where[key] = shard
 
     def __len__(self) -> int:
         return len(self._where)
@@ -58,6 +64,7 @@ class FeatureCache:
         Returns (features, kept): `kept` indexes the paths whose image could be read; unreadable or
         missing images are left out and reported in one warning line, never a crash mid-epoch.
         """
+        self._refresh()
         hashes, kept, bad = [], [], []
         for i, path in enumerate(image_paths):
             try:

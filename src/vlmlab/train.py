@@ -232,6 +232,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=t.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not steps x processes
     )
     set_seed(t.seed)
     run_dir = Path(t.output_dir)
@@ -355,9 +356,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
         for image_tokens, captions, indices in epoch_loader:
             consumed += 1
             with accelerator.accumulate(model):
-                loss = model(image_tokens, vlm.text_batch(captions))
-                # every rank takes the same branch, or DDP's gradient all-reduce would wait forever
-                global_loss = accelerator.reduce(loss.detach(), "mean")
+                nll_sum, n_tokens = model(image_tokens, vlm.text_batch(captions), reduction="sum")
+                totals = accelerator.reduce(torch.stack([nll_sum.detach(), n_tokens.float()]), "sum")
+                global_loss = totals[0] / totals[1]  # token mean over every process's batch
+                # DDP averages gradients over processes; scaled so, the update is that of one process taking
+                # the whole global batch (a plain per-process mean would weight short captions differently)
+                loss = nll_sum * accelerator.num_processes / totals[1]
+                # every rank takes the same branch below, or DDP's gradient all-reduce would wait forever
                 if torch.isfinite(global_loss):
                     accelerator.backward(loss)
                 else:

@@ -111,6 +111,7 @@ class VLM(nn.Module):
         """Caption loss (next-token cross-entropy on caption + END tokens only).
 
         reduction='mean': one scalar, mean NLL per supervised token.
+        reduction='sum': (nll_sum, token_count), for a token mean over several processes' batches.
         reduction='sum_per_sample': (nll_sum [B], token_count [B]) for probes and per-image scores.
         """
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
@@ -124,6 +125,8 @@ class VLM(nn.Module):
         nll = F.cross_entropy(logits, targets[supervised], reduction="none")
         if reduction == "mean":
             return nll.mean()
+        if reduction == "sum":
+            return nll.sum(), supervised.sum()
         if reduction == "sum_per_sample":
             row = supervised.nonzero()[:, 0]
             sums = torch.zeros(labels.shape[0], device=nll.device).index_add_(0, row, nll)
