@@ -1,5 +1,7 @@
 """Configs: YAML + overrides, and errors that name the key before any model loads."""
 
+import re
+
 import pytest
 
 from vlmlab.config import ConfigError, load_config, parse_override, save_config
@@ -27,7 +29,19 @@ def test_round_trip(tmp_path):
         ("train.foo=1", "unknown config key 'train.foo'"),
         ("train.batch_size=abc", "train.batch_size: expected an integer"),
         ("lm.lora.enabled=3", "lm.lora.enabled: expected true/false"),
-        ("connector.num_queries=0", "connector.num_queries must be >= 1"),
+        ("connector.num_queries=0", "connector.num_queries = 0 is impossible; allowed: >= 1"),
+        ("connector.dropout=1.0", "connector.dropout = 1.0 is impossible; allowed: >= 0.0 and < 1.0"),
+        ("train.lr=0", "train.lr = 0.0 is impossible; allowed: > 0.0"),
+        ("train.lr=-1e-3", "train.lr = -0.001 is impossible"),
+        ("train.max_steps=0", "train.max_steps = 0 is impossible"),
+        ("train.save_every=0", "train.save_every = 0 is impossible"),
+        ("generate.num_beams=0", "generate.num_beams = 0 is impossible"),
+        ("data.max_train_images=0", "data.max_train_images = 0 is impossible"),
+        ("connector.type=perceiver", "connector.type 'perceiver' is unknown; allowed: ['qformer'"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite 'ignore' is unknown"),
+        ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+        ("data.datasets={a: 1}", "data.datasets: expected a list"),
+        ("connector.width=30", "connector.width (30) must be divisible by connector.heads (4)"),
         ("lm.lora.r=0", "lm.lora.r must be >= 1"),
         ("train.mixed_precision=fp8", "mixed_precision"),
         ("train=3", "train: expected a mapping"),
@@ -35,7 +49,7 @@ def test_round_trip(tmp_path):
     ],
 )
 def test_errors_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
 
 
@@ -45,3 +59,25 @@ def test_lora_rank_zero_is_fine_when_lora_is_off():
 
 def test_parse_override_nests():
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("coco:/no/such/root", "data.datasets[0] = 'coco:/no/such/root': '/no/such/root' does not exist"),
+        ("imagenet:/x", "expected FORMAT:PATH with FORMAT one of"),
+        ("karpathy:/no/such.json@/no/root", "'/no/such.json' does not exist"),
+    ],
+)
+def test_data_paths_fail_before_any_model_loads(spec, message, monkeypatch, tmp_path):
+    import vlmlab.train as train_module
+
+    def no_models(*_):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(train_module, "build_vlm", no_models)
+    monkeypatch.setattr(train_module, "Accelerator", no_models)
+    cfg = load_config(None, [f"data.datasets=[{spec}]", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train_module.train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written either

@@ -182,29 +182,83 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+# key -> allowed range as (low, high); a float bound in a list is exclusive: [0.0] means "> 0"
+_RANGES = {
+    "vision.image_size": (16, None),
+    "connector.num_queries": (1, None),
+    "connector.depth": (1, None),
+    "connector.width": (1, None),
+    "connector.heads": (1, None),
+    "connector.ffn_mult": (1, None),
+    "connector.dropout": (0.0, [1.0]),
+    "lm.lora.alpha": ([0.0], None),
+    "lm.lora.dropout": (0.0, [1.0]),
+    "data.max_caption_tokens": (1, None),
+    "data.max_train_images": (1, None),
+    "data.max_eval_images": (1, None),
+    "data.synthetic_images": (10, None),
+    "data.synthetic_max_objects": (1, None),
+    "train.batch_size": (1, None),
+    "train.grad_accum": (1, None),
+    "train.max_steps": (1, None),
+    "train.lr": ([0.0], None),
+    "train.lora_lr": ([0.0], None),
+    "train.weight_decay": (0.0, None),
+    "train.warmup_steps": (0, None),
+    "train.grad_clip": (0.0, None),
+    "train.eval_every": (1, None),
+    "train.eval_batches": (1, None),
+    "train.save_every": (1, None),
+    "train.log_every": (1, None),
+    "train.feature_batch_size": (1, None),
+    "generate.max_new_tokens": (1, None),
+    "generate.num_beams": (1, None),
+    "generate.repetition_penalty": ([0.0], None),
+}
+
+
+def _get(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_range(key: str, value, low, high) -> None:
+    problems = []
+    if isinstance(low, list):
+        ok_low, text_low = value > low[0], f"> {low[0]}"
+    else:
+        ok_low, text_low = value >= low, f">= {low}"
+    problems.append((ok_low, text_low))
+    if high is not None:
+        ok_high, text_high = (value < high[0], f"< {high[0]}") if isinstance(high, list) else (value <= high, f"<= {high}")
+        problems.append((ok_high, text_high))
+    if not all(ok for ok, _ in problems):
+        raise ConfigError(f"{key} = {value!r} is impossible; allowed: {' and '.join(t for _, t in problems)}")
+
+
 def validate(cfg: Config) -> None:
     """Values that type-check but cannot work."""
     c, t = cfg.connector, cfg.train
     from .connector import CONNECTOR_TYPES
 
+    for key, (low, high) in _RANGES.items():
+        value = _get(cfg, key)
+        if value is not None:
+            _check_range(key, value, low, high)
     if c.type not in CONNECTOR_TYPES:
         raise ConfigError(f"connector.type {c.type!r} is unknown; allowed: {list(CONNECTOR_TYPES)}")
-    if c.num_queries < 1:
-        raise ConfigError("connector.num_queries must be >= 1")
     if c.width % c.heads != 0:
         raise ConfigError(f"connector.width ({c.width}) must be divisible by connector.heads ({c.heads})")
     if cfg.lm.lora.enabled and cfg.lm.lora.r < 1:
         raise ConfigError("lm.lora.r must be >= 1 when lm.lora.enabled is true")
-    if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
-        raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be >= 1")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite {t.on_nonfinite!r} is unknown; allowed: 'stop', 'skip'")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be one of 'no', 'bf16', 'fp16'")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets must name at least one FORMAT:PATH spec")
-    if cfg.generate.num_beams < 1 or cfg.generate.max_new_tokens < 1:
-        raise ConfigError("generate.num_beams and generate.max_new_tokens must be >= 1")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -214,3 +268,24 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str | Path) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def check_data_paths(cfg: Config) -> None:
+    """Every data spec names a known format and an existing path (synthetic worlds are made on first use).
+
+    Called before training loads any model; not at config load, so a run can still be evaluated or used to
+    caption on a machine that lacks its training data.
+    """
+    from .data.formats import FORMATS
+
+    for i, spec in enumerate(cfg.data.datasets):
+        fmt, sep, path = spec.partition(":")
+        key = f"data.datasets[{i}]"
+        if not sep or fmt not in FORMATS or not path:
+            raise ConfigError(f"{key} = {spec!r}: expected FORMAT:PATH with FORMAT one of {list(FORMATS)}")
+        if fmt == "synthetic":
+            continue
+        parts = path.rsplit("@", 1) if fmt == "karpathy" and "@" in path and not Path(path).exists() else [path]
+        for part in parts:
+            if not Path(part).expanduser().exists():
+                raise ConfigError(f"{key} = {spec!r}: {part!r} does not exist")

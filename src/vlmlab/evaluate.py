@@ -195,7 +195,7 @@ def evaluate_run(
     if data:
         eval_cfg.data.datasets = list(data)
     cache = FeatureCache(cache_dir() / "features", model.vision)
-    split_data = load_split_features(eval_cfg, cache, splits=(split,))[split]
+    split_data = load_split_features(eval_cfg, cache, splits=(split,), log_dir=out_dir)[split]
     batch, seed = run_cfg.train.batch_size, run_cfg.train.seed
     main = f"model ({run_dir.name})"
     rows = {main: evaluate_split(model, split_data, batch, seed, use_java, **generate_kwargs)}

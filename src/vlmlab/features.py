@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data.formats import load_image
+from .data.formats import SkipReport, load_image
 
 SHARD_IMAGES = 512
 
@@ -57,26 +57,36 @@ class FeatureCache:
         return key in self._where
 
     def features(
-        self, image_paths: list[str], batch_size: int = 32, desc: str = "encoding images"
+        self,
+        image_paths: list[str],
+        batch_size: int = 32,
+        desc: str = "encoding images",
+        skipped: SkipReport | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Image tokens for `image_paths` as one float16 tensor [M, N, D], encoding only what is missing.
 
-        Returns (features, kept): `kept` indexes the paths whose image could be read; unreadable or
-        missing images are left out and reported in one warning line, never a crash mid-epoch.
+        Returns (features, kept): `kept` indexes the paths whose image could be read. Missing, unreadable
+        and oversized images are left out, never a crash mid-epoch: each goes to `skipped` with its reason,
+        or, without a report, into one warning line.
         """
         self._refresh()
+        report = SkipReport() if skipped is None else skipped
         hashes, kept, bad = [], [], []
         for i, path in enumerate(image_paths):
             try:
                 hashes.append(file_sha1(path))
                 kept.append(i)
-            except OSError:
+            except OSError as e:
                 bad.append(path)
+                report.add("missing images", str(path), f"{type(e).__name__}: {e.strerror or e}")
         todo = sorted({h: image_paths[i] for h, i in zip(hashes, kept) if h not in self._where}.items())
-        unreadable = set(self._encode_missing(todo, batch_size, desc))
-        bad += [image_paths[i] for h, i in zip(hashes, kept) if h in unreadable]
+        unreadable = self._encode_missing(todo, batch_size, desc)
+        for h, i in zip(hashes, kept):
+            if h in unreadable:
+                bad.append(image_paths[i])
+                report.add("unreadable images", str(image_paths[i]), unreadable[h])
         kept_pairs = [(h, i) for h, i in zip(hashes, kept) if h not in unreadable]
-        if bad:
+        if bad and skipped is None:
             warnings.warn(
                 f"skipped {len(bad)} of {len(image_paths)} images that could not be read (first: {bad[0]})",
                 stacklevel=2,
@@ -84,12 +94,12 @@ class FeatureCache:
         return self._read([h for h, _ in kept_pairs]), [i for _, i in kept_pairs]
 
     @torch.no_grad()
-    def _encode_missing(self, todo: list[tuple[str, str]], batch_size: int, desc: str) -> list[str]:
-        """Encodes (hash, path) pairs into new shards; returns the hashes whose image failed to load.
+    def _encode_missing(self, todo: list[tuple[str, str]], batch_size: int, desc: str) -> dict[str, str]:
+        """Encodes (hash, path) pairs into new shards; returns {hash: reason} for images that failed to load.
 
         A shard is written every `SHARD_IMAGES` images, so an interrupted run keeps what it encoded.
         """
-        new, failed = {}, []
+        new, failed = {}, {}
         device = next(self.encoder.parameters()).device
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
             images, keys = [], []
@@ -97,8 +107,8 @@ class FeatureCache:
                 try:
                     images.append(load_image(path))
                     keys.append(key)
-                except Exception:  # noqa: BLE001 - any decoder error means "unreadable image"
-                    failed.append(key)
+                except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+                    failed[key] = f"{type(e).__name__}: {e}"
             if images:
                 tokens = self.encoder(self.encoder.preprocess(images).to(device)).to("cpu", torch.float16)
                 new.update({k: t.contiguous() for k, t in zip(keys, tokens)})

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .config import Config, save_config
+from .config import Config, check_data_paths, save_config, validate
 from .data.pairs import CaptionPairs, SplitFeatures, collate_pairs, load_split_features
 from .features import FeatureCache
 from .language_model import cache_dir
@@ -36,6 +36,20 @@ TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
 MAX_SKIPPED_IN_A_ROW = 20
+
+
+def memory_mb() -> dict:
+    """This process's resident memory now and at its peak, in MiB (Linux; the peak alone elsewhere)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out = {"peak_rss_mb": round(peak, 1)}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mb"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -227,6 +241,8 @@ def build_optimizer(model: VLM, cfg: Config):
 
 def train(cfg: Config, resume: bool = False) -> Path:
     """Trains a run into cfg.train.output_dir and returns that directory."""
+    validate(cfg)
+    check_data_paths(cfg)  # before anything loads or is written
     t = cfg.train
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
@@ -246,7 +262,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         print(format_parameter_table(model.parameter_table()))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
-        data = load_split_features(cfg, cache, splits=("train", "val"))
+        data = load_split_features(cfg, cache, splits=("train", "val"), log_dir=run_dir if main else None)
     train_split, val_split = data["train"], data["val"]
     if not train_split.pairs:
         raise ValueError(f"no training pairs in {cfg.data.datasets}")
@@ -407,6 +423,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": running_n * t.batch_size * t.grad_accum * accelerator.num_processes
                     / max(elapsed, 1e-9),
+                    **memory_mb(),
                 }
                 log(record)
                 progress.set_postfix(loss=f"{record['train_loss']:.3f}")

@@ -21,6 +21,40 @@ SPLITS = ("train", "val", "test")
 FORMATS = ("coco", "karpathy", "flickr8k", "synthetic")
 
 
+class SkipReport:
+    """What the readers and the image decoder left out, and why.
+
+    Nothing is dropped silently: each entry names a file (and a line or record where there is one); the
+    caller prints one summary line and writes every entry to a log file (`write`).
+    """
+
+    def __init__(self):
+        self.entries: list[tuple[str, str, str]] = []  # (kind, where, why)
+
+    def add(self, kind: str, where: str, why: str) -> None:
+        self.entries.append((kind, where, why))
+
+    def extend(self, other: "SkipReport") -> None:
+        self.entries.extend(other.entries)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for kind, _, _ in self.entries:
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        return "skipped " + ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts().items()))
+
+    def write(self, path: str | Path) -> None:
+        with open(path, "w") as f:
+            for kind, where, why in self.entries:
+                f.write(f"{kind}\t{where}\t{why}\n")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 @dataclass
 class CaptionSample:
     image_id: str  # unique within a dataset, e.g. "coco:397133"
@@ -31,13 +65,20 @@ class CaptionSample:
 
 
 def load_captions(
-    spec: str, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+    spec: str,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    skipped: SkipReport | None = None,
 ) -> dict[str, list[CaptionSample]]:
     """spec is 'FORMAT:PATH'. Returns {'train': [...], 'val': [...], 'test': [...]}, each sorted by image_id.
 
     seed / val_fraction / test_fraction only matter where the format has no split of its own (COCO, and
-    Flickr8k images that no split file lists).
+    Flickr8k images that no split file lists). Entries left out (empty captions, captions of unlisted images)
+    go to `skipped`; without one, a warning says how many. Broken files raise ValueError naming file and line.
     """
+    report = SkipReport() if skipped is None else skipped
+    before = len(report)
     fmt, sep, path = spec.partition(":")
     if not sep or fmt not in FORMATS or not path:
         raise ValueError(f"bad dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
@@ -45,16 +86,19 @@ def load_captions(
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to <= 1")
     fractions = (seed, val_fraction, test_fraction)
     if fmt == "coco":
-        samples = _read_coco(_existing(path, spec), *fractions)
+        samples = _read_coco(_existing(path, spec), *fractions, report)
     elif fmt == "karpathy":
         json_path, image_root = _split_at(path)
-        samples = _read_karpathy(_existing(json_path, spec), _existing(image_root, spec) if image_root else None)
+        root = _existing(image_root, spec) if image_root else None
+        samples = _read_karpathy(_existing(json_path, spec), root, report)
     elif fmt == "flickr8k":
-        samples = _read_flickr8k(_existing(path, spec), *fractions)
+        samples = _read_flickr8k(_existing(path, spec), *fractions, report)
     else:  # synthetic: generated on first use; its splits are recorded in the json
         from .synthetic import ensure_world
 
-        samples = _read_karpathy(ensure_world(path), None)
+        samples = _read_karpathy(ensure_world(path), None, report)
+    if skipped is None and len(report) > before:
+        warnings.warn(f"{spec}: {report.summary()} (pass a SkipReport to see each)", stacklevel=2)
     out: dict[str, list[CaptionSample]] = {s: [] for s in SPLITS}
     for s in samples:
         out[s.split].append(s)
@@ -63,9 +107,25 @@ def load_captions(
     return out
 
 
+class ImageTooLarge(ValueError):
+    """More pixels than MAX_IMAGE_PIXELS: a decompression bomb, or a scan nobody meant to caption."""
+
+
+MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300; the largest COCO/Flickr images are ~0.3 MP
+
+
 def load_image(path) -> Image.Image:
-    """Decodes the whole file (so truncated files raise here, not later) and returns an RGB image."""
-    img = Image.open(path)
+    """Decodes the whole file (so truncated files raise here, not later) and returns an RGB image.
+
+    The size is checked from the header before any pixel is decoded (decompression-bomb guard).
+    """
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{path}: {e}") from e
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageTooLarge(f"{path}: {img.width}x{img.height} pixels exceeds the {MAX_IMAGE_PIXELS:,} pixel limit")
     try:
         img.load()  # a single-frame file is closed once loaded; a multi-frame one keeps its handle open
         if getattr(img, "n_frames", 1) > 1:
@@ -169,7 +229,18 @@ def _add(by_id: dict[str, CaptionSample], sample: CaptionSample) -> None:
 # ---------------------------------------------------------------------------------------------- COCO
 
 
-def _read_coco(path: Path, seed: int, val_fraction: float, test_fraction: float) -> list[CaptionSample]:
+def _read_json(path: Path, kind: str):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not a {kind} file (JSON error: {e.msg})") from e
+
+
+def _read_coco(
+    path: Path, seed: int, val_fraction: float, test_fraction: float, skipped: SkipReport
+) -> list[CaptionSample]:
     """COCO captions JSON(s); images in ROOT/<split>/<file_name> where the json is captions_<split>.json."""
     if path.is_dir():
         files = sorted((path / "annotations").glob("captions_*.json"))
@@ -181,26 +252,39 @@ def _read_coco(path: Path, seed: int, val_fraction: float, test_fraction: float)
     for f in files:
         folder = f.stem.removeprefix("captions_")
         image_dir = f.resolve().parent.parent / folder
+        data = _read_json(f, "COCO captions")
         try:
-            data = json.loads(f.read_text())
-            images = {im["id"]: im["file_name"] for im in data["images"]}  # duplicate entries collapse here
-            annotations = data["annotations"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            image_list, annotations = data["images"], data["annotations"]
+            if not isinstance(image_list, list) or not isinstance(annotations, list):
+                raise TypeError("'images' and 'annotations' must be lists")
+        except (KeyError, TypeError) as e:
             raise ValueError(f"{f}: not a COCO captions file ({type(e).__name__}: {e})") from e
-        captions: dict[int, list[str]] = {}
-        missing = 0
+        images: dict = {}
+        for i, im in enumerate(image_list):
+            try:
+                image_id, file_name = im["id"], im["file_name"]
+                hash(image_id)
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{f}: images[{i}] lacks id/file_name") from e
+            if not isinstance(file_name, str) or not file_name:
+                raise ValueError(f"{f}: images[{i}] has file_name {file_name!r}")
+            if images.get(image_id, file_name) != file_name:
+                raise ValueError(f"{f}: images[{i}]: id {image_id!r} is listed with two files, "
+                                 f"{images[image_id]!r} and {file_name!r}")  # fmt: skip
+            images[image_id] = file_name  # the same entry listed twice collapses
+        captions: dict = {}
         for i, ann in enumerate(annotations):
             try:
                 image_id, text = ann["image_id"], ann["caption"]
+                hash(image_id)
             except (KeyError, TypeError) as e:
-                raise ValueError(f"{f}: annotation {i} lacks image_id/caption") from e
+                raise ValueError(f"{f}: annotations[{i}] lacks image_id/caption") from e
             if image_id not in images:
-                missing += 1
-                continue
-            if isinstance(text, str) and text.strip():
+                skipped.add("captions of unlisted images", f"{f}:annotations[{i}]", f"image_id {image_id!r}")
+            elif not isinstance(text, str) or not text.strip():
+                skipped.add("empty captions", f"{f}:annotations[{i}]", f"caption {text!r}")
+            else:
                 captions.setdefault(image_id, []).append(text.strip())
-        if missing:
-            warnings.warn(f"{f}: skipped {missing} captions whose image_id is not listed in 'images'", stacklevel=3)
         for image_id, caps in captions.items():
             key = f"coco:{image_id}"
             split = hash_split(seed, key, val_fraction, test_fraction)
@@ -215,25 +299,35 @@ _KARPATHY_KEYS = {"filename", "filepath", "split", "sentences", "sentids", "imgi
 _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
-def _read_karpathy(path: Path, image_root: Path | None) -> list[CaptionSample]:
+def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> list[CaptionSample]:
     """Karpathy's split JSON (dataset_coco.json, dataset_flickr8k.json, ...), splits as recorded."""
+    data = _read_json(path, "Karpathy split")
     try:
-        data = json.loads(path.read_text())
         images = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(images, list):
+            raise TypeError("'images' must be a list")
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a Karpathy split file ({type(e).__name__}: {e})") from e
     name = data.get("dataset") or path.stem.removeprefix("dataset_")
     root = image_root if image_root is not None else path.parent
     by_id: dict[str, CaptionSample] = {}
     for i, im in enumerate(images):
         try:
-            filename, raw_split = im["filename"], im["split"]
-            sentences = im["sentences"]
+            filename, raw_split, sentences = im["filename"], im["split"], im["sentences"]
+            if not isinstance(filename, str) or not filename or not isinstance(sentences, list):
+                raise TypeError
+            hash(raw_split)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: images[{i}] lacks filename/split/sentences") from e
         if raw_split not in _KARPATHY_SPLITS:
             raise ValueError(f"{path}: images[{i}] has split {raw_split!r}, expected one of {sorted(_KARPATHY_SPLITS)}")
-        captions = [s["raw"].strip() for s in sentences if isinstance(s.get("raw"), str) and s["raw"].strip()]
+        captions = []
+        for j, sentence in enumerate(sentences):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if isinstance(raw, str) and raw.strip():
+                captions.append(raw.strip())
+            else:
+                skipped.add("empty captions", f"{path}:images[{i}].sentences[{j}]", f"raw {raw!r}")
         if not captions:
             continue
         key = f"{name}:{im['cocoid']}" if "cocoid" in im else f"{name}:{Path(filename).stem}"
@@ -250,7 +344,18 @@ _FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.d
                        "test": "Flickr_8k.testImages.txt"}  # fmt: skip
 
 
-def _read_flickr8k(root: Path, seed: int, val_fraction: float, test_fraction: float) -> list[CaptionSample]:
+def _text_lines(path: Path):
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 raises naming file and line."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[:60]!r})") from e
+
+
+def _read_flickr8k(
+    root: Path, seed: int, val_fraction: float, test_fraction: float, skipped: SkipReport
+) -> list[CaptionSample]:
     """Flickr8k.token.txt + the three split files; images no split file lists get a hash split."""
     text_dirs = [root, root / "Flickr8k_text"]  # the official text zip unpacks into Flickr8k_text/
     token_file = next((d / "Flickr8k.token.txt" for d in text_dirs if (d / "Flickr8k.token.txt").is_file()), None)
@@ -265,7 +370,7 @@ def _read_flickr8k(root: Path, seed: int, val_fraction: float, test_fraction: fl
         f = token_file.parent / fname
         if not f.is_file():
             continue
-        for line in f.read_text().splitlines():
+        for _, line in _text_lines(f):
             name = line.strip()
             if not name:
                 continue
@@ -274,18 +379,18 @@ def _read_flickr8k(root: Path, seed: int, val_fraction: float, test_fraction: fl
             split_of[name] = (split, f)
 
     captions: dict[str, list[str]] = {}
-    with open(token_file, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            head, tab, caption = line.partition("\t")
-            name, hash_, _ = head.rpartition("#")
-            if not tab or not hash_ or not name:
-                raise ValueError(f"{token_file}:{lineno}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r}")
-            caps = captions.setdefault(name, [])
-            if caption.strip():
-                caps.append(caption.strip())
+    for lineno, line in _text_lines(token_file):
+        if not line.strip():
+            continue
+        head, tab, caption = line.partition("\t")
+        name, hash_, _ = head.rpartition("#")
+        if not tab or not hash_ or not name.strip():
+            raise ValueError(f"{token_file}:{lineno}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r}")
+        caps = captions.setdefault(name, [])
+        if caption.strip():
+            caps.append(caption.strip())
+        else:
+            skipped.add("empty captions", f"{token_file}:{lineno}", repr(line[:80]))
 
     samples = []
     for name, caps in captions.items():

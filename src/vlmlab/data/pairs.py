@@ -6,13 +6,14 @@ Every human caption of an image is one training pair; the image's tokens are sto
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from .formats import CaptionSample, load_captions
+from .formats import CaptionSample, SkipReport, load_captions
 
 SPLITS = ("train", "val", "test")
 
@@ -44,7 +45,10 @@ def collate_pairs(batch):
     return torch.stack(tokens).float(), list(captions), torch.tensor(indices)
 
 
-def load_samples(cfg) -> dict[str, list[CaptionSample]]:
+SKIP_LOG = "skipped_inputs.log"
+
+
+def load_samples(cfg, skipped: SkipReport | None = None) -> dict[str, list[CaptionSample]]:
     """All data specs of a config merged per split, with the optional deterministic subsets applied."""
     from .synthetic import ensure_world
 
@@ -57,7 +61,7 @@ def load_samples(cfg) -> dict[str, list[CaptionSample]]:
                 seed=cfg.data.split_seed,
                 max_objects=cfg.data.synthetic_max_objects,
             )
-        for split, samples in load_captions(spec, seed=cfg.data.split_seed).items():
+        for split, samples in load_captions(spec, seed=cfg.data.split_seed, skipped=skipped).items():
             merged[split].extend(samples)
     limits = {"train": cfg.data.max_train_images, "val": cfg.data.max_eval_images, "test": cfg.data.max_eval_images}
     for split, limit in limits.items():
@@ -67,14 +71,28 @@ def load_samples(cfg) -> dict[str, list[CaptionSample]]:
     return merged
 
 
-def load_split_features(cfg, cache, splits=SPLITS) -> dict[str, SplitFeatures]:
-    """Samples -> cached image tokens -> caption pairs, per split. Unreadable images drop out here."""
-    samples = load_samples(cfg)
+def load_split_features(cfg, cache, splits=SPLITS, log_dir: str | Path | None = None) -> dict[str, SplitFeatures]:
+    """Samples -> cached image tokens -> caption pairs, per split. Unreadable images drop out here.
+
+    Whatever was left out (broken or missing images, empty captions, captions of unlisted images) is
+    counted in one warning line and listed with reasons in LOG_DIR/skipped_inputs.log.
+    """
+    report = SkipReport()
+    samples = load_samples(cfg, skipped=report)
     out = {}
     for split in splits:
         paths = [s.image_path for s in samples[split]]
-        features, kept = cache.features(paths, batch_size=cfg.train.feature_batch_size, desc=f"encoding {split} images")
+        features, kept = cache.features(
+            paths, batch_size=cfg.train.feature_batch_size, desc=f"encoding {split} images", skipped=report
+        )
         readable = [samples[split][i] for i in kept]
         pairs = [(row, c) for row, s in enumerate(readable) for c in s.captions]
         out[split] = SplitFeatures(readable, features, pairs)
+    if len(report):
+        where = ""
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            report.write(Path(log_dir) / SKIP_LOG)
+            where = f"; each listed in {Path(log_dir) / SKIP_LOG}"
+        warnings.warn(f"{' + '.join(cfg.data.datasets)}: {report.summary()}{where}", stacklevel=2)
     return out
