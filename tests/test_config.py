@@ -57,6 +57,13 @@ def test_lora_rank_zero_is_fine_when_lora_is_off():
     assert load_config(None, ["lm.lora.enabled=false", "lm.lora.r=0"]).lm.lora.r == 0
 
 
+def test_yaml_words_stay_words_in_overrides():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["lm.lora.enabled=false"]).lm.lora.enabled is False
+    with pytest.raises(ConfigError, match="lm.lora.enabled: expected true/false, got 'no'"):
+        load_config(None, ["lm.lora.enabled=no"])
+
+
 def test_parse_override_nests():
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 

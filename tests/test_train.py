@@ -146,7 +146,7 @@ def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gp
                               f"train.output_dir={tmp_path / 'c'}"))  # fmt: skip
 
     def numbers(run):
-        return [{k: v for k, v in json.loads(x).items() if k != "samples_per_s"}
+        return [{k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "rss_mb", "peak_rss_mb")}
                 for x in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
 
     assert numbers(runs[0]) == numbers(runs[1])
@@ -155,3 +155,24 @@ def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gp
     assert all(torch.equal(v, b.trainable_state_dict()[k]) for k, v in a.trainable_state_dict().items())
     images = [str(p) for p in sorted((tmp_path / "world" / "images").glob("*.png"))[:4]]
     assert a.caption(images) == b.caption(images)
+
+
+def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
+    """bf16 autocast reaches the forward pass on the CPU (numbers move a little, training still works);
+    fp16 has no CPU autocast here, so asking for it is refused rather than silently ignored."""
+    from vlmlab.config import ConfigError
+
+    from accelerate.state import AcceleratorState
+
+    def losses(name, precision):
+        AcceleratorState._reset_state()  # accelerate fixes the precision once per process; these are 3 runs in one
+        cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.log_every=1",
+                          f"train.mixed_precision={precision}", f"train.output_dir={tmp_path / name}")  # fmt: skip
+        run = train(cfg)
+        return [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+
+    full, half = losses("fp32", "no"), losses("bf16", "bf16")
+    assert full != half and half == pytest.approx(full, rel=1e-2)
+    with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
+        losses("fp16", "fp16")
+    AcceleratorState._reset_state()

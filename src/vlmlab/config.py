@@ -162,6 +162,8 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} must look like key.subkey=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means the word
     nested: dict = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -182,38 +184,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-# key -> allowed range as (low, high); a float bound in a list is exclusive: [0.0] means "> 0"
+_AT_LEAST_ONE = (
+    "connector.num_queries connector.depth connector.width connector.heads connector.ffn_mult "
+    "data.max_caption_tokens data.max_train_images data.max_eval_images data.synthetic_max_objects "
+    "train.batch_size train.grad_accum train.max_steps train.eval_every train.eval_batches train.save_every "
+    "train.log_every train.feature_batch_size generate.max_new_tokens generate.num_beams"
+).split()
+# key -> allowed range as (low, high); a bound in a list is exclusive: [0.0] means "> 0.0"
 _RANGES = {
+    **{key: (1, None) for key in _AT_LEAST_ONE},
     "vision.image_size": (16, None),
-    "connector.num_queries": (1, None),
-    "connector.depth": (1, None),
-    "connector.width": (1, None),
-    "connector.heads": (1, None),
-    "connector.ffn_mult": (1, None),
-    "connector.dropout": (0.0, [1.0]),
-    "lm.lora.alpha": ([0.0], None),
-    "lm.lora.dropout": (0.0, [1.0]),
-    "data.max_caption_tokens": (1, None),
-    "data.max_train_images": (1, None),
-    "data.max_eval_images": (1, None),
     "data.synthetic_images": (10, None),
-    "data.synthetic_max_objects": (1, None),
-    "train.batch_size": (1, None),
-    "train.grad_accum": (1, None),
-    "train.max_steps": (1, None),
+    "connector.dropout": (0.0, [1.0]),
+    "lm.lora.dropout": (0.0, [1.0]),
+    "lm.lora.alpha": ([0.0], None),
     "train.lr": ([0.0], None),
     "train.lora_lr": ([0.0], None),
-    "train.weight_decay": (0.0, None),
-    "train.warmup_steps": (0, None),
-    "train.grad_clip": (0.0, None),
-    "train.eval_every": (1, None),
-    "train.eval_batches": (1, None),
-    "train.save_every": (1, None),
-    "train.log_every": (1, None),
-    "train.feature_batch_size": (1, None),
-    "generate.max_new_tokens": (1, None),
-    "generate.num_beams": (1, None),
     "generate.repetition_penalty": ([0.0], None),
+    "train.weight_decay": (0.0, None),
+    "train.grad_clip": (0.0, None),
+    "train.warmup_steps": (0, None),
 }
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .config import Config, check_data_paths, save_config, validate
+from .config import Config, ConfigError, check_data_paths, save_config, validate
 from .data.pairs import CaptionPairs, SplitFeatures, collate_pairs, load_split_features
 from .features import FeatureCache
 from .language_model import cache_dir
@@ -250,6 +250,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not steps x processes
     )
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would silently train in float32: say so instead
+        raise ConfigError("train.mixed_precision = 'fp16' needs a GPU (fp16 autocast + loss scaling); "
+                          "on the CPU use 'bf16' or 'no'")  # fmt: skip
     set_seed(t.seed)
     run_dir = Path(t.output_dir)
     main = accelerator.is_main_process
@@ -451,7 +455,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Keeps the log records up to `step` (written before that checkpoint); rewritten atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line torn by the kill itself
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

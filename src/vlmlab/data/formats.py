@@ -238,6 +238,16 @@ def _read_json(path: Path, kind: str):
         raise ValueError(f"{path}:{e.lineno}: not a {kind} file (JSON error: {e.msg})") from e
 
 
+def _fields(record, keys: tuple[str, ...], where: str) -> tuple:
+    """The named fields of one JSON record, the first hashable (an id or a split name), or ValueError naming it."""
+    try:
+        values = tuple(record[k] for k in keys)
+        hash(values[0])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where} lacks {'/'.join(keys)}") from e
+    return values
+
+
 def _read_coco(
     path: Path, seed: int, val_fraction: float, test_fraction: float, skipped: SkipReport
 ) -> list[CaptionSample]:
@@ -261,11 +271,7 @@ def _read_coco(
             raise ValueError(f"{f}: not a COCO captions file ({type(e).__name__}: {e})") from e
         images: dict = {}
         for i, im in enumerate(image_list):
-            try:
-                image_id, file_name = im["id"], im["file_name"]
-                hash(image_id)
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{f}: images[{i}] lacks id/file_name") from e
+            image_id, file_name = _fields(im, ("id", "file_name"), f"{f}: images[{i}]")
             if not isinstance(file_name, str) or not file_name:
                 raise ValueError(f"{f}: images[{i}] has file_name {file_name!r}")
             if images.get(image_id, file_name) != file_name:
@@ -274,11 +280,7 @@ def _read_coco(
             images[image_id] = file_name  # the same entry listed twice collapses
         captions: dict = {}
         for i, ann in enumerate(annotations):
-            try:
-                image_id, text = ann["image_id"], ann["caption"]
-                hash(image_id)
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{f}: annotations[{i}] lacks image_id/caption") from e
+            image_id, text = _fields(ann, ("image_id", "caption"), f"{f}: annotations[{i}]")
             if image_id not in images:
                 skipped.add("captions of unlisted images", f"{f}:annotations[{i}]", f"image_id {image_id!r}")
             elif not isinstance(text, str) or not text.strip():
@@ -312,13 +314,9 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
     root = image_root if image_root is not None else path.parent
     by_id: dict[str, CaptionSample] = {}
     for i, im in enumerate(images):
-        try:
-            filename, raw_split, sentences = im["filename"], im["split"], im["sentences"]
-            if not isinstance(filename, str) or not filename or not isinstance(sentences, list):
-                raise TypeError
-            hash(raw_split)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: images[{i}] lacks filename/split/sentences") from e
+        raw_split, filename, sentences = _fields(im, ("split", "filename", "sentences"), f"{path}: images[{i}]")
+        if not isinstance(filename, str) or not filename or not isinstance(sentences, list):
+            raise ValueError(f"{path}: images[{i}] needs a file name and a list of sentences")
         if raw_split not in _KARPATHY_SPLITS:
             raise ValueError(f"{path}: images[{i}] has split {raw_split!r}, expected one of {sorted(_KARPATHY_SPLITS)}")
         captions = []
