@@ -143,3 +143,30 @@ def test_ensure_world_generates_once(tmp_path):
 def test_sample_scene_rejects_bad_max_objects():
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(random.Random(0), max_objects=0)
+
+
+def test_attribute_scoring_reads_back_every_true_caption_and_flags_each_wrong_attribute():
+    import random
+    from dataclasses import asdict
+
+    from vlmlab.data.synthetic import ATTRIBUTES, attribute_correct, describe_scene, sample_scene
+
+    rng = random.Random(0)
+    for _ in range(300):
+        objects = sample_scene(rng, max_objects=3)
+        truth = [asdict(o) for o in objects]
+        assert all(attribute_correct(describe_scene(objects, rng), truth).values())
+    one = [{"colour": "red", "shape": "circle", "size": "large", "position": "top left"}]
+    wrong = {
+        "colour": "a large blue circle at the top left.",
+        "shape": "a large red square at the top left.",
+        "size": "a small red circle at the top left.",
+        "position": "a large red circle at the top.",  # "at the top" is not "at the top left"
+        "count": "a large red circle at the top left and a large red circle at the top left.",
+    }
+    for attribute, caption in wrong.items():
+        verdict = attribute_correct(caption, one)
+        assert not verdict[attribute], (attribute, verdict)
+        if attribute != "count":  # a second object also doubles every other multiset
+            assert all(verdict[a] for a in ATTRIBUTES if a not in (attribute, "count")), (attribute, verdict)
+    assert not any(attribute_correct("", one)[a] for a in ATTRIBUTES)

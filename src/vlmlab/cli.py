@@ -51,6 +51,15 @@ def cmd_eval(args) -> None:
     )
 
 
+def cmd_ablate(args) -> None:
+    from .ablate import load_suite, run_suite
+
+    suite = load_suite(args.suite)
+    if args.seeds:
+        suite.seeds = [int(x) for x in args.seeds.split(",")]
+    run_suite(suite, args.out_dir, only=args.only.split(",") if args.only else None)
+
+
 def cmd_caption(args) -> None:
     from .train import load_run
 
@@ -133,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
     p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ablate", help="train and evaluate every variant of a suite x seeds; tables and plots")
+    p.add_argument("suite", help="a suite YAML file, or a built-in suite: roles (synthetic world), roles-photos")
+    p.add_argument("--out-dir", default=None, help="default: runs/ablate/<suite name>")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the suite's, e.g. 0,1,2")
+    p.add_argument("--only", default=None, help="comma-separated variants to run (the rest are left as they are)")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")
     with_config(p, required=False)

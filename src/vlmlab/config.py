@@ -156,6 +156,19 @@ def _merge(obj, updates: dict, prefix: str = "") -> None:
             setattr(obj, name, _check_value(key, value, hints[name]))
 
 
+def apply_settings(cfg: Config, settings: dict) -> Config:
+    """{'connector.type': 'mlp', ...} on top of cfg (in place), checked like a YAML file; returns cfg."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"settings must map dotted keys to values, got {settings!r}")
+    for key, value in settings.items():
+        nested = value
+        for part in reversed(str(key).split(".")):
+            nested = {part: nested}
+        _merge(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
 def parse_override(text: str) -> dict:
     """'train.lr=3e-4' -> {'train': {'lr': 0.0003}}; the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:

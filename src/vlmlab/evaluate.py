@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner, applicable_baselines, ensure_baseline
 from .contact_sheet import contact_sheet
+from .data.synthetic import ATTRIBUTES, attribute_correct
 from .data.pairs import SplitFeatures, load_split_features
 from .features import FeatureCache
 from .language_model import cache_dir
@@ -47,6 +48,7 @@ TABLE_COLUMNS = [
     ("distinct captions", "distinct_share"),
     ("changed by swap", "swap_changed_share"),
 ]
+ATTRIBUTE_COLUMNS = [(f"{a} correct", f"attr_{a}") for a in ATTRIBUTES]  # synthetic world only
 RETRIEVAL_KS = (1, 3, 5, 10, 20)
 BASELINE_LABELS = {"blind": "blind LM", "frozen_connector": "frozen connector"}
 
@@ -70,6 +72,7 @@ def score_captions(split: SplitFeatures, captions: list[str], swapped: list[str]
     result = caption_metrics(refs, cands, use_java=use_java)
     deranged_refs = {str(i): split.samples[order[i]].captions for i in range(n)}
     result["cider_deranged"] = caption_metrics(deranged_refs, cands, use_java=use_java, meteor=False)["CIDEr-D"]
+    result.update(attribute_scores(split, captions))
     result["distinct_share"] = len(set(captions)) / n
     result["swap_changed_share"] = sum(a != b for a, b in zip(captions, swapped)) / n
     result["images"] = n
@@ -78,6 +81,15 @@ def score_captions(split: SplitFeatures, captions: list[str], swapped: list[str]
         for s, c, w in zip(split.samples, captions, swapped)
     ]
     return result
+
+
+def attribute_scores(split: SplitFeatures, captions: list[str]) -> dict:
+    """Synthetic world: per attribute, the share of images whose caption names exactly the true colours,
+    shapes, sizes, positions and object count. {} for data without known scene contents."""
+    if not split.samples or not all("objects" in s.meta for s in split.samples):
+        return {}
+    correct = [attribute_correct(c, s.meta["objects"]) for s, c in zip(split.samples, captions)]
+    return {f"attr_{a}": sum(c[a] for c in correct) / len(correct) for a in ATTRIBUTES}
 
 
 def nll_probes(model, split: SplitFeatures, batch_size: int, order: list[int]) -> dict:
@@ -146,11 +158,12 @@ def choose_retrieval_k(train: SplitFeatures, val: SplitFeatures, ks=RETRIEVAL_KS
 
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table: one row per evaluated captioner, the columns of TABLE_COLUMNS."""
-    header = "| run | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |"
-    lines = [header, "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
+    columns = TABLE_COLUMNS + [c for c in ATTRIBUTE_COLUMNS if any(c[1] in r for r in rows.values())]
+    header = "| run | " + " | ".join(name for name, _ in columns) + " |"
+    lines = [header, "|" + " --- |" * (len(columns) + 1)]
     for run, r in rows.items():
         cells = []
-        for _, key in TABLE_COLUMNS:
+        for _, key in columns:
             value = r.get(key)
             cells.append("n/a" if value is None else f"{value:.3f}")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")

@@ -263,7 +263,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     model = build_vlm(cfg)
     if main:
-        print(format_parameter_table(model.parameter_table()))
+        table = model.parameter_table()
+        print(format_parameter_table(table))
+        info = {"total_params": sum(t for _, t, _ in table), "trainable_params": sum(t for _, _, t in table),
+                "visual_tokens": 0 if model.blind else model.connector.num_visual_tokens}  # fmt: skip
+        (run_dir / "model_info.json").write_text(json.dumps(info))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
         data = load_split_features(cfg, cache, splits=("train", "val"), log_dir=run_dir if main else None)

@@ -112,6 +112,32 @@ def scene_captions(objects: list[SceneObject], rng: random.Random, n: int = 3) -
     return [describe_scene(objects, rng, t) for t in rng.sample(range(len(TEMPLATES)), n)]
 
 
+# longest phrases first, so "at the top left" is not read as "at the top"
+_PLACE_PATTERN = re.compile("|".join(re.escape(_PLACE[p]) for p in sorted(POSITIONS, key=lambda p: -len(_PLACE[p]))))
+_WORD = {kind: re.compile(r"\b(" + "|".join(words) + r")\b") for kind, words in
+         (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES))}  # fmt: skip
+ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+
+
+def caption_attributes(caption: str) -> dict:
+    """What a caption claims about the scene: the multiset of colours, shapes, sizes and positions it names,
+    and how many objects (shape words) it names. Words outside the world's vocabulary are ignored."""
+    text = caption.lower()
+    out = {kind: sorted(m.group(1) for m in pattern.finditer(text)) for kind, pattern in _WORD.items()}
+    by_phrase = {phrase: p for p, phrase in _PLACE.items()}
+    out["position"] = sorted(by_phrase[m.group(0)] for m in _PLACE_PATTERN.finditer(text))
+    out["count"] = len(out["shape"])
+    return out
+
+
+def attribute_correct(caption: str, objects: list[dict]) -> dict[str, bool]:
+    """Per attribute, whether the caption names exactly the scene's values (as multisets; count as a number)."""
+    claimed = caption_attributes(caption)
+    truth = {kind: sorted(o[kind] for o in objects) for kind in ("colour", "shape", "size", "position")}
+    truth["count"] = len(objects)
+    return {kind: claimed[kind] == truth[kind] for kind in ATTRIBUTES}
+
+
 def generate_world(
     out_dir,
     n_images: int = 2000,

@@ -1,0 +1,203 @@
+"""Controlled ablations: one base config, variants that each flip a few keys, N seeds each.
+
+`vlmlab ablate SUITE` trains every (variant, seed) into OUT/<variant>/seed<k>/, evaluates each on the same
+split with `vlmlab eval`'s code (no baselines: the variants are each other's baselines), and writes
+OUT/results.csv (one row per run), OUT/results.md (mean +- std over seeds) and plots. Finished runs and
+evaluations are skipped on a rerun, so an interrupted suite continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .baselines import finished_step, stale_keys
+from .config import Config, ConfigError, apply_settings, load_config
+
+BUILTIN_SUITES = {"roles": "roles.yaml", "roles-photos": "roles_photos.yaml"}
+SUITE_DIR = Path(__file__).parent / "suites"
+# (column, key in eval.json's model row, higher is better)
+MAIN_METRICS = [
+    ("CIDEr-D", "CIDEr-D", True),
+    ("BLEU-4", "BLEU-4", True),
+    ("NLL true", "nll_true", False),
+    ("visual gain", "visual_information_gain", True),
+    ("changed by swap", "swap_changed_share", True),
+]
+ATTRIBUTE_METRICS = [(f"{a} correct", f"attr_{a}", True) for a in ("colour", "shape", "size", "position", "count")]
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    base: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    variants: dict[str, dict] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    split: str = "test"
+    contact_images: int = 8
+
+    def config(self, variant: str, seed: int, out_dir: Path) -> Config:
+        """The base config, the suite's overrides, the variant's settings, then seed and output dir."""
+        base = None if self.base is None else (self.path.parent / self.base).resolve()
+        try:
+            cfg = load_config(base, self.overrides)
+            apply_settings(cfg, self.variants[variant] or {})
+            apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(out_dir / variant / f"seed{seed}")})
+        except ConfigError as e:
+            raise ConfigError(f"suite {self.name!r}, variant {variant!r}: {e}") from e
+        return cfg
+
+
+def load_suite(spec: str) -> Suite:
+    """A suite file, or the name of a built-in suite (BUILTIN_SUITES)."""
+    path = SUITE_DIR / BUILTIN_SUITES[spec] if spec in BUILTIN_SUITES else Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"no suite {spec!r}: give a suite YAML file or one of {sorted(BUILTIN_SUITES)}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    allowed = {"name", "base", "overrides", "variants", "seeds", "split", "contact_images"}
+    if not isinstance(tree, dict) or set(tree) - allowed:
+        raise ConfigError(f"{path}: a suite is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
+    if not isinstance(tree.get("variants"), dict) or not tree["variants"]:
+        raise ConfigError(f"{path}: 'variants' must map variant names to {{dotted.key: value}} settings")
+    suite = Suite(path=path, **{"name": path.stem, **tree})
+    if not suite.seeds or not all(isinstance(s, int) for s in suite.seeds):
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")
+    for variant in suite.variants:  # every variant's config is checked before anything trains
+        suite.config(variant, suite.seeds[0], Path("."))
+    return suite
+
+
+def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] | None = None) -> Path:
+    """Trains and evaluates what is missing, then writes the results; returns the output folder."""
+    from accelerate.state import AcceleratorState
+
+    from .evaluate import evaluate_run
+    from .train import train
+
+    out = Path(out_dir or Path("runs") / "ablate" / suite.name)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in suite.variants if not only or v in only]
+    if only and set(only) - set(suite.variants):
+        raise ConfigError(f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}")
+    for variant in variants:
+        for seed in suite.seeds:
+            cfg = suite.config(variant, seed, out)
+            run_dir = Path(cfg.train.output_dir)
+            label = f"[{suite.name}] {variant}, seed {seed}"
+            if finished_step(run_dir) == cfg.train.max_steps and stale_keys(cfg, run_dir) == []:
+                print(f"{label}: trained already ({run_dir})")
+            else:
+                changed = stale_keys(cfg, run_dir)
+                if changed:
+                    raise ConfigError(f"{run_dir} holds a run with another config (differs in {changed}); "
+                                      "move it away or use another output folder")  # fmt: skip
+                print(f"{label}: training into {run_dir}")
+                AcceleratorState._reset_state()  # each run builds its own Accelerator
+                train(cfg, resume=True)
+            evaluated = run_dir / "eval.json"
+            if not evaluated.exists() or evaluated.stat().st_mtime < (run_dir / "checkpoint").stat().st_mtime:
+                evaluate_run(run_dir, split=suite.split, baselines=False, contact_images=suite.contact_images)
+            gc.collect()
+    write_results(suite, out, variants)
+    return out
+
+
+def collect(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
+    """One record per finished, evaluated run: variant, seed, parameter counts, visual tokens, every metric."""
+    records = []
+    for variant in variants:
+        for seed in suite.seeds:
+            run_dir = out / variant / f"seed{seed}"
+            if not (run_dir / "eval.json").exists():
+                continue
+            result = json.loads((run_dir / "eval.json").read_text())
+            (row,) = [r for name, r in result["rows"].items() if name.startswith("model")]
+            info = json.loads((run_dir / "model_info.json").read_text()) if (run_dir / "model_info.json").exists() else {}
+            metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            records.append({"variant": variant, "seed": seed, **info, **metrics, "val_curve": _val_curve(run_dir)})
+    return records
+
+
+def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
+    records = collect(suite, out, variants)
+    if not records:
+        return records
+    metrics = MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if any(m[1] in r for r in records)]
+    keys = ["variant", "seed", "trainable_params", "visual_tokens"] + [key for _, key, _ in metrics]
+    extra = sorted({k for r in records for k in r} - set(keys) - {"val_curve"})
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + extra, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+    lines = [f"# {suite.name}: {suite.split} split, mean +- std over seeds {suite.seeds}", "",
+             "| variant | seeds | trainable params | visual tokens | " + " | ".join(n for n, _, _ in metrics) + " |",
+             "|" + " --- |" * (len(metrics) + 4)]  # fmt: skip
+    for variant in variants:
+        rows = [r for r in records if r["variant"] == variant]
+        if not rows:
+            continue
+        cells = []
+        for _, key, _ in metrics:
+            values = [r[key] for r in rows if key in r]
+            cells.append("n/a" if not values else "{:.3f} +- {:.3f}".format(*_mean_std(values)))
+        params = rows[0].get("trainable_params")
+        tokens = rows[0].get("visual_tokens")
+        lines.append(f"| {variant} | {len(rows)} | {params:,} | {tokens} | " if params is not None else f"| {variant} | {len(rows)} | n/a | n/a | ")
+        lines[-1] += " | ".join(cells) + " |"
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_results(records, metrics, variants, out)
+    print("\n".join(lines))
+    return records
+
+
+def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -> None:
+    """One bar chart per metric (mean, error bar = std over seeds) and the validation-loss curves overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [v for v in variants if any(r["variant"] == v for r in records)]
+    for name, key, higher in metrics:
+        stats = [_mean_std([r[key] for r in records if r["variant"] == v and key in r] or [float("nan")]) for v in present]
+        fig, ax = plt.subplots(figsize=(1.1 * len(present) + 2, 3.6))
+        ax.bar(range(len(present)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(present)), present, rotation=30, ha="right")
+        ax.set_ylabel(name + (" (higher is better)" if higher else " (lower is better)"))
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"bar_{key.replace('-', '_')}.png", dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for v in present:
+        curves = [r["val_curve"] for r in records if r["variant"] == v and r["val_curve"]]
+        if not curves:
+            continue
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
+        ax.plot(steps, mean, "o-", label=v, markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation caption NLL per token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=100)
+    plt.close(fig)
