@@ -60,6 +60,16 @@ def cmd_ablate(args) -> None:
     run_suite(suite, args.out_dir, only=args.only.split(",") if args.only else None)
 
 
+def cmd_inspect(args) -> None:
+    from .qformer_inspect import inspect_run
+
+    png, result = inspect_run(args.run_dir, args.image, args.out_dir, args.top_k, args.layer)
+    print(f"caption: {result.caption}")
+    for q, tokens in enumerate(result.nearest):
+        print(f"visual token {q:2d}: " + "  ".join(f"{t!r} {c:.2f}" for t, c in tokens))
+    print(f"heat maps: {png}")
+
+
 def cmd_caption(args) -> None:
     from .train import load_run
 
@@ -149,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the suite's, e.g. 0,1,2")
     p.add_argument("--only", default=None, help="comma-separated variants to run (the rest are left as they are)")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("inspect", help="Q-Former cross-attention heat maps and nearest vocabulary tokens for an image")
+    p.add_argument("run_dir")
+    p.add_argument("image")
+    p.add_argument("--out-dir", default=None, help="default: RUN_DIR/inspect")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--layer", type=int, default=-1, help="which Q-Former layer's attention to draw (-1: the last)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")
     with_config(p, required=False)
