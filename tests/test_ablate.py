@@ -1,8 +1,13 @@
 """`vlmlab ablate`: a tiny two-variant, two-seed suite runs, tabulates, plots, and is skipped on a rerun."""
 
 import csv
+import os
+import shutil
+import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
 import yaml
 
 from test_train import tiny_config
@@ -29,8 +34,12 @@ def test_a_bad_variant_is_refused_before_anything_trains(tmp_path):
         load_suite(str(tmp_path / "t.yaml"))
 
 
-def test_tiny_suite_end_to_end(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
-    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
+    """Two variants x two seeds of a tiny model, trained and evaluated once for this module's tests."""
+    tmp_path = tmp_path_factory.mktemp("suite")
+    old = os.environ.get("VLMLAB_CACHE")
+    os.environ["VLMLAB_CACHE"] = str(tmp_path / "cache")
     base = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=2",
                        "generate.max_new_tokens=6")  # fmt: skip
     save_config(base, tmp_path / "base.yaml")
@@ -40,15 +49,22 @@ def test_tiny_suite_end_to_end(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypat
         "variants": {"qformer": {}, "meanpool": {"connector.type": "meanpool", "connector.num_queries": 2}},
     }))  # fmt: skip
     out = run_suite(load_suite(str(suite_file)), tmp_path / "out")
+    yield suite_file, out
+    if old is None:
+        del os.environ["VLMLAB_CACHE"]
+    else:
+        os.environ["VLMLAB_CACHE"] = old
 
+
+def test_tiny_suite_end_to_end(tiny_suite):
+    suite_file, out = tiny_suite
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted((r["variant"], r["seed"]) for r in rows) == [("meanpool", "0"), ("meanpool", "1"), ("qformer", "0"), ("qformer", "1")]
     tokens = {r["variant"]: r["visual_tokens"] for r in rows}
     assert tokens == {"qformer": "4", "meanpool": "2"}
     assert all(0 <= float(r["attr_colour"]) <= 1 for r in rows)  # synthetic world: attribute scores present
-    seeds = [r["CIDEr-D"] for r in rows if r["variant"] == "qformer"]
-    assert seeds[0] != seeds[1] or [r["nll_true"] for r in rows if r["variant"] == "qformer"][0] != [
-        r["nll_true"] for r in rows if r["variant"] == "qformer"][1]  # the seeds are different runs  # fmt: skip
+    first, second = [r for r in rows if r["variant"] == "qformer"]
+    assert (first["CIDEr-D"], first["nll_true"]) != (second["CIDEr-D"], second["nll_true"])  # two seeds, two runs
     table = (out / "results.md").read_text()
     assert "| qformer | 2 |" in table and "+-" in table and "colour correct" in table
     for name in ("bar_CIDEr_D.png", "bar_nll_true.png", "bar_attr_position.png", "val_loss.png"):
@@ -57,6 +73,33 @@ def test_tiny_suite_end_to_end(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypat
     # a rerun trains and evaluates nothing again
     stamps = {p: p.stat().st_mtime for p in out.glob("*/seed*/checkpoint/trainable.safetensors")}
     evals = {p: p.stat().st_mtime for p in out.glob("*/seed*/eval.json")}
-    run_suite(load_suite(str(suite_file)), tmp_path / "out")
+    run_suite(load_suite(str(suite_file)), out)
     assert stamps == {p: p.stat().st_mtime for p in out.glob("*/seed*/checkpoint/trainable.safetensors")}
     assert evals == {p: p.stat().st_mtime for p in out.glob("*/seed*/eval.json")}
+
+
+def test_report_is_one_self_contained_page_that_renders_in_headless_chromium(tiny_suite, tmp_path):
+    from vlmlab.report import build_report
+
+    _, out = tiny_suite
+    page = build_report(out, inspect_images=1)
+    text = page.read_text()
+    assert "src=\"data:image/png;base64," in text and "src=\"http" not in text and "file:" not in text
+    for needle in ("What the model is made of", "connector.type: meanpool", "colour correct", "qformer", "meanpool"):
+        assert needle in text, needle
+    assert (out / "qformer" / "seed0" / "inspect").is_dir()  # attention maps drawn for the Q-Former variant
+    assert not (out / "meanpool" / "seed0" / "inspect").exists()  # none for a connector without queries
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed: apt-get install chromium")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120).stdout  # fmt: skip
+    images = text.count("<img ")
+    assert f'data-images-loaded="{images}/{images}"' in dom, dom[-500:]  # every inline image decoded
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (2400, 1200) and pixels.std() > 10  # not a blank page
+    shutil.copy(shot, out / "report_screenshot.png")

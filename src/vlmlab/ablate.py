@@ -43,6 +43,7 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0])
     split: str = "test"
     contact_images: int = 8
+    descriptions: dict[str, str] = field(default_factory=dict)  # variant -> what it tests (for the report)
 
     def config(self, variant: str, seed: int, out_dir: Path) -> Config:
         """The base config, the suite's overrides, the variant's settings, then seed and output dir."""
@@ -62,7 +63,7 @@ def load_suite(spec: str) -> Suite:
     if not path.is_file():
         raise ConfigError(f"no suite {spec!r}: give a suite YAML file or one of {sorted(BUILTIN_SUITES)}")
     tree = yaml.safe_load(path.read_text()) or {}
-    allowed = {"name", "base", "overrides", "variants", "seeds", "split", "contact_images"}
+    allowed = {"name", "base", "overrides", "variants", "seeds", "split", "contact_images", "descriptions"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a suite is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     if not isinstance(tree.get("variants"), dict) or not tree["variants"]:
@@ -85,6 +86,9 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
     out = Path(out_dir or Path("runs") / "ablate" / suite.name)
     out.mkdir(parents=True, exist_ok=True)
     variants = [v for v in suite.variants if not only or v in only]
+    described = {"name": suite.name, "split": suite.split, "seeds": suite.seeds, "variants": suite.variants,
+                 "descriptions": suite.descriptions, "base": suite.base, "overrides": suite.overrides}  # fmt: skip
+    (out / "suite.json").write_text(json.dumps(described, indent=1))
     if only and set(only) - set(suite.variants):
         raise ConfigError(f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}")
     for variant in variants:

@@ -70,6 +70,12 @@ def cmd_inspect(args) -> None:
     print(f"heat maps: {png}")
 
 
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    print(f"report: {build_report(args.runs_dir, args.out, args.inspect_images)}")
+
+
 def cmd_caption(args) -> None:
     from .train import load_run
 
@@ -167,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--layer", type=int, default=-1, help="which Q-Former layer's attention to draw (-1: the last)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("report", help="one self-contained HTML page from an ablation suite's folder")
+    p.add_argument("runs_dir", help="the folder `vlmlab ablate` wrote (results.csv, one folder per variant)")
+    p.add_argument("--out", default=None, help="default: RUNS_DIR/report.html")
+    p.add_argument("--inspect-images", type=int, default=2, help="attention maps per Q-Former variant")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")
     with_config(p, required=False)

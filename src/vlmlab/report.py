@@ -1,0 +1,169 @@
+"""`vlmlab report RUNS_DIR`: one self-contained HTML page (images inline) from an ablation suite's folder.
+
+It explains the model's parts, then shows the results table, the plots, and per variant a contact sheet
+(test images with references and captions) and, for Q-Former variants, where each query looks.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+from .ablate import ATTRIBUTE_METRICS, MAIN_METRICS, _mean_std
+
+PARTS = [
+    ("vision encoder (frozen)", "turns the picture into a grid of image tokens (EfficientNet-Lite0: 7x7 = 49 "
+     "vectors of 1280 numbers). It never changes; its outputs are cached."),
+    ("connector (trainable)", "turns image tokens into a few visual tokens, vectors the LLM reads as if they were "
+     "words. The Q-Former does it with learnable queries that attend to the image grid; meanpool averages the grid "
+     "first (no spatial detail); linear/mlp map every image token on its own (LLaVA: many visual tokens)."),
+    ("language model (frozen) + LoRA (trainable)", "reads [visual tokens][prompt] and writes the caption. LoRA adds "
+     "small low-rank updates to its attention so it learns to use the visual tokens; without LoRA only the "
+     "connector can adapt."),
+]  # fmt: skip
+SWITCH_MEANING = {
+    "connector.type": "which connector makes the visual tokens",
+    "connector.num_queries": "how many visual tokens the Q-Former makes (its capacity)",
+    "connector.freeze": "connector left at its random initialisation: the image still flows in, but unlearned",
+    "lm.lora.enabled": "whether the LLM may adapt at all (false: only the connector learns)",
+    "connector.depth": "Q-Former layers",
+}
+METRIC_MEANING = {
+    "CIDEr-D": "agreement with the human (or generated) references; higher is better",
+    "BLEU-4": "4-gram overlap with the references; higher is better",
+    "NLL true": "caption negative log-likelihood per token with the true image; lower is better",
+    "visual gain": "NLL with another image minus NLL with the true one: nats per token the image is worth",
+    "changed by swap": "share of captions that change when the image is swapped for another",
+}
+
+
+def _img(path: Path, alt: str, width: str = "100%") -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" style="max-width:{width}">'
+
+
+def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_images: int = 2) -> Path:
+    """Writes RUNS_DIR/report.html; returns its path. Draws missing attention maps (Q-Former variants)."""
+    runs_dir = Path(runs_dir)
+    if not (runs_dir / "results.csv").exists():
+        raise FileNotFoundError(f"{runs_dir} has no results.csv: run `vlmlab ablate SUITE --out-dir {runs_dir}` first")
+    rows = list(csv.DictReader(open(runs_dir / "results.csv")))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    suite = {}
+    if (runs_dir / "suite.json").exists():
+        suite = json.loads((runs_dir / "suite.json").read_text())
+    title = f"vlmlab ablation report: {suite.get('name', runs_dir.name)}"
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts.append("<h2>What the model is made of</h2><ol>" + "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in PARTS) + "</ol>")  # fmt: skip
+    parts.append("<h2>The variants</h2><p>Each variant changes only the settings shown; everything else "
+                 "(data, steps, seed list, decoding) is the same.</p><table><tr><th>variant</th><th>settings</th>"
+                 "<th>what it tests</th></tr>")  # fmt: skip
+    for v in variants:
+        settings = suite.get("variants", {}).get(v) or {}
+        shown = ", ".join(f"{k}: {val}" for k, val in settings.items()) or "(the reference)"
+        meaning = suite.get("descriptions", {}).get(v) or "; ".join(SWITCH_MEANING.get(k, k) for k in settings) or "the reference model"
+        parts.append(f"<tr><td>{html.escape(v)}</td><td><code>{html.escape(shown)}</code></td><td>{html.escape(meaning)}</td></tr>")
+    parts.append("</table>")
+
+    metrics = MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if rows and m[1] in rows[0]]
+    seeds = sorted({r["seed"] for r in rows})
+    parts.append(f"<h2>Results: {html.escape(suite.get('split', 'test'))} split, mean &plusmn; std over seeds "
+                 f"{', '.join(seeds)}</h2><table class='results'><tr><th>variant</th><th>runs</th><th>trainable params</th>"
+                 "<th>visual tokens</th>" + "".join(f"<th title='{html.escape(METRIC_MEANING.get(n, ''))}'>{html.escape(n)}</th>"
+                 for n, _, _ in metrics) + "</tr>")  # fmt: skip
+    for v in variants:
+        vr = [r for r in rows if r["variant"] == v]
+        cells = []
+        for _, key, _ in metrics:
+            values = [float(r[key]) for r in vr if r.get(key) not in (None, "")]
+            cells.append("n/a" if not values else "{:.3f} &plusmn; {:.3f}".format(*_mean_std(values)))
+        params = vr[0].get("trainable_params") or "n/a"
+        params = f"{int(params):,}" if params.isdigit() else params
+        parts.append(f"<tr><td>{html.escape(v)}</td><td>{len(vr)}</td><td>{params}</td><td>{vr[0].get('visual_tokens', '')}</td>"
+                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")  # fmt: skip
+    parts.append("</table><ul>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(t)}</li>"
+                                          for n, t in _metric_legend(metrics)) + "</ul>")  # fmt: skip
+
+    parts.append("<h2>Plots</h2><div class='grid'>")
+    for _, key, _ in metrics:
+        png = runs_dir / f"bar_{key.replace('-', '_')}.png"
+        if png.exists():
+            parts.append(_img(png, f"bar chart of {key}"))
+    parts.append("</div>")
+    if (runs_dir / "val_loss.png").exists():
+        parts.append("<h3>Validation loss during training</h3>" + _img(runs_dir / "val_loss.png", "validation loss curves", "760px"))
+
+    parts.append("<h2>Per variant: captions and what the queries look at</h2>")
+    for v in variants:
+        run = runs_dir / v / f"seed{sorted(int(s) for s in seeds)[0]}"
+        parts.append(f"<h3 id='{html.escape(v)}'>{html.escape(v)}</h3>")
+        if (run / "contact_sheet.png").exists():
+            parts.append("<p>Test images: a reference caption (grey), the model's caption (bold), and its caption "
+                         "when given another image.</p>" + _img(run / "contact_sheet.png", f"contact sheet {v}"))  # fmt: skip
+        for png in _attention_maps(run, inspect_images):
+            parts.append("<p>Each panel: one query's cross-attention over the image grid (bright = attended), titled "
+                         "with the vocabulary tokens nearest to the visual token it becomes.</p>" + _img(png, f"attention {v}"))  # fmt: skip
+    parts.append("<h2>Reproduce</h2><pre>vlmlab ablate SUITE --out-dir " + html.escape(str(runs_dir))
+                 + "\nvlmlab report " + html.escape(str(runs_dir)) + "</pre>")  # fmt: skip
+
+    page = HTML_PAGE.format(title=html.escape(title), body="\n".join(parts))
+    out = Path(out or runs_dir / "report.html")
+    out.write_text(page)
+    return out
+
+
+def _metric_legend(metrics) -> list[tuple[str, str]]:
+    return [(n, METRIC_MEANING.get(n, "share of test captions that name exactly the true value(s); higher is better"))
+            for n, _, _ in metrics]  # fmt: skip
+
+
+def _attention_maps(run: Path, count: int) -> list[Path]:
+    """The run's attention-map pictures for its first `count` test images, drawn now if missing (Q-Former only)."""
+    if count <= 0 or not (run / "eval.json").exists():
+        return []
+    from .config import load_config
+
+    if load_config(run / "config.yaml").connector.type != "qformer":
+        return []
+    result = json.loads((run / "eval.json").read_text())
+    (row,) = [r for name, r in result["rows"].items() if name.startswith("model")]
+    images = [e["image"] for e in row["examples"][:count]]
+    done = [run / "inspect" / f"{Path(i).stem}.png" for i in images]
+    missing = [i for i, p in zip(images, done) if not p.exists()]
+    if missing:
+        from .qformer_inspect import draw_inspection, inspect_image
+        from .train import load_run
+
+        model = load_run(run)
+        for image in missing:
+            draw_inspection(inspect_image(model, image), run / "inspect" / f"{Path(image).stem}.png",
+                            f"{run.parent.name}: cross-attention (last layer) per query")  # fmt: skip
+    return done
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1200px; margin: 2em auto; color: #222; line-height: 1.4; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+th {{ background: #f2f2f2; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 8px; }}
+code, pre {{ background: #f6f6f6; }}
+</style></head>
+<body>
+{body}
+<script>
+// a check a headless browser can read: how many images decoded
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script>
+</body></html>
+"""
