@@ -176,3 +176,38 @@ def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
     with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
         losses("fp16", "fp16")
     AcceleratorState._reset_state()
+
+
+def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_cache(
+    tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache
+):
+    from vlmlab.features import FeatureCache
+    from vlmlab.vision import build_vision_encoder
+
+    pretrained = build_vision_encoder(f"hf:{tiny_clip_dir}")
+    run = train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "vision.unfreeze_last=1", "train.max_steps=6",
+                            "train.vision_lr=1e-2"))  # fmt: skip
+    assert not list((tmp_path / "cache").glob("features/*/shard-*"))  # training never read or wrote the cache
+
+    state = load_file(run / "checkpoint" / "trainable.safetensors")
+    tuned = sorted(k for k in state if k.startswith("vision."))
+    assert tuned and all(".layers.1." in k for k in tuned)  # the last of the 2 layers, nothing else
+    model = load_run(run)
+    before = dict(pretrained.named_parameters())
+    for name, p in model.vision.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (f"vision.{name}" in state), name  # exactly the unfrozen block trained
+
+    # evaluation features come from the tuned encoder: its cache key differs from the pretrained one's
+    assert model.vision.fingerprint() != pretrained.fingerprint()
+    image = [str(sorted((tmp_path / "world" / "images").glob("*.png"))[0])]
+    tuned_features, _ = FeatureCache(tmp_path / "cache" / "f", model.vision).features(image)
+    plain_features, _ = FeatureCache(tmp_path / "cache" / "f", pretrained).features(image)
+    assert not torch.allclose(tuned_features.float(), plain_features.float())
+
+
+def test_unfreezing_more_blocks_than_the_encoder_has_is_refused(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    with pytest.raises(ValueError, match="vision.unfreeze_last = 3: .* has 2 blocks"):
+        from vlmlab.vlm import build_vlm
+
+        build_vlm(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "vision.unfreeze_last=3"))

@@ -235,3 +235,22 @@ def test_hf_reads_preprocessor_config_and_full_checkpoints(tmp_path):
     flat = Image.fromarray(np.full((10, 20, 3), 255, dtype=np.uint8))
     white = (1 - torch.tensor([0.1, 0.2, 0.3])) / torch.tensor([0.4, 0.5, 0.6])
     assert torch.allclose(custom.preprocess([flat])[0, :, 0, 0], white)
+
+
+def test_unfreeze_last_counts_blocks_from_the_output_end(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    lite = build_vision_encoder("efficientnet-lite0").unfreeze_last(1)
+    trainable = {n.split(".")[1] for n, p in lite.named_parameters() if p.requires_grad}
+    assert trainable == {"head"} and lite.tuned_blocks == 1
+    lite.unfreeze_last(0)
+    assert not any(p.requires_grad for p in lite.parameters())
+
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=32, patch_size=8)).save_pretrained(tmp_path / "siglip")  # fmt: skip
+    siglip = build_vision_encoder(f"hf:{tmp_path / 'siglip'}").unfreeze_last(1)
+    names = {n for n, p in siglip.named_parameters() if p.requires_grad}
+    assert any("layers.1." in n for n in names) and any("post_layernorm" in n for n in names)
+    assert not any("layers.0." in n or "embeddings" in n for n in names)
+    with pytest.raises(ValueError, match="has 2 blocks"):
+        siglip.unfreeze_last(3)

@@ -124,10 +124,24 @@ def collect(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
                 continue
             result = json.loads((run_dir / "eval.json").read_text())
             (row,) = [r for name, r in result["rows"].items() if name.startswith("model")]
-            info = json.loads((run_dir / "model_info.json").read_text()) if (run_dir / "model_info.json").exists() else {}
+            info = _model_info(run_dir)
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             records.append({"variant": variant, "seed": seed, **info, **metrics, "val_curve": _val_curve(run_dir)})
     return records
+
+
+def _model_info(run_dir: Path) -> dict:
+    """Parameter counts and visual tokens, as train() records them (computed once for runs made before it did)."""
+    path = run_dir / "model_info.json"
+    if not path.exists():
+        from .vlm import build_vlm
+
+        model = build_vlm(load_config(run_dir / "config.yaml"))
+        table = model.parameter_table()
+        info = {"total_params": sum(t for _, t, _ in table), "trainable_params": sum(t for _, _, t in table),
+                "visual_tokens": 0 if model.blind else model.connector.num_visual_tokens}  # fmt: skip
+        path.write_text(json.dumps(info))
+    return json.loads(path.read_text())
 
 
 def _val_curve(run_dir: Path) -> list[tuple[int, float]]:

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 class VisionConfig:
     name: str = "efficientnet-lite0"  # or "efficientnet-lite1/2", "hf:<hub name or local dir>" (CLIP/SigLIP)
     image_size: int | None = None  # None: the encoder's native size
+    unfreeze_last: int = 0  # train the encoder's last N blocks too (LLaVA "pattern B"); bypasses the feature cache
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     max_steps: int = 150  # the embedded demo: about 7 minutes on 2 CPU cores
     lr: float = 3e-4  # connector (1e-3 made it drift into a loud, image-independent soft prompt)
     lora_lr: float = 5e-4
+    vision_lr: float = 1e-5  # the encoder's unfrozen blocks (vision.unfreeze_last), pretrained: small steps
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -217,6 +219,8 @@ _RANGES = {
     "train.weight_decay": (0.0, None),
     "train.grad_clip": (0.0, None),
     "train.warmup_steps": (0, None),
+    "vision.unfreeze_last": (0, None),
+    "train.vision_lr": ([0.0], None),
 }
 
 

@@ -233,7 +233,9 @@ def build_optimizer(model: VLM, cfg: Config):
     t = cfg.train
     connector = [] if model.blind else [p for p in model.connector.parameters() if p.requires_grad]
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
-    groups = [g for g in ({"params": connector, "lr": t.lr}, {"params": lora, "lr": t.lora_lr}) if g["params"]]
+    vision = [p for p in model.vision.parameters() if p.requires_grad]
+    groups = [{"params": connector, "lr": t.lr}, {"params": lora, "lr": t.lora_lr}, {"params": vision, "lr": t.vision_lr}]
+    groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: the connector is frozen and LoRA is off")
     return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
@@ -270,7 +272,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         (run_dir / "model_info.json").write_text(json.dumps(info))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
-        data = load_split_features(cfg, cache, splits=("train", "val"), log_dir=run_dir if main else None)
+        data = load_split_features(cfg, cache, splits=("train", "val"), log_dir=run_dir if main else None,
+                                   pixels=cfg.vision.unfreeze_last > 0)  # tuned blocks: no cached features
     train_split, val_split = data["train"], data["val"]
     if not train_split.pairs:
         raise ValueError(f"no training pairs in {cfg.data.datasets}")

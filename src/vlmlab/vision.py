@@ -114,12 +114,31 @@ class VisionEncoder(nn.Module):
             "std": [round(float(s), 8) for s in self.std],
             "preprocess_version": PREPROCESS_VERSION,
         }
+        if self.tuned_blocks:  # trained blocks: its features are its own, never the pretrained encoder's
+            settings["tuned"] = [self.tuned_blocks, tensor_digest(self)]
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    tuned_blocks: int = 0  # how many final blocks train with the connector (LLaVA's "pattern B")
+
+    def blocks(self) -> list[nn.Module]:
+        """The encoder's blocks in order, the unit `unfreeze_last` counts in."""
+        raise NotImplementedError
 
     def freeze(self) -> "VisionEncoder":
         for p in self.parameters():
             p.requires_grad_(False)
         return self.eval()
+
+    def unfreeze_last(self, n: int) -> "VisionEncoder":
+        """Makes the last n blocks trainable (BatchNorm statistics and dropout stay as at inference)."""
+        blocks = self.blocks()
+        if not 0 <= n <= len(blocks):
+            raise ValueError(f"vision.unfreeze_last = {n}: {self.name} has {len(blocks)} blocks")
+        self.freeze()
+        for block in blocks[len(blocks) - n :]:
+            block.requires_grad_(True)
+        self.tuned_blocks = n
+        return self
 
     def train(self, mode: bool = True) -> "VisionEncoder":
         """Always eval: the encoder is frozen, so BatchNorm/dropout must behave as at inference."""
@@ -297,6 +316,9 @@ class EfficientNetLiteEncoder(VisionEncoder):
         self.net.to(memory_format=torch.channels_last)  # ~30% faster depthwise convs on CPU
         self.freeze()
 
+    def blocks(self) -> list[nn.Module]:
+        return [self.net.stem, *self.net.blocks, self.net.head]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         fmap = self.net.features(pixel_values.contiguous(memory_format=torch.channels_last))  # [B, 1280, h, w]
         return fmap.permute(0, 2, 3, 1).flatten(1, 2)  # [B, h*w, 1280], row-major over the grid
@@ -377,6 +399,14 @@ class HFVisionEncoder(VisionEncoder):
         self.resize_mode, self.resample = resize_mode, resample
         self.weights_id = f"{config.model_type}:{tensor_digest(self.model)}"
         self.freeze()
+
+    def blocks(self) -> list[nn.Module]:
+        tower = getattr(self.model, "vision_model", self.model)  # transformers 5 flattens the wrapper
+        layers = list(tower.encoder.layers)
+        post_norm = getattr(tower, "post_layernorm", None)
+        if self.has_cls or post_norm is None:  # CLIP: last_hidden_state is the last layer's output
+            return layers
+        return layers[:-1] + [nn.ModuleList([layers[-1], post_norm])]  # SigLIP normalises it after
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # other sizes than the checkpoint's work by interpolating the position embeddings

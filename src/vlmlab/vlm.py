@@ -58,9 +58,15 @@ class VLM(nn.Module):
         return self.connector is None
 
     def visual_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor | None:
-        """Image tokens from the encoder [B, N, D_img] -> visual tokens for the LLM [B, Q, D_lm]."""
+        """Image tokens from the encoder [B, N, D_img] -> visual tokens for the LLM [B, Q, D_lm].
+
+        Pixels [B, 3, H, W] go through the encoder first: the path of a run that trains encoder blocks
+        (vision.unfreeze_last), whose features cannot come from the cache.
+        """
         if self.blind:
             return None
+        if image_tokens.dim() == 4:
+            image_tokens = self.vision(image_tokens.to(self.device, torch.float32))
         return self.connector(image_tokens.to(self.device, torch.float32))
 
     def encode_images(self, images) -> torch.Tensor:
@@ -174,9 +180,15 @@ class VLM(nn.Module):
 
     # ---- what is trained, what is saved ---------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds: the connector (also when frozen: its random init is part of the run) and LoRA."""
+        """What a checkpoint holds: the connector (also when frozen: its random init is part of the run), LoRA,
+        and the encoder blocks that train (vision.unfreeze_last)."""
         connector = {} if self.blind else self.connector.state_dict()
         state = {f"connector.{k}": v for k, v in connector.items()}
+        tuned = {id(p) for block in self.vision.blocks()[len(self.vision.blocks()) - self.vision.tuned_blocks :]
+                 for p in block.parameters()} if self.vision.tuned_blocks else set()  # fmt: skip
+        for name, p in self.vision.named_parameters():
+            if id(p) in tuned:
+                state[f"vision.{name}"] = p.detach()
         for name, p in self.lm.named_parameters():
             if "lora_" in name:
                 state[f"lm.{name}"] = p.detach()
@@ -191,11 +203,12 @@ class VLM(nn.Module):
             )
         if not self.blind:
             self.connector.load_state_dict({k[len("connector.") :]: v for k, v in state.items() if k.startswith("connector.")})
-        lm_params = dict(self.lm.named_parameters())
+        params = {f"lm.{n}": p for n, p in self.lm.named_parameters()}
+        params |= {f"vision.{n}": p for n, p in self.vision.named_parameters()}
         with torch.no_grad():
             for k, v in state.items():
-                if k.startswith("lm."):
-                    lm_params[k[len("lm.") :]].copy_(v)
+                if not k.startswith("connector."):
+                    params[k].copy_(v)
 
     def parameter_table(self) -> list[tuple[str, int, int]]:
         """(module, total, trainable) for the vision encoder, connector, LLM base weights and LoRA."""
@@ -213,6 +226,8 @@ class VLM(nn.Module):
 def build_vlm(cfg: Config) -> VLM:
     """Builds the whole model from a config; the trainable parts start from a seeded initialisation."""
     vision = build_vision_encoder(cfg.vision.name, cfg.vision.image_size)
+    if cfg.vision.unfreeze_last:
+        vision.unfreeze_last(cfg.vision.unfreeze_last)
     lm, tokenizer = load_language_model(cfg.lm.name)
     torch.manual_seed(cfg.train.seed)
     lm_dim = base_causal_lm(lm).get_input_embeddings().embedding_dim

@@ -71,8 +71,32 @@ def load_samples(cfg, skipped: SkipReport | None = None) -> dict[str, list[Capti
     return merged
 
 
-def load_split_features(cfg, cache, splits=SPLITS, log_dir: str | Path | None = None) -> dict[str, SplitFeatures]:
+def preprocessed_pixels(encoder, paths: list[str], report: SkipReport) -> tuple[torch.Tensor, list[int]]:
+    """The encoder's input for each readable image, as float16 [M, 3, H, W]; unreadable ones are reported."""
+    from .formats import load_image
+
+    tensors, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            image = load_image(path)
+        except FileNotFoundError as e:
+            report.add("missing images", str(path), f"{type(e).__name__}: {e.strerror or e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable image"
+            report.add("unreadable images", str(path), f"{type(e).__name__}: {e}")
+            continue
+        tensors.append(encoder.preprocess([image])[0].half())
+        kept.append(i)
+    return (torch.stack(tensors) if tensors else torch.empty(0)), kept
+
+
+def load_split_features(
+    cfg, cache, splits=SPLITS, log_dir: str | Path | None = None, pixels: bool = False
+) -> dict[str, SplitFeatures]:
     """Samples -> cached image tokens -> caption pairs, per split. Unreadable images drop out here.
+
+    pixels=True: `features` holds the encoder's preprocessed input [M, 3, H, W] (float16) instead of its
+    cached output, for runs that train encoder blocks (the model then runs the encoder every step).
 
     Whatever was left out (broken or missing images, empty captions, captions of unlisted images) is
     counted in one warning line and listed with reasons in LOG_DIR/skipped_inputs.log.
@@ -82,9 +106,12 @@ def load_split_features(cfg, cache, splits=SPLITS, log_dir: str | Path | None = 
     out = {}
     for split in splits:
         paths = [s.image_path for s in samples[split]]
-        features, kept = cache.features(
-            paths, batch_size=cfg.train.feature_batch_size, desc=f"encoding {split} images", skipped=report
-        )
+        if pixels:
+            features, kept = preprocessed_pixels(cache.encoder, paths, report)
+        else:
+            features, kept = cache.features(
+                paths, batch_size=cfg.train.feature_batch_size, desc=f"encoding {split} images", skipped=report
+            )
         readable = [samples[split][i] for i in kept]
         pairs = [(row, c) for row, s in enumerate(readable) for c in s.captions]
         out[split] = SplitFeatures(readable, features, pairs)
