@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import torch
+from PIL import Image
 
 from test_train import tiny_config
 from vlmlab.cli import main as cli_main
@@ -18,6 +19,9 @@ def test_attention_maps_and_nearest_tokens(tmp_path, tiny_clip_dir, tiny_gpt2_di
     images = sorted((tmp_path / "world" / "images").glob("*.png"))
     a, b = inspect_image(model, images[0], top_k=4), inspect_image(model, images[1], top_k=4)
     assert a.attention.shape == (2, 4, 4, 4)  # layers, queries, the tiny CLIP's 4x4 patch grid
+    original = np.asarray(Image.open(images[0]).convert("RGB"), dtype=np.float32).mean(axis=(0, 1))
+    shown = np.asarray(a.image, dtype=np.float32).mean(axis=(0, 1))
+    assert np.abs(original - shown).max() < 12, (original, shown)  # drawn in its own colours, not re-stretched
     assert np.allclose(a.attention.sum(axis=(2, 3)), 1.0, atol=1e-5)  # each query's attention is a distribution
     assert not np.allclose(a.attention, b.attention)  # where the queries look depends on the image
     assert len(a.nearest) == 4 and all(len(row) == 4 for row in a.nearest)

@@ -60,9 +60,10 @@ def nearest_vocabulary(model, visual_tokens: torch.Tensor, top_k: int = 5) -> li
 def _as_seen(model, image: Image.Image) -> Image.Image:
     """The encoder's input as a picture (undoing its normalisation), so heat maps sit on what it saw."""
     pixels = model.vision.preprocess([image])[0].float()
-    lo, hi = pixels.amin(dim=(1, 2), keepdim=True), pixels.amax(dim=(1, 2), keepdim=True)
-    array = ((pixels - lo) / (hi - lo).clamp_min(1e-6) * 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+    mean = torch.tensor(model.vision.mean).view(3, 1, 1)
+    std = torch.tensor(model.vision.std).view(3, 1, 1)
+    rgb = (pixels * std + mean).clamp(0, 1)  # preprocessing works on [0, 1] pixels
+    return Image.fromarray((rgb * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def draw_inspection(result: Inspection, out_png: str | Path, title: str = "", layer: int = -1) -> Path:

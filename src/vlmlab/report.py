@@ -63,7 +63,11 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
                  "(data, steps, seed list, decoding) is the same.</p><table><tr><th>variant</th><th>settings</th>"
                  "<th>what it tests</th></tr>")  # fmt: skip
     for v in variants:
-        settings = suite.get("variants", {}).get(v) or {}
+        if v not in suite.get("variants", {}):
+            parts.append(f"<tr><td>{html.escape(v)}</td><td colspan=2>settings unknown: {html.escape(str(runs_dir))} "
+                         "has no suite.json (written by `vlmlab ablate`)</td></tr>")  # fmt: skip
+            continue
+        settings = suite["variants"][v] or {}
         shown = ", ".join(f"{k}: {val}" for k, val in settings.items()) or "(the reference)"
         meaning = suite.get("descriptions", {}).get(v) or "; ".join(SWITCH_MEANING.get(k, k) for k in settings) or "the reference model"
         parts.append(f"<tr><td>{html.escape(v)}</td><td><code>{html.escape(shown)}</code></td><td>{html.escape(meaning)}</td></tr>")
