@@ -19,6 +19,7 @@ import yaml
 
 from .baselines import finished_step, stale_keys
 from .config import Config, ConfigError, apply_settings, load_config
+from .evaluate import ATTRIBUTE_COLUMNS
 
 BUILTIN_SUITES = {"roles": "roles.yaml", "roles-photos": "roles_photos.yaml"}
 SUITE_DIR = Path(__file__).parent / "suites"
@@ -30,7 +31,7 @@ MAIN_METRICS = [
     ("visual gain", "visual_information_gain", True),
     ("changed by swap", "swap_changed_share", True),
 ]
-ATTRIBUTE_METRICS = [(f"{a} correct", f"attr_{a}", True) for a in ("colour", "shape", "size", "position", "count")]
+ATTRIBUTE_METRICS = [(name, key, True) for name, key in ATTRIBUTE_COLUMNS]  # synthetic world only
 
 
 @dataclass
@@ -85,21 +86,21 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
 
     out = Path(out_dir or Path("runs") / "ablate" / suite.name)
     out.mkdir(parents=True, exist_ok=True)
+    if only and set(only) - set(suite.variants):
+        raise ConfigError(f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}")
     variants = [v for v in suite.variants if not only or v in only]
     described = {"name": suite.name, "split": suite.split, "seeds": suite.seeds, "variants": suite.variants,
                  "descriptions": suite.descriptions, "base": suite.base, "overrides": suite.overrides}  # fmt: skip
     (out / "suite.json").write_text(json.dumps(described, indent=1))
-    if only and set(only) - set(suite.variants):
-        raise ConfigError(f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}")
     for variant in variants:
         for seed in suite.seeds:
             cfg = suite.config(variant, seed, out)
             run_dir = Path(cfg.train.output_dir)
             label = f"[{suite.name}] {variant}, seed {seed}"
-            if finished_step(run_dir) == cfg.train.max_steps and stale_keys(cfg, run_dir) == []:
+            changed = stale_keys(cfg, run_dir)  # None: nothing saved there yet
+            if finished_step(run_dir) == cfg.train.max_steps and changed == []:
                 print(f"{label}: trained already ({run_dir})")
             else:
-                changed = stale_keys(cfg, run_dir)
                 if changed:
                     raise ConfigError(f"{run_dir} holds a run with another config (differs in {changed}); "
                                       "move it away or use another output folder")  # fmt: skip
@@ -136,11 +137,7 @@ def _model_info(run_dir: Path) -> dict:
     if not path.exists():
         from .vlm import build_vlm
 
-        model = build_vlm(load_config(run_dir / "config.yaml"))
-        table = model.parameter_table()
-        info = {"total_params": sum(t for _, t, _ in table), "trainable_params": sum(t for _, _, t in table),
-                "visual_tokens": 0 if model.blind else model.connector.num_visual_tokens}  # fmt: skip
-        path.write_text(json.dumps(info))
+        path.write_text(json.dumps(build_vlm(load_config(run_dir / "config.yaml")).model_info()))
     return json.loads(path.read_text())
 
 
@@ -153,11 +150,29 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def metrics_present(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """The main metrics, plus the attribute scores where the runs have them (synthetic world)."""
+    return MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if any(m[1] in r for r in rows)]
+
+
+def metric_cells(rows: list[dict], metrics, separator: str = " +- ") -> list[str]:
+    """Per metric, 'mean<separator>std' over the rows (one per seed) that have a value, else 'n/a'."""
+    cells = []
+    for _, key, _ in metrics:
+        values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if values:
+            mean, std = _mean_std(values)
+            cells.append(f"{mean:.3f}{separator}{std:.3f}")
+        else:
+            cells.append("n/a")
+    return cells
+
+
 def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
     records = collect(suite, out, variants)
     if not records:
         return records
-    metrics = MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if any(m[1] in r for r in records)]
+    metrics = metrics_present(records)
     keys = ["variant", "seed", "trainable_params", "visual_tokens"] + [key for _, key, _ in metrics]
     extra = sorted({k for r in records for k in r} - set(keys) - {"val_curve"})
     with open(out / "results.csv", "w", newline="") as f:
@@ -172,10 +187,7 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
         rows = [r for r in records if r["variant"] == variant]
         if not rows:
             continue
-        cells = []
-        for _, key, _ in metrics:
-            values = [r[key] for r in rows if key in r]
-            cells.append("n/a" if not values else "{:.3f} +- {:.3f}".format(*_mean_std(values)))
+        cells = metric_cells(rows, metrics)
         params = rows[0].get("trainable_params")
         tokens = rows[0].get("visual_tokens")
         lines.append(f"| {variant} | {len(rows)} | {params:,} | {tokens} | " if params is not None else f"| {variant} | {len(rows)} | n/a | n/a | ")

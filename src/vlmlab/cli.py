@@ -93,8 +93,7 @@ def cmd_params(args) -> None:
 
     model = build_vlm(_config(args))
     print(format_parameter_table(model.parameter_table()))
-    tokens = 0 if model.blind else model.connector.num_visual_tokens
-    print(f"connector {model.cfg.connector.type!r}: {tokens} visual tokens per image")
+    print(f"connector {model.cfg.connector.type!r}: {model.num_visual_tokens} visual tokens per image")
 
 
 def cmd_synth(args) -> None:

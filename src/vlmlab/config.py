@@ -163,12 +163,16 @@ def apply_settings(cfg: Config, settings: dict) -> Config:
     if not isinstance(settings, dict):
         raise ConfigError(f"settings must map dotted keys to values, got {settings!r}")
     for key, value in settings.items():
-        nested = value
-        for part in reversed(str(key).split(".")):
-            nested = {part: nested}
-        _merge(cfg, nested)
+        _merge(cfg, _nest(str(key), value))
     validate(cfg)
     return cfg
+
+
+def _nest(dotted_key: str, value) -> dict:
+    """'a.b.c', v -> {'a': {'b': {'c': v}}}"""
+    for part in reversed(dotted_key.strip().split(".")):
+        value = {part: value}
+    return value
 
 
 def parse_override(text: str) -> dict:
@@ -179,10 +183,7 @@ def parse_override(text: str) -> dict:
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means the word
-    nested: dict = value
-    for part in reversed(key.strip().split(".")):
-        nested = {part: nested}
-    return nested
+    return _nest(key, value)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -283,16 +284,14 @@ def check_data_paths(cfg: Config) -> None:
     Called before training loads any model; not at config load, so a run can still be evaluated or used to
     caption on a machine that lacks its training data.
     """
-    from .data.formats import FORMATS
+    from .data.formats import FORMATS, parse_spec
 
     for i, spec in enumerate(cfg.data.datasets):
-        fmt, sep, path = spec.partition(":")
         key = f"data.datasets[{i}]"
-        if not sep or fmt not in FORMATS or not path:
-            raise ConfigError(f"{key} = {spec!r}: expected FORMAT:PATH with FORMAT one of {list(FORMATS)}")
-        if fmt == "synthetic":
-            continue
-        parts = path.rsplit("@", 1) if fmt == "karpathy" and "@" in path and not Path(path).exists() else [path]
-        for part in parts:
+        try:
+            _, required = parse_spec(spec)
+        except ValueError:
+            raise ConfigError(f"{key} = {spec!r}: expected FORMAT:PATH with FORMAT one of {list(FORMATS)}") from None
+        for part in required:
             if not Path(part).expanduser().exists():
                 raise ConfigError(f"{key} = {spec!r}: {part!r} does not exist")

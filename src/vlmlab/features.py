@@ -25,8 +25,9 @@ from .data.formats import SkipReport, load_image
 SHARD_IMAGES = 512
 
 
-def file_sha1(path: str | Path) -> str:
-    h = hashlib.sha1()
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -74,7 +75,7 @@ class FeatureCache:
         hashes, kept, bad = [], [], []
         for i, path in enumerate(image_paths):
             try:
-                hashes.append(file_sha1(path))
+                hashes.append(file_digest(path))
                 kept.append(i)
             except OSError as e:
                 bad.append(path)

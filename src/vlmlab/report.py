@@ -12,7 +12,7 @@ import html
 import json
 from pathlib import Path
 
-from .ablate import ATTRIBUTE_METRICS, MAIN_METRICS, _mean_std
+from .ablate import metric_cells, metrics_present
 
 PARTS = [
     ("vision encoder (frozen)", "turns the picture into a grid of image tokens (EfficientNet-Lite0: 7x7 = 49 "
@@ -73,7 +73,7 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
         parts.append(f"<tr><td>{html.escape(v)}</td><td><code>{html.escape(shown)}</code></td><td>{html.escape(meaning)}</td></tr>")
     parts.append("</table>")
 
-    metrics = MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if rows and m[1] in rows[0]]
+    metrics = metrics_present(rows)
     seeds = sorted({r["seed"] for r in rows})
     parts.append(f"<h2>Results: {html.escape(suite.get('split', 'test'))} split, mean &plusmn; std over seeds "
                  f"{', '.join(seeds)}</h2><table class='results'><tr><th>variant</th><th>runs</th><th>trainable params</th>"
@@ -81,10 +81,7 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
                  for n, _, _ in metrics) + "</tr>")  # fmt: skip
     for v in variants:
         vr = [r for r in rows if r["variant"] == v]
-        cells = []
-        for _, key, _ in metrics:
-            values = [float(r[key]) for r in vr if r.get(key) not in (None, "")]
-            cells.append("n/a" if not values else "{:.3f} &plusmn; {:.3f}".format(*_mean_std(values)))
+        cells = metric_cells(vr, metrics, " &plusmn; ")
         params = vr[0].get("trainable_params") or "n/a"
         params = f"{int(params):,}" if params.isdigit() else params
         parts.append(f"<tr><td>{html.escape(v)}</td><td>{len(vr)}</td><td>{params}</td><td>{vr[0].get('visual_tokens', '')}</td>"

@@ -6,7 +6,6 @@ Only the connector and LoRA adapters learn. Each step: cached image tokens -> vi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config, ConfigError, check_data_paths, save_config, validate
 from .data.pairs import CaptionPairs, SplitFeatures, collate_pairs, load_split_features
-from .features import FeatureCache
+from .features import FeatureCache, file_digest
 from .language_model import cache_dir
 from .vlm import VLM, build_vlm, format_parameter_table
 
@@ -104,14 +103,6 @@ def _fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_durably(path: Path, write) -> None:
     write(path)
     with open(path, "rb+") as f:
@@ -141,7 +132,7 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     _write_durably(tmp / STATE_FILE, lambda p: torch.save(state, p))
-    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in (TRAINABLE_FILE, STATE_FILE)}}
+    manifest = {"step": step, "files": {name: file_digest(tmp / name, "sha256") for name in (TRAINABLE_FILE, STATE_FILE)}}
     _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     _fault_point("checkpoint-written", step)
     if final.exists():
@@ -167,7 +158,7 @@ def verify_checkpoint(path: Path) -> int:
     for name, digest in files.items():
         if not (path / name).exists():
             raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
-        if _sha256(path / name) != digest:
+        if file_digest(path / name, "sha256") != digest:
             raise CheckpointError(f"{path / name}: SHA-256 does not match the manifest; the file is corrupt")
     return step
 
@@ -265,11 +256,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     model = build_vlm(cfg)
     if main:
-        table = model.parameter_table()
-        print(format_parameter_table(table))
-        info = {"total_params": sum(t for _, t, _ in table), "trainable_params": sum(t for _, _, t in table),
-                "visual_tokens": 0 if model.blind else model.connector.num_visual_tokens}  # fmt: skip
-        (run_dir / "model_info.json").write_text(json.dumps(info))
+        print(format_parameter_table(model.parameter_table()))
+        (run_dir / "model_info.json").write_text(json.dumps(model.model_info()))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
         data = load_split_features(cfg, cache, splits=("train", "val"), log_dir=run_dir if main else None,
@@ -445,7 +433,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 epoch_now, into = divmod(consumed, batches_per_epoch)
                 data_state = {**data_layout, "epoch": epoch_now, "batches_into_epoch": into}
                 save_checkpoint(run_dir, vlm, optimizer, scheduler, step, data_state)
-            _fault_point("step", step)
             accelerator.wait_for_everyone()
             if step >= t.max_steps:
                 break

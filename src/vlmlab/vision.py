@@ -135,10 +135,19 @@ class VisionEncoder(nn.Module):
         if not 0 <= n <= len(blocks):
             raise ValueError(f"vision.unfreeze_last = {n}: {self.name} has {len(blocks)} blocks")
         self.freeze()
-        for block in blocks[len(blocks) - n :]:
-            block.requires_grad_(True)
         self.tuned_blocks = n
+        for block in self._tuned():
+            block.requires_grad_(True)
         return self
+
+    def _tuned(self) -> list[nn.Module]:
+        blocks = self.blocks()
+        return blocks[len(blocks) - self.tuned_blocks :]  # [-0:] would be all of them
+
+    def tuned_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the blocks `unfreeze_last` made trainable: what a checkpoint must hold."""
+        tuned = {id(p) for block in self._tuned() for p in block.parameters()}
+        return [(name, p) for name, p in self.named_parameters() if id(p) in tuned]
 
     def train(self, mode: bool = True) -> "VisionEncoder":
         """Always eval: the encoder is frozen, so BatchNorm/dropout must behave as at inference."""

@@ -184,11 +184,8 @@ class VLM(nn.Module):
         and the encoder blocks that train (vision.unfreeze_last)."""
         connector = {} if self.blind else self.connector.state_dict()
         state = {f"connector.{k}": v for k, v in connector.items()}
-        tuned = {id(p) for block in self.vision.blocks()[len(self.vision.blocks()) - self.vision.tuned_blocks :]
-                 for p in block.parameters()} if self.vision.tuned_blocks else set()  # fmt: skip
-        for name, p in self.vision.named_parameters():
-            if id(p) in tuned:
-                state[f"vision.{name}"] = p.detach()
+        for name, p in self.vision.tuned_named_parameters():
+            state[f"vision.{name}"] = p.detach()
         for name, p in self.lm.named_parameters():
             if "lora_" in name:
                 state[f"lm.{name}"] = p.detach()
@@ -221,6 +218,16 @@ class VLM(nn.Module):
         for name, ps in (("language model", base), ("LoRA adapters", lora)):
             rows.append((name, sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad)))
         return rows
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return 0 if self.blind else self.connector.num_visual_tokens
+
+    def model_info(self) -> dict:
+        """Totals of the parameter table and the visual tokens per image: what a run records in model_info.json."""
+        table = self.parameter_table()
+        return {"total_params": sum(t for _, t, _ in table), "trainable_params": sum(t for _, _, t in table),
+                "visual_tokens": self.num_visual_tokens}  # fmt: skip
 
 
 def build_vlm(cfg: Config) -> VLM:

@@ -34,9 +34,6 @@ class SkipReport:
     def add(self, kind: str, where: str, why: str) -> None:
         self.entries.append((kind, where, why))
 
-    def extend(self, other: "SkipReport") -> None:
-        self.entries.extend(other.entries)
-
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for kind, _, _ in self.entries:
@@ -79,9 +76,8 @@ def load_captions(
     """
     report = SkipReport() if skipped is None else skipped
     before = len(report)
-    fmt, sep, path = spec.partition(":")
-    if not sep or fmt not in FORMATS or not path:
-        raise ValueError(f"bad dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
+    fmt, _ = parse_spec(spec)
+    path = spec.partition(":")[2]
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to <= 1")
     fractions = (seed, val_fraction, test_fraction)
@@ -168,6 +164,19 @@ def filter_readable(samples: list[CaptionSample]) -> tuple[list[CaptionSample], 
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """'FORMAT:PATH' -> (FORMAT, the paths that must exist): Karpathy's 'JSON@IMAGE_ROOT' names two, a synthetic
+    world none (it is made on first use). A malformed spec raises ValueError."""
+    fmt, sep, path = spec.partition(":")
+    if not sep or fmt not in FORMATS or not path:
+        raise ValueError(f"bad dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
+    if fmt == "synthetic":
+        return fmt, []
+    if fmt == "karpathy":
+        return fmt, [p for p in _split_at(path) if p]
+    return fmt, [path]
 
 
 def _existing(path: str, spec: str) -> Path:
