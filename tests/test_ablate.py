@@ -85,7 +85,8 @@ def test_report_is_one_self_contained_page_that_renders_in_headless_chromium(tin
     page = build_report(out, inspect_images=1)
     text = page.read_text()
     assert "src=\"data:image/png;base64," in text and "src=\"http" not in text and "file:" not in text
-    for needle in ("What the model is made of", "connector.type: meanpool", "colour correct", "qformer", "meanpool"):
+    for needle in ("What the model is made of", "connector.type: meanpool", "colour correct", "qformer", "meanpool",
+                   "Read-out: each switch against the reference (qformer)"):
         assert needle in text, needle
     assert (out / "qformer" / "seed0" / "inspect").is_dir()  # attention maps drawn for the Q-Former variant
     assert not (out / "meanpool" / "seed0" / "inspect").exists()  # none for a connector without queries
@@ -103,3 +104,22 @@ def test_report_is_one_self_contained_page_that_renders_in_headless_chromium(tin
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (2400, 1200) and pixels.std() > 10  # not a blank page
     shutil.copy(shot, out / "report_screenshot.png")
+
+
+def test_report_inlines_large_pictures_as_jpeg_that_keep_their_content(tmp_path):
+    import base64
+    import io
+    import re
+
+    from vlmlab.report import _img
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)  # noise: a PNG of ~700 kB
+    Image.fromarray(photo).save(tmp_path / "big.png")
+    Image.fromarray(photo[:20, :20]).save(tmp_path / "small.png")
+    big, small = _img(tmp_path / "big.png", "big"), _img(tmp_path / "small.png", "small")
+    assert "data:image/png;base64," in small  # small plots stay lossless PNG
+    data = base64.b64decode(re.search(r"data:image/jpeg;base64,([^\"]+)", big).group(1))
+    assert len(data) < (tmp_path / "big.png").stat().st_size
+    decoded = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32)
+    assert decoded.shape == photo.shape and np.abs(decoded.mean() - photo.mean()) < 2

@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 from pathlib import Path
 
-from .ablate import metric_cells, metrics_present
+from .ablate import _mean_std, metric_cells, metrics_present
 
 PARTS = [
     ("vision encoder (frozen)", "turns the picture into a grid of image tokens (EfficientNet-Lite0: 7x7 = 49 "
@@ -40,9 +41,17 @@ METRIC_MEANING = {
 }
 
 
-def _img(path: Path, alt: str, width: str = "100%") -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" style="max-width:{width}">'
+def _img(path: Path, alt: str, width: str = "100%", max_png_bytes: int = 400_000) -> str:
+    """Inlines an image; large ones (photo contact sheets, attention maps) as JPEG so the page stays a few MB."""
+    raw, kind = path.read_bytes(), "png"
+    if len(raw) > max_png_bytes:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=85)
+        raw, kind = buffer.getvalue(), "jpeg"
+    data = base64.b64encode(raw).decode()
+    return f'<img src="data:image/{kind};base64,{data}" alt="{html.escape(alt)}" style="max-width:{width}">'
 
 
 def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_images: int = 2) -> Path:
@@ -89,6 +98,8 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
     parts.append("</table><ul>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(t)}</li>"
                                           for n, t in _metric_legend(metrics)) + "</ul>")  # fmt: skip
 
+    parts.extend(_readout(rows, variants, suite.get("variants", {}), metrics))
+
     parts.append("<h2>Plots</h2><div class='grid'>")
     for _, key, _ in metrics:
         png = runs_dir / f"bar_{key.replace('-', '_')}.png"
@@ -115,6 +126,35 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
     out = Path(out or runs_dir / "report.html")
     out.write_text(page)
     return out
+
+
+def _readout(rows: list[dict], variants: list[str], settings: dict, metrics) -> list[str]:
+    """Each variant minus the reference, per metric, marked better / worse, and greyed where within seed noise."""
+    reference = next((v for v in variants if not settings.get(v)), variants[0])
+    values = {v: {key: [float(r[key]) for r in rows if r["variant"] == v and r.get(key) not in (None, "")]
+                  for _, key, _ in metrics} for v in variants}  # fmt: skip
+    out = [f"<h2>Read-out: each switch against the reference ({html.escape(reference)})</h2><p>Each cell is the "
+           "variant's mean minus the reference's mean. <span class='better'>Green</span>: better, "
+           "<span class='worse'>red</span>: worse. A grey cell is a difference no larger than the two seed standard "
+           "deviations added together (noise); with one seed there is no noise estimate, so judge small "
+           "differences with care.</p><table><tr><th>variant</th>"]  # fmt: skip
+    out.append("".join(f"<th>{html.escape(n)}</th>" for n, _, _ in metrics) + "</tr>")
+    for v in variants:
+        if v == reference:
+            continue
+        cells = []
+        for _, key, higher_is_better in metrics:
+            mine, ref = values[v][key], values[reference][key]
+            if not mine or not ref:
+                cells.append("<td>n/a</td>")
+                continue
+            (mean, std), (ref_mean, ref_std) = _mean_std(mine), _mean_std(ref)
+            delta = mean - ref_mean
+            noise = len(mine) > 1 and len(ref) > 1 and abs(delta) <= std + ref_std
+            kind = "noise" if noise or delta == 0 else ("better" if (delta > 0) == higher_is_better else "worse")
+            cells.append(f"<td class='{kind}'>{delta:+.3f}</td>")
+        out.append(f"<tr><td>{html.escape(v)}</td>{''.join(cells)}</tr>")
+    return out + ["</table>"]
 
 
 def _metric_legend(metrics) -> list[tuple[str, str]]:
@@ -155,6 +195,7 @@ td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
 th {{ background: #f2f2f2; }}
 .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 8px; }}
 code, pre {{ background: #f6f6f6; }}
+.better {{ color: #0a7a0a; font-weight: bold; }} .worse {{ color: #b00020; font-weight: bold; }} .noise {{ color: #999; }}
 </style></head>
 <body>
 {body}
