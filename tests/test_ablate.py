@@ -88,6 +88,9 @@ def test_report_is_one_self_contained_page_that_renders_in_headless_chromium(tin
     for needle in ("What the model is made of", "connector.type: meanpool", "colour correct", "qformer", "meanpool",
                    "Read-out: each switch against the reference (qformer)"):
         assert needle in text, needle
+    import re
+
+    assert re.search(r"hf:\S+: \d+x\d+ = \d+ vectors of 32 numbers", text)  # the suite's own encoder, not the default's
     assert (out / "qformer" / "seed0" / "inspect").is_dir()  # attention maps drawn for the Q-Former variant
     assert not (out / "meanpool" / "seed0" / "inspect").exists()  # none for a connector without queries
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from .ablate import _mean_std, metric_cells, metrics_present
 
 PARTS = [
-    ("vision encoder (frozen)", "turns the picture into a grid of image tokens (EfficientNet-Lite0: 7x7 = 49 "
-     "vectors of 1280 numbers). It never changes; its outputs are cached."),
+    ("vision encoder (frozen)", "turns the picture into a grid of image tokens ({encoder}). It never changes; its "
+     "outputs are cached."),
     ("connector (trainable)", "turns image tokens into a few visual tokens, vectors the LLM reads as if they were "
      "words. The Q-Former does it with learnable queries that attend to the image grid; meanpool averages the grid "
      "first (no spatial detail); linear/mlp map every image token on its own (LLaVA: many visual tokens)."),
@@ -67,7 +67,8 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
     title = f"vlmlab ablation report: {suite.get('name', runs_dir.name)}"
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts.append("<h2>What the model is made of</h2><ol>" + "".join(
-        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in PARTS) + "</ol>")  # fmt: skip
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text.format(encoder=_encoder_summary(runs_dir / variants[0])))}</li>"
+        for name, text in PARTS) + "</ol>")  # fmt: skip
     parts.append("<h2>The variants</h2><p>Each variant changes only the settings shown; everything else "
                  "(data, steps, seed list, decoding) is the same.</p><table><tr><th>variant</th><th>settings</th>"
                  "<th>what it tests</th></tr>")  # fmt: skip
@@ -155,6 +156,25 @@ def _readout(rows: list[dict], variants: list[str], settings: dict, metrics) -> 
             cells.append(f"<td class='{kind}'>{delta:+.3f}</td>")
         out.append(f"<tr><td>{html.escape(v)}</td>{''.join(cells)}</tr>")
     return out + ["</table>"]
+
+
+def _encoder_summary(run_dir: Path) -> str:
+    """'efficientnet-lite0: 7x7 = 49 vectors of 1280 numbers', read from the suite's own first run."""
+    from .config import load_config
+    from .vision import build_vision_encoder
+
+    config = next(run_dir.glob("seed*/config.yaml"), None)
+    if config is None:
+        return "encoder unknown: no run config found"
+    cfg = load_config(config)
+    try:
+        encoder = build_vision_encoder(cfg.vision.name, cfg.vision.image_size)
+    except (OSError, ValueError) as error:  # e.g. a hub encoder on a machine that is offline
+        return f"{cfg.vision.name}; its grid could not be read here: {error}"
+    if encoder.grid_size is None:
+        return f"{cfg.vision.name}: vectors of {encoder.out_dim} numbers"
+    h, w = encoder.grid_size
+    return f"{cfg.vision.name}: {h}x{w} = {h * w} vectors of {encoder.out_dim} numbers"
 
 
 def _metric_legend(metrics) -> list[tuple[str, str]]:
