@@ -66,9 +66,10 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
         suite = json.loads((runs_dir / "suite.json").read_text())
     title = f"vlmlab ablation report: {suite.get('name', runs_dir.name)}"
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    encoder = _encoder_summary(runs_dir / variants[0])  # builds the encoder once to read its grid
     parts.append("<h2>What the model is made of</h2><ol>" + "".join(
-        f"<li><b>{html.escape(name)}</b>: {html.escape(text.format(encoder=_encoder_summary(runs_dir / variants[0])))}</li>"
-        for name, text in PARTS) + "</ol>")  # fmt: skip
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text.format(encoder=encoder))}</li>" for name, text in PARTS)
+        + "</ol>")  # fmt: skip
     parts.append("<h2>The variants</h2><p>Each variant changes only the settings shown; everything else "
                  "(data, steps, seed list, decoding) is the same.</p><table><tr><th>variant</th><th>settings</th>"
                  "<th>what it tests</th></tr>")  # fmt: skip
