@@ -126,3 +126,19 @@ def test_report_inlines_large_pictures_as_jpeg_that_keep_their_content(tmp_path)
     assert len(data) < (tmp_path / "big.png").stat().st_size
     decoded = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32)
     assert decoded.shape == photo.shape and np.abs(decoded.mean() - photo.mean()) < 2
+
+
+def test_readout_marks_better_worse_and_noise_against_the_reference():
+    from vlmlab.report import _readout
+
+    metrics = [("CIDEr-D", "CIDEr-D", True), ("NLL true", "nll_true", False)]
+    values = {"ref": [(1.0, 3.0), (1.2, 3.0)], "up": [(2.0, 3.5), (2.2, 3.5)], "same": [(1.05, 2.99), (1.15, 3.01)],
+              "one": [(1.3, 2.9)]}  # fmt: skip
+    rows = [{"variant": v, "CIDEr-D": str(c), "nll_true": str(n)} for v, runs in values.items() for c, n in runs]
+    html_rows = {line.split("</td>")[0].removeprefix("<tr><td>"): line for line in _readout(rows, list(values), {"ref": {}}, metrics)
+                 if line.startswith("<tr><td>")}  # fmt: skip
+    assert "ref" not in html_rows  # the reference (no settings) is what the others are measured against
+    assert "<td class='better'>+1.000</td><td class='worse'>+0.500</td>" in html_rows["up"]
+    assert "<td class='noise'>+0.000</td><td class='noise'>+0.000</td>" in html_rows["same"]
+    assert "<td class='noise'>" not in html_rows["one"]  # one seed: no noise estimate, so no cell is greyed
+    assert "<td class='better'>+0.200</td><td class='better'>-0.100</td>" in html_rows["one"]  # lower NLL is better
