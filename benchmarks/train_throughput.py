@@ -17,8 +17,8 @@ import torch
 
 from vlmlab.config import load_config
 from vlmlab.data.synthetic import describe_scene, render_scene, sample_scene
-from vlmlab.train import build_optimizer
-from vlmlab.vlm import build_vlm
+from vlmlab.model.vlm import build_vlm
+from vlmlab.train.loop import build_optimizer
 
 
 def main() -> None:
@@ -42,8 +42,10 @@ def main() -> None:
     encode_s = time.perf_counter() - start
     text = model.text_batch(captions)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {b}")
-    print(f"sequence: {image_tokens.shape[1]} image tokens -> {model.connector.num_visual_tokens} visual tokens "
-          f"+ {text.input_ids.shape[1]} text tokens (prompt {len(model.prompt_ids)})")
+    print(
+        f"sequence: {image_tokens.shape[1]} image tokens -> {model.connector.num_visual_tokens} visual tokens "
+        f"+ {text.input_ids.shape[1]} text tokens (prompt {len(model.prompt_ids)})"
+    )
     print(f"frozen encoder ({cfg.vision.name}): {b / encode_s:.1f} images/s")
     times = []
     for i in range(args.warmup + args.steps):

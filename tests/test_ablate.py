@@ -7,20 +7,27 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
 import yaml
+from PIL import Image
 
 from test_train import tiny_config
-from vlmlab.ablate import BUILTIN_SUITES, load_suite, run_suite
+from vlmlab.analysis.ablate import BUILTIN_SUITES, load_suite, run_suite
 from vlmlab.config import ConfigError, save_config
 
 
 def test_builtin_suites_load_and_name_the_roles():
     for name in BUILTIN_SUITES:
         suite = load_suite(name)
-        assert {"qformer-16", "meanpool", "linear", "mlp", "lora-off", "frozen-qformer", "qformer-8", "qformer-32"} == set(
-            suite.variants
-        )
+        assert {
+            "qformer-16",
+            "meanpool",
+            "linear",
+            "mlp",
+            "lora-off",
+            "frozen-qformer",
+            "qformer-8",
+            "qformer-32",
+        } == set(suite.variants)
         assert suite.config("mlp", 0, suite.path).connector.type == "mlp"
         assert suite.config("lora-off", 0, suite.path).lm.lora.enabled is False
 
@@ -40,14 +47,23 @@ def tiny_suite(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
     tmp_path = tmp_path_factory.mktemp("suite")
     old = os.environ.get("VLMLAB_CACHE")
     os.environ["VLMLAB_CACHE"] = str(tmp_path / "cache")
-    base = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=2",
-                       "generate.max_new_tokens=6")  # fmt: skip
+    base = tiny_config(
+        tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=2", "generate.max_new_tokens=6"
+    )
     save_config(base, tmp_path / "base.yaml")
     suite_file = tmp_path / "suite.yaml"
-    suite_file.write_text(yaml.safe_dump({
-        "name": "tiny", "base": "base.yaml", "seeds": [0, 1], "split": "val", "contact_images": 2,
-        "variants": {"qformer": {}, "meanpool": {"connector.type": "meanpool", "connector.num_queries": 2}},
-    }))  # fmt: skip
+    suite_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "base": "base.yaml",
+                "seeds": [0, 1],
+                "split": "val",
+                "contact_images": 2,
+                "variants": {"qformer": {}, "meanpool": {"connector.type": "meanpool", "connector.num_queries": 2}},
+            }
+        )
+    )
     out = run_suite(load_suite(str(suite_file)), tmp_path / "out")
     yield suite_file, out
     if old is None:
@@ -56,10 +72,16 @@ def tiny_suite(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
         os.environ["VLMLAB_CACHE"] = old
 
 
+@pytest.mark.slow
 def test_tiny_suite_end_to_end(tiny_suite):
     suite_file, out = tiny_suite
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert sorted((r["variant"], r["seed"]) for r in rows) == [("meanpool", "0"), ("meanpool", "1"), ("qformer", "0"), ("qformer", "1")]
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [
+        ("meanpool", "0"),
+        ("meanpool", "1"),
+        ("qformer", "0"),
+        ("qformer", "1"),
+    ]
     tokens = {r["variant"]: r["visual_tokens"] for r in rows}
     assert tokens == {"qformer": "4", "meanpool": "2"}
     assert all(0 <= float(r["attr_colour"]) <= 1 for r in rows)  # synthetic world: attribute scores present
@@ -79,14 +101,20 @@ def test_tiny_suite_end_to_end(tiny_suite):
 
 
 def test_report_is_one_self_contained_page_that_renders_in_headless_chromium(tiny_suite, tmp_path):
-    from vlmlab.report import build_report
+    from vlmlab.analysis.report import build_report
 
     _, out = tiny_suite
     page = build_report(out, inspect_images=1)
     text = page.read_text()
-    assert "src=\"data:image/png;base64," in text and "src=\"http" not in text and "file:" not in text
-    for needle in ("What the model is made of", "connector.type: meanpool", "colour correct", "qformer", "meanpool",
-                   "Read-out: each switch against the reference (qformer)"):
+    assert 'src="data:image/png;base64,' in text and 'src="http' not in text and "file:" not in text
+    for needle in (
+        "What the model is made of",
+        "connector.type: meanpool",
+        "colour correct",
+        "qformer",
+        "meanpool",
+        "Read-out: each switch against the reference (qformer)",
+    ):
         assert needle in text, needle
     import re
 
@@ -97,13 +125,23 @@ def test_report_is_one_self_contained_page_that_renders_in_headless_chromium(tin
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian chromium is not installed: apt-get install chromium")
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True,
-                         text=True, timeout=120).stdout  # fmt: skip
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     images = text.count("<img ")
     assert f'data-images-loaded="{images}/{images}"' in dom, dom[-500:]  # every inline image decoded
     shot = tmp_path / "report.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120
+    )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (2400, 1200) and pixels.std() > 10  # not a blank page
     shutil.copy(shot, out / "report_screenshot.png")
@@ -114,7 +152,7 @@ def test_report_inlines_large_pictures_as_jpeg_that_keep_their_content(tmp_path)
     import io
     import re
 
-    from vlmlab.report import _img
+    from vlmlab.analysis.report import _img
 
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)  # noise: a PNG of ~700 kB
@@ -129,14 +167,21 @@ def test_report_inlines_large_pictures_as_jpeg_that_keep_their_content(tmp_path)
 
 
 def test_readout_marks_better_worse_and_noise_against_the_reference():
-    from vlmlab.report import _readout
+    from vlmlab.analysis.report import _readout
 
     metrics = [("CIDEr-D", "CIDEr-D", True), ("NLL true", "nll_true", False)]
-    values = {"ref": [(1.0, 3.0), (1.2, 3.0)], "up": [(2.0, 3.5), (2.2, 3.5)], "same": [(1.05, 2.99), (1.15, 3.01)],
-              "one": [(1.3, 2.9)]}  # fmt: skip
+    values = {
+        "ref": [(1.0, 3.0), (1.2, 3.0)],
+        "up": [(2.0, 3.5), (2.2, 3.5)],
+        "same": [(1.05, 2.99), (1.15, 3.01)],
+        "one": [(1.3, 2.9)],
+    }
     rows = [{"variant": v, "CIDEr-D": str(c), "nll_true": str(n)} for v, runs in values.items() for c, n in runs]
-    html_rows = {line.split("</td>")[0].removeprefix("<tr><td>"): line for line in _readout(rows, list(values), {"ref": {}}, metrics)
-                 if line.startswith("<tr><td>")}  # fmt: skip
+    html_rows = {
+        line.split("</td>")[0].removeprefix("<tr><td>"): line
+        for line in _readout(rows, list(values), {"ref": {}}, metrics)
+        if line.startswith("<tr><td>")
+    }
     assert "ref" not in html_rows  # the reference (no settings) is what the others are measured against
     assert "<td class='better'>+1.000</td><td class='worse'>+0.500</td>" in html_rows["up"]
     assert "<td class='noise'>+0.000</td><td class='noise'>+0.000</td>" in html_rows["same"]

@@ -5,7 +5,10 @@ import warnings
 import pytest
 import torch
 
-from vlmlab.baselines import (
+from vlmlab.config import load_config, save_config
+from vlmlab.data.formats import CaptionSample
+from vlmlab.data.pairs import SplitFeatures
+from vlmlab.eval.baselines import (
     NearestNeighbourCaptioner,
     applicable_baselines,
     baseline_config,
@@ -14,10 +17,7 @@ from vlmlab.baselines import (
     pooled,
     stale_keys,
 )
-from vlmlab.config import load_config, save_config
-from vlmlab.data.formats import CaptionSample
-from vlmlab.data.pairs import SplitFeatures
-from vlmlab.evaluate import choose_retrieval_k, evaluate_retrieval
+from vlmlab.eval.captioning import choose_retrieval_k, evaluate_retrieval
 
 
 def split_of(directions: list[list[float]], captions: list[list[str]], tokens: int = 3) -> SplitFeatures:
@@ -30,9 +30,13 @@ def split_of(directions: list[list[float]], captions: list[list[str]], tokens: i
 
 TRAIN = split_of(
     [[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]],
-    [["a dog runs on grass", "a brown dog runs"], ["a dog plays on grass", "dog on the lawn"],
-     ["a cat sleeps on a sofa", "a grey cat sleeps"], ["two men ride bikes", "men riding bicycles"]],
-)  # fmt: skip
+    [
+        ["a dog runs on grass", "a brown dog runs"],
+        ["a dog plays on grass", "dog on the lawn"],
+        ["a cat sleeps on a sofa", "a grey cat sleeps"],
+        ["two men ride bikes", "men riding bicycles"],
+    ],
+)
 
 
 def test_pooled_is_a_unit_mean():

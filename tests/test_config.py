@@ -77,7 +77,7 @@ def test_parse_override_nests():
     ],
 )
 def test_data_paths_fail_before_any_model_loads(spec, message, monkeypatch, tmp_path):
-    import vlmlab.train as train_module
+    import vlmlab.train.loop as train_module
 
     def no_models(*_):
         raise AssertionError("a model was built before the config was checked")

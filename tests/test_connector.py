@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlmlab.config import ConnectorConfig
-from vlmlab.connector import QFormerConnector, build_connector
+from vlmlab.model.connector import QFormerConnector, build_connector
 
 
 def test_shapes_and_attention():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmlab.contact_sheet import contact_sheet
+from vlmlab.eval.contact_sheet import contact_sheet
 
 
 def _cells(tmp_path, n):
@@ -12,8 +12,16 @@ def _cells(tmp_path, n):
     for i in range(n):
         path = tmp_path / f"img{i}.png"
         Image.new("RGB", (120 + 40 * i, 90), (40 * i, 120, 200)).save(path)
-        cells.append({"image": str(path), "lines": [("reference", "a blue square " * (i + 1)), ("model", "a square"),
-                                                    ("model, swapped image", "")]})  # fmt: skip
+        cells.append(
+            {
+                "image": str(path),
+                "lines": [
+                    ("reference", "a blue square " * (i + 1)),
+                    ("model", "a square"),
+                    ("model, swapped image", ""),
+                ],
+            }
+        )
     return cells
 
 

@@ -103,13 +103,27 @@ def test_karpathy_reader(tmp_path):
     data = {
         "dataset": "coco",
         "images": [
-            {"filepath": "val2014", "filename": "a.jpg", "cocoid": 42, "imgid": 0, "split": "restval",
-             "sentids": [0, 1], "sentences": [{"raw": " A cat. ", "tokens": ["a", "cat"]}, {"raw": "A kitten."}]},
-            {"filepath": "train2014", "filename": "b.jpg", "cocoid": 7, "imgid": 1, "split": "test",
-             "sentences": [{"raw": "A dog."}, {"raw": ""}], "objects": [{"kind": "dog"}]},
+            {
+                "filepath": "val2014",
+                "filename": "a.jpg",
+                "cocoid": 42,
+                "imgid": 0,
+                "split": "restval",
+                "sentids": [0, 1],
+                "sentences": [{"raw": " A cat. ", "tokens": ["a", "cat"]}, {"raw": "A kitten."}],
+            },
+            {
+                "filepath": "train2014",
+                "filename": "b.jpg",
+                "cocoid": 7,
+                "imgid": 1,
+                "split": "test",
+                "sentences": [{"raw": "A dog."}, {"raw": ""}],
+                "objects": [{"kind": "dog"}],
+            },
             {"filepath": "train2014", "filename": "c.jpg", "cocoid": 8, "split": "val", "sentences": [{"raw": " "}]},
         ],
-    }  # fmt: skip
+    }
     json_path = tmp_path / "dataset_coco.json"
     json_path.write_text(json.dumps(data))
 
@@ -129,8 +143,12 @@ def test_karpathy_reader(tmp_path):
 
 
 def test_karpathy_flickr_style_ids_and_bad_split(tmp_path):
-    data = {"dataset": "flickr8k", "images": [
-        {"filename": "1000268201_693b08cb0e.jpg", "imgid": 0, "split": "val", "sentences": [{"raw": "A child."}]}]}
+    data = {
+        "dataset": "flickr8k",
+        "images": [
+            {"filename": "1000268201_693b08cb0e.jpg", "imgid": 0, "split": "val", "sentences": [{"raw": "A child."}]}
+        ],
+    }
     json_path = tmp_path / "dataset_flickr8k.json"
     json_path.write_text(json.dumps(data))
     (sample,) = load_captions(f"karpathy:{json_path}")["val"]
@@ -244,7 +262,7 @@ def broken_images(tmp_path):
 def test_load_image_raises_on_broken_files(tmp_path):
     _, zero, truncated = broken_images(tmp_path)
     for path in (zero, truncated, tmp_path / "missing.jpg"):
-        with pytest.raises(Exception):
+        with pytest.raises(OSError):
             load_image(path)
 
 

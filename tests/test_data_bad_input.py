@@ -48,8 +48,11 @@ def test_flickr8k_reader_keeps_every_caption_or_names_the_bad_line(tmp_path_fact
         with pytest.raises(ValueError, match=f"{token_file}:{bad[0]}:"):
             load_captions(f"flickr8k:{root}", skipped=report)
         return
-    got = {s.image_path.rsplit("/", 1)[1]: s.captions for ss in load_captions(f"flickr8k:{root}", skipped=report).values()
-           for s in ss}  # fmt: skip
+    got = {
+        s.image_path.rsplit("/", 1)[1]: s.captions
+        for ss in load_captions(f"flickr8k:{root}", skipped=report).values()
+        for s in ss
+    }
     expected: dict[str, list[str]] = {}
     for kind, name, _, caption in lines:
         if kind == "good" and caption.strip():
@@ -70,7 +73,7 @@ def test_flickr8k_reader_on_arbitrary_bytes_reads_or_names_the_file(tmp_path_fac
 
 
 def test_flickr8k_non_utf8_names_the_line(tmp_path):
-    root = _flickr_root(tmp_path, "a.jpg#0\tfine\n".encode() + b"b.jpg#0\tcaf\xe9\n")
+    root = _flickr_root(tmp_path, b"a.jpg#0\tfine\n" + b"b.jpg#0\tcaf\xe9\n")
     with pytest.raises(ValueError, match=r"Flickr8k.token.txt:2: not UTF-8"):
         load_captions(f"flickr8k:{root}")
 
@@ -121,7 +124,9 @@ def test_coco_reader_model_based(tmp_path_factory, images, annotations):
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=10,
 )
 coco_like = st.fixed_dictionaries({"images": json_values, "annotations": json_values})
@@ -138,7 +143,11 @@ def test_coco_reader_on_arbitrary_json_reads_or_names_the_file(tmp_path_factory,
 
 
 @SETTINGS
-@given(doc=st.one_of(json_values, st.fixed_dictionaries({"images": st.lists(json_values, max_size=3)}), st.binary(max_size=60)))
+@given(
+    doc=st.one_of(
+        json_values, st.fixed_dictionaries({"images": st.lists(json_values, max_size=3)}), st.binary(max_size=60)
+    )
+)
 def test_karpathy_reader_on_arbitrary_json_reads_or_names_the_file(tmp_path_factory, doc):
     path = tmp_path_factory.mktemp("k") / "dataset_x.json"
     path.write_bytes(doc if isinstance(doc, bytes) else json.dumps(doc).encode())
@@ -151,8 +160,14 @@ def test_karpathy_reader_on_arbitrary_json_reads_or_names_the_file(tmp_path_fact
 # ---------------------------------------------------------------------------------------------- images
 
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
-FORMATS = {"png": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"), "jpeg": ("L", "RGB", "CMYK"),
-           "gif": ("L", "P"), "bmp": ("1", "L", "P", "RGB"), "tiff": MODES, "webp": ("RGB", "RGBA")}  # fmt: skip
+FORMATS = {
+    "png": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
+    "jpeg": ("L", "RGB", "CMYK"),
+    "gif": ("L", "P"),
+    "bmp": ("1", "L", "P", "RGB"),
+    "tiff": MODES,
+    "webp": ("RGB", "RGBA"),
+}
 
 
 @st.composite
@@ -199,7 +214,9 @@ def _png_header_only(path, width, height):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -215,9 +232,9 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
 def test_every_listed_fault_through_the_data_path(tmp_path, tiny_clip_dir):
     """One COCO root holding each fault the data path must take: kept (converted) or skipped, logged, counted."""
     from vlmlab.config import load_config
+    from vlmlab.data.features import FeatureCache
     from vlmlab.data.pairs import SKIP_LOG, load_split_features
-    from vlmlab.features import FeatureCache
-    from vlmlab.vision import build_vision_encoder
+    from vlmlab.model.vision import build_vision_encoder
 
     images = tmp_path / "coco" / "val2017"
     images.mkdir(parents=True)
@@ -232,8 +249,18 @@ def test_every_listed_fault_through_the_data_path(tmp_path, tiny_clip_dir):
     rgb.convert("L").save(images / "grey.jpg")
     rgb.convert("CMYK").save(images / "cmyk.jpg")
     _png_header_only(images / "bomb.png", 8000, 8000)
-    names = ["good.jpg", "truncated.jpg", "zero.jpg", "alpha.png", "16bit.png", "palette.png", "grey.jpg",
-             "cmyk.jpg", "bomb.png", "missing.jpg"]  # fmt: skip
+    names = [
+        "good.jpg",
+        "truncated.jpg",
+        "zero.jpg",
+        "alpha.png",
+        "16bit.png",
+        "palette.png",
+        "grey.jpg",
+        "cmyk.jpg",
+        "bomb.png",
+        "missing.jpg",
+    ]
     doc = {
         "images": [{"id": i, "file_name": n} for i, n in enumerate(names)] + [{"id": 0, "file_name": "good.jpg"}],
         "annotations": [{"image_id": i, "caption": f"picture {n}"} for i, n in enumerate(names)]
@@ -251,8 +278,10 @@ def test_every_listed_fault_through_the_data_path(tmp_path, tiny_clip_dir):
 
     lines = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(lines) == 1, lines  # one summary line
-    assert ("skipped 1 captions of unlisted images, 1 empty captions, 1 missing images, 3 unreadable images; "
-            f"each listed in {tmp_path / 'run' / SKIP_LOG}") in lines[0]  # fmt: skip
+    assert (
+        "skipped 1 captions of unlisted images, 1 empty captions, 1 missing images, 3 unreadable images; "
+        f"each listed in {tmp_path / 'run' / SKIP_LOG}"
+    ) in lines[0]
     log = (tmp_path / "run" / SKIP_LOG).read_text()
     for name in ("truncated.jpg", "zero.jpg", "bomb.png", "missing.jpg", "annotations[10]", "annotations[11]"):
         assert name in log, name

@@ -6,22 +6,33 @@ import torch
 from vlmlab.config import load_config
 from vlmlab.data.formats import CaptionSample
 from vlmlab.data.pairs import SplitFeatures
-from vlmlab.evaluate import evaluate_split, format_table
-from vlmlab.vlm import build_vlm
+from vlmlab.eval.captioning import evaluate_split, format_table
+from vlmlab.model.vlm import build_vlm
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_clip_dir, tiny_gpt2_dir):
-    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", "connector.width=32",
-                             "connector.heads=2", "connector.num_queries=4", "lm.lora.dropout=0.0",
-                             "generate.max_new_tokens=5"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            "connector.width=32",
+            "connector.heads=2",
+            "connector.num_queries=4",
+            "lm.lora.dropout=0.0",
+            "generate.max_new_tokens=5",
+        ],
+    )
     return build_vlm(cfg).eval()
 
 
 def _split(n=4):
     torch.manual_seed(1)
-    samples = [CaptionSample(f"x:{i}", f"/img/{i}.png", [f"a {c} thing.", f"the {c} one."], "test")
-               for i, c in enumerate(["red", "blue", "green", "yellow"][:n])]  # fmt: skip
+    samples = [
+        CaptionSample(f"x:{i}", f"/img/{i}.png", [f"a {c} thing.", f"the {c} one."], "test")
+        for i, c in enumerate(["red", "blue", "green", "yellow"][:n])
+    ]
     features = torch.randn(n, 16, 32).half() * 3
     pairs = [(i, c) for i, s in enumerate(samples) for c in s.captions]
     return SplitFeatures(samples, features, pairs)
@@ -38,6 +49,7 @@ def test_probes_of_a_model_that_sees_the_image(tiny):
     assert table.count("\n") == 2 and "visual gain" in table
 
 
+@pytest.mark.slow
 def test_probes_of_a_blind_connector_show_no_image_dependence(tiny):
     """Zero the projection: every image gives the same visual tokens, so all image probes must agree."""
     state = {k: v.clone() for k, v in tiny.connector.state_dict().items()}
@@ -56,8 +68,16 @@ def test_probes_of_a_blind_connector_show_no_image_dependence(tiny):
 
 def test_probes_of_the_blind_baseline_show_no_image_dependence(tiny_clip_dir, tiny_gpt2_dir):
     """connector.type=none: no visual tokens at all, so every NLL probe is the no-image NLL, exactly."""
-    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", "connector.type=none",
-                             "lm.lora.dropout=0.0", "generate.max_new_tokens=4"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            "connector.type=none",
+            "lm.lora.dropout=0.0",
+            "generate.max_new_tokens=4",
+        ],
+    )
     blind = build_vlm(cfg).eval()
     assert blind.blind and blind.parameter_table()[1][1:] == (0, 0)  # the connector row: nothing
     r = evaluate_split(blind, _split(), batch_size=3)
@@ -67,19 +87,27 @@ def test_probes_of_the_blind_baseline_show_no_image_dependence(tiny_clip_dir, ti
     assert r["CIDEr-D"] == pytest.approx(r["cider_deranged"])  # one caption for all: the pairing cannot matter
 
 
+@pytest.mark.slow
 def test_eval_command_trains_and_reuses_baselines(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, capsys):
     """One `vlmlab eval` gives the model, the blind LM, the frozen connector and retrieval in one table."""
     import json
 
     from safetensors.torch import load_file
-    from test_train import tiny_config
 
+    from test_train import tiny_config
     from vlmlab.cli import main as cli_main
-    from vlmlab.train import train
+    from vlmlab.train.loop import train
 
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.eval_every=6",
-                      "train.save_every=6", "generate.max_new_tokens=4")  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        tiny_clip_dir,
+        tiny_gpt2_dir,
+        "train.max_steps=6",
+        "train.eval_every=6",
+        "train.save_every=6",
+        "generate.max_new_tokens=4",
+    )
     run_dir = train(cfg)
     argv = ["eval", str(run_dir), "--retrieval-k", "3", "--contact-images", "4", "--split", "val"]
     assert cli_main(argv) == 0
@@ -100,12 +128,14 @@ def test_eval_command_trains_and_reuses_baselines(tmp_path, tiny_clip_dir, tiny_
     # the frozen control's connector is exactly the seeded initialisation; the model's has moved
     model_state = load_file(run_dir / "checkpoint" / "trainable.safetensors")
     frozen_state = load_file(run_dir / "baselines" / "frozen_connector" / "checkpoint" / "trainable.safetensors")
-    from vlmlab.vlm import build_vlm
+    from vlmlab.model.vlm import build_vlm
 
     init = build_vlm(cfg).trainable_state_dict()
     assert torch.equal(frozen_state["connector.queries"], init["connector.queries"])
     assert not torch.equal(model_state["connector.queries"], init["connector.queries"])
-    assert not any(k.startswith("connector.") for k in load_file(run_dir / "baselines/blind/checkpoint/trainable.safetensors"))
+    assert not any(
+        k.startswith("connector.") for k in load_file(run_dir / "baselines/blind/checkpoint/trainable.safetensors")
+    )
 
     # a second eval reuses the finished baselines; overridden generation settings are recorded
     assert cli_main(argv + ["--max-new-tokens", "2", "--no-train-baselines"]) == 0

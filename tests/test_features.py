@@ -2,12 +2,11 @@
 
 import warnings
 
-import pytest
 import torch
 from PIL import Image
 
-from vlmlab.features import FeatureCache
-from vlmlab.vision import build_vision_encoder
+from vlmlab.data.features import FeatureCache
+from vlmlab.model.vision import build_vision_encoder
 
 
 class Counting(torch.nn.Module):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vlmlab import language_model as lmmod
-from vlmlab.language_model import add_lora, embedding_rms, load_language_model
+from vlmlab.model import language_model as lmmod
+from vlmlab.model.language_model import add_lora, embedding_rms, load_language_model
 
 
 @pytest.fixture(scope="module")
@@ -12,8 +12,14 @@ def tiny_llama_dir(tmp_path_factory, gpt2_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(gpt2_tokenizer))  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(gpt2_tokenizer),
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     gpt2_tokenizer.save_pretrained(out)
     return out
@@ -52,6 +58,7 @@ def test_lora_errors(tiny_gpt2_dir):
         add_lora(model, 4, 8, 0.0, None)
 
 
+@pytest.mark.slow
 def test_smollm2_is_converted_once_and_then_reloaded_from_cache(monkeypatch):
     path = lmmod.smollm2_dir()  # converts on the first call on a machine, then returns the cached folder
     assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from vlmlab.metrics import _ptb_tokenize, caption_metrics, plain_tokenize
+from vlmlab.eval.metrics import _ptb_tokenize, caption_metrics, plain_tokenize
 
 HAS_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="no java on PATH")
@@ -104,10 +104,16 @@ def test_empty_reference_list_raises():
 @pytest.fixture(scope="module")
 def java_metrics():
     """One full PTB + METEOR run: references differ from the candidates only in case/punctuation."""
-    refs = {"1": ["A Dog runs on the grass."], "2": ["A cat, sleeping on a red sofa!"],
-            "3": ["Two men ride bikes down a street..."]}
-    cands = {"1": "a dog runs on the grass", "2": "a cat sleeping on a red sofa",
-             "3": "two men ride bikes down a street"}
+    refs = {
+        "1": ["A Dog runs on the grass."],
+        "2": ["A cat, sleeping on a red sofa!"],
+        "3": ["Two men ride bikes down a street..."],
+    }
+    cands = {
+        "1": "a dog runs on the grass",
+        "2": "a cat sleeping on a red sofa",
+        "3": "two men ride bikes down a street",
+    }
     return caption_metrics(refs, cands, use_java=True)
 
 

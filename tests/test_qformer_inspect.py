@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from test_train import tiny_config
+from vlmlab.analysis.inspect import inspect_image, nearest_vocabulary
 from vlmlab.cli import main as cli_main
-from vlmlab.qformer_inspect import inspect_image, nearest_vocabulary
-from vlmlab.train import load_run, train
+from vlmlab.train.checkpoint import load_run
+from vlmlab.train.loop import train
 
 
 def test_attention_maps_and_nearest_tokens(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, capsys):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vlmlab.language_model import choose_end_token
-from vlmlab.sequence import (
+from vlmlab.model.language_model import choose_end_token
+from vlmlab.model.sequence import (
     IGNORE_INDEX,
     build_generation_batch,
     build_training_batch,

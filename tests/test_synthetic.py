@@ -41,7 +41,7 @@ def test_scenes_and_captions_are_deterministic():
         pixels = [np.asarray(render_scene(s, 64, rng)) for s in scenes]
         return scenes, captions, pixels
 
-    (s0, c0, p0), (s1, c1, p1), (s2, c2, _) = draw(0), draw(0), draw(1)
+    (s0, c0, p0), (s1, c1, p1), (_, c2, _) = draw(0), draw(0), draw(1)
     assert s0 == s1 and c0 == c1
     assert all(np.array_equal(a, b) for a, b in zip(p0, p1))
     assert c0 != c2
@@ -103,8 +103,10 @@ def test_render_shapes_and_sizes():
     large = np.asarray(render_scene([SceneObject("red", "square", "large", "center")], 96))
     circle = np.asarray(render_scene([SceneObject("red", "circle", "large", "center")], 96))
     triangle = np.asarray(render_scene([SceneObject("red", "triangle", "large", "center")], 96))
-    area = {k: int(np.all(v == RGB["red"], axis=-1).sum()) for k, v in
-            dict(small=small, large=large, circle=circle, triangle=triangle).items()}  # fmt: skip
+    area = {
+        k: int(np.all(v == RGB["red"], axis=-1).sum())
+        for k, v in dict(small=small, large=large, circle=circle, triangle=triangle).items()
+    }
     assert area["large"] > 2.5 * area["small"]
     assert area["triangle"] < area["circle"] < area["large"]
     assert render_scene([], 64).size == (64, 64)

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from vlmlab.cli import main as cli_main
 from vlmlab.config import load_config
-from vlmlab.train import load_run, train
+from vlmlab.train.checkpoint import load_run
+from vlmlab.train.loop import train
 
 
 def tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra):
@@ -83,8 +84,20 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_clip_dir, tiny_gpt2
 def test_cli_caption_and_errors(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache, capsys):
     cfg_args = ["--set", f"vision.name=hf:{tiny_clip_dir}", "--set", f"lm.name={tiny_gpt2_dir}"]
     world = f"data.datasets=[synthetic:{tmp_path / 'world'}]"
-    small = ["--set", world, "--set", "data.synthetic_images=24", "--set", "train.max_steps=3",
-             "--set", "train.batch_size=4", "--set", "connector.width=32", "--set", "connector.heads=2"]  # fmt: skip
+    small = [
+        "--set",
+        world,
+        "--set",
+        "data.synthetic_images=24",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "connector.width=32",
+        "--set",
+        "connector.heads=2",
+    ]
     (tmp_path / "c.yaml").write_text("train:\n  eval_every: 100\n")
     assert cli_main(["train", str(tmp_path / "c.yaml"), *cfg_args, *small, "--output-dir", str(tmp_path / "r")]) == 0
     image = str(sorted((tmp_path / "world" / "images").glob("*.png"))[0])
@@ -97,6 +110,7 @@ def test_cli_caption_and_errors(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
     assert "train.bogus" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_short_run_with_the_default_models_learns_and_never_writes_empty_captions(tmp_path):
     """The famous failure was a captioner that wrote only end-of-text. Train the real defaults
     (EfficientNet-Lite0 + SmolLM2-135M + Q-Former + LoRA) briefly and look at what they write."""
@@ -128,8 +142,15 @@ def test_short_run_with_the_default_models_learns_and_never_writes_empty_caption
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.grad_accum=3", "train.max_steps=4",
-                      "train.log_every=1", "train.batch_size=4")  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        tiny_clip_dir,
+        tiny_gpt2_dir,
+        "train.grad_accum=3",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.batch_size=4",
+    )
     run_dir = train(cfg)
     state = torch.load(run_dir / "checkpoint" / "training_state.pt", weights_only=False)
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4  # 12 micro-batches, 4 updates
@@ -140,14 +161,21 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_clip_dir, t
 def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
     """CPU determinism: two runs of one config agree on every logged number, every weight and every caption."""
     extra = ("train.max_steps=8", "train.log_every=1", "train.eval_every=4", "connector.dropout=0.1")
-    runs = [train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, f"train.output_dir={tmp_path / n}"))
-            for n in ("a", "b")]  # fmt: skip
-    other = train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, "train.seed=1",
-                              f"train.output_dir={tmp_path / 'c'}"))  # fmt: skip
+    runs = [
+        train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, f"train.output_dir={tmp_path / n}"))
+        for n in ("a", "b")
+    ]
+    other = train(
+        tiny_config(
+            tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, "train.seed=1", f"train.output_dir={tmp_path / 'c'}"
+        )
+    )
 
     def numbers(run):
-        return [{k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "rss_mb", "peak_rss_mb")}
-                for x in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        return [
+            {k: v for k, v in json.loads(x).items() if k not in ("samples_per_s", "rss_mb", "peak_rss_mb")}
+            for x in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert numbers(runs[0]) == numbers(runs[1])
     assert numbers(runs[0]) != numbers(other)  # the seed does reach the run
@@ -160,16 +188,25 @@ def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gp
 def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
     """bf16 autocast reaches the forward pass on the CPU (numbers move a little, training still works);
     fp16 has no CPU autocast here, so asking for it is refused rather than silently ignored."""
-    from vlmlab.config import ConfigError
-
     from accelerate.state import AcceleratorState
+
+    from vlmlab.config import ConfigError
 
     def losses(name, precision):
         AcceleratorState._reset_state()  # accelerate fixes the precision once per process; these are 3 runs in one
-        cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.log_every=1",
-                          f"train.mixed_precision={precision}", f"train.output_dir={tmp_path / name}")  # fmt: skip
+        cfg = tiny_config(
+            tmp_path,
+            tiny_clip_dir,
+            tiny_gpt2_dir,
+            "train.max_steps=4",
+            "train.log_every=1",
+            f"train.mixed_precision={precision}",
+            f"train.output_dir={tmp_path / name}",
+        )
         run = train(cfg)
-        return [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
+        return [
+            json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train_loss" in x
+        ]
 
     full, half = losses("fp32", "no"), losses("bf16", "bf16")
     assert full != half and half == pytest.approx(full, rel=1e-2)
@@ -181,12 +218,20 @@ def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
 def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_cache(
     tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache
 ):
-    from vlmlab.features import FeatureCache
-    from vlmlab.vision import build_vision_encoder
+    from vlmlab.data.features import FeatureCache
+    from vlmlab.model.vision import build_vision_encoder
 
     pretrained = build_vision_encoder(f"hf:{tiny_clip_dir}")
-    run = train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "vision.unfreeze_last=1", "train.max_steps=6",
-                            "train.vision_lr=1e-2"))  # fmt: skip
+    run = train(
+        tiny_config(
+            tmp_path,
+            tiny_clip_dir,
+            tiny_gpt2_dir,
+            "vision.unfreeze_last=1",
+            "train.max_steps=6",
+            "train.vision_lr=1e-2",
+        )
+    )
     assert not list((tmp_path / "cache").glob("features/*/shard-*"))  # training never read or wrote the cache
 
     state = load_file(run / "checkpoint" / "trainable.safetensors")
@@ -208,6 +253,6 @@ def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_ca
 
 def test_unfreezing_more_blocks_than_the_encoder_has_is_refused(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     with pytest.raises(ValueError, match="vision.unfreeze_last = 3: .* has 2 blocks"):
-        from vlmlab.vlm import build_vlm
+        from vlmlab.model.vlm import build_vlm
 
         build_vlm(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "vision.unfreeze_last=3"))

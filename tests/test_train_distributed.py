@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from test_train import tiny_config
 from vlmlab.config import save_config
-from vlmlab.train import CHECKPOINT, load_run, verify_checkpoint
+from vlmlab.train.checkpoint import CHECKPOINT, load_run, verify_checkpoint
 
 STEPS = 6
 
@@ -32,8 +31,13 @@ def _run(tmp_path, name, cfg, launcher):
     save_config(cfg, tmp_path / f"{name}.yaml")
     trace = tmp_path / f"trace-{name}"
     trace.mkdir()
-    env = {**os.environ, "VLMLAB_CACHE": str(tmp_path / "cache"), "VLMLAB_TRACE_DATA": str(trace),
-           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "VLMLAB_CACHE": str(tmp_path / "cache"),
+        "VLMLAB_TRACE_DATA": str(trace),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+    }
     cmd = [sys.executable, *launcher, "-m", "vlmlab.cli", "train", str(tmp_path / f"{name}.yaml")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -42,18 +46,39 @@ def _run(tmp_path, name, cfg, launcher):
     return traces, records, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_clip_dir, tiny_gpt2_no_dropout):
     def config(name, batch_size):
         return tiny_config(
-            tmp_path, tiny_clip_dir, tiny_gpt2_no_dropout, f"train.batch_size={batch_size}", f"train.max_steps={STEPS}",
-            "train.log_every=1", "train.save_every=3", "train.eval_every=3", "lm.lora.dropout=0.0",
+            tmp_path,
+            tiny_clip_dir,
+            tiny_gpt2_no_dropout,
+            f"train.batch_size={batch_size}",
+            f"train.max_steps={STEPS}",
+            "train.log_every=1",
+            "train.save_every=3",
+            "train.eval_every=3",
+            "lm.lora.dropout=0.0",
             f"train.output_dir={tmp_path / name}",
-        )  # fmt: skip
+        )
 
     # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless an MPI hostfile is
     # given; torchrun-style launch (--multi_gpu) plus ACCELERATE_USE_CPU gives two CPU processes on gloo.
-    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]  # fmt: skip
+    launch = [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
     two, two_records, log = _run(tmp_path, "two", config("two", 4), launch)
     assert "MULTI_CPU" in log or len(two) == 2, log[-2000:]
 

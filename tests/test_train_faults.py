@@ -13,7 +13,15 @@ import torch
 
 from test_train import tiny_config
 from vlmlab.config import save_config
-from vlmlab.train import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError, load_run, train, verify_checkpoint
+from vlmlab.train.checkpoint import (
+    CHECKPOINT,
+    MANIFEST_FILE,
+    TRAINABLE_FILE,
+    CheckpointError,
+    load_run,
+    verify_checkpoint,
+)
+from vlmlab.train.loop import train
 
 FAST = ["train.max_steps=12", "train.save_every=3", "train.log_every=1", "train.eval_every=6", "train.eval_batches=1"]
 
@@ -40,7 +48,9 @@ def launch(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     def start(name, resume=False, kill_at=None):
         cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *FAST, f"train.output_dir={tmp_path / name}")
         save_config(cfg, tmp_path / f"{name}.yaml")
-        args = [sys.executable, "-m", "vlmlab.cli", "train", str(tmp_path / f"{name}.yaml")] + (["--resume"] if resume else [])
+        args = [sys.executable, "-m", "vlmlab.cli", "train", str(tmp_path / f"{name}.yaml")] + (
+            ["--resume"] if resume else []
+        )
         run_env = {**env, **({"VLMLAB_KILL_AT": kill_at} if kill_at else {})}
         log = open(tmp_path / f"{name}.log", "a")
         return subprocess.Popen(args, env=run_env, stdout=log, stderr=subprocess.STDOUT)
@@ -56,6 +66,7 @@ def _wait(proc, timeout=300):
         raise
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_trajectory(tmp_path, launch):
     assert _wait(launch("reference")) == 0
     reference = _trajectory(tmp_path / "reference")
@@ -112,12 +123,14 @@ def test_resume_refuses_a_changed_data_layout(tmp_path, tiny_clip_dir, tiny_gpt2
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
     train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "train.save_every=2"))
     with pytest.raises(CheckpointError, match="data layout"):
-        train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.batch_size=4"), resume=True)
+        train(
+            tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.batch_size=4"), resume=True
+        )
 
 
 def _poison_training_call(monkeypatch, call: int, kind: str):
     """Makes the call-th training forward (validation passes excluded) give a NaN loss or a NaN gradient."""
-    from vlmlab.vlm import VLM
+    from vlmlab.model.vlm import VLM
 
     original, calls = VLM.forward, {"n": 0}
 
@@ -132,7 +145,9 @@ def _poison_training_call(monkeypatch, call: int, kind: str):
         if kind == "loss":
             return nll_sum * float("nan"), count
         q = self.connector.queries.sum()
-        return nll_sum + 0.0 * torch.sqrt(q - q), count  # finite value; d sqrt(u)/du at 0 is inf, so the gradient is NaN
+        return nll_sum + 0.0 * torch.sqrt(
+            q - q
+        ), count  # finite value; d sqrt(u)/du at 0 is inf, so the gradient is NaN
 
     monkeypatch.setattr(VLM, "forward", forward)
 
@@ -155,8 +170,9 @@ def test_a_nonfinite_value_stops_the_run_naming_the_step_and_keeps_the_checkpoin
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_skip_mode_drops_the_bad_batch_and_finishes(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, kind):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.log_every=1",
-                      "train.on_nonfinite=skip")  # fmt: skip
+    cfg = tiny_config(
+        tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.log_every=1", "train.on_nonfinite=skip"
+    )
     _poison_training_call(monkeypatch, call=4, kind=kind)
     run = train(cfg)
     records = _records(run)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmlab.vision import EfficientNetLite, build_vision_encoder
+from vlmlab.model.efficientnet_lite import EfficientNetLite
+from vlmlab.model.vision import build_vision_encoder
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BROCCOLI = SHARED_DATA / "coco2017-mini" / "val2017" / "000000019221.jpg"  # a hand holding a broccoli floret
@@ -104,7 +105,7 @@ def test_classifier_recognises_real_photos_with_the_lite_normalisation(lite0):
     """The weights really are loaded: confident, correct ImageNet classes (measured p ~0.93 and ~0.96).
 
     These TF-Lite weights expect (x*255 - 127) / 128; ImageNet mean/std makes them less sure."""
-    from vlmlab.vision import images_to_pixels
+    from vlmlab.model.vision import images_to_pixels
 
     images = _photos(BROCCOLI, BALLOONS)
     assert lite0.mean == pytest.approx((127 / 255,) * 3) and lite0.std == pytest.approx((128 / 255,) * 3)
@@ -127,7 +128,7 @@ def test_other_image_sizes_change_grid_and_fingerprint(lite0):
 
 
 def test_fingerprint_is_identical_in_another_process(lite0):
-    code = "from vlmlab.vision import build_vision_encoder as b; print(b('efficientnet-lite0').fingerprint())"
+    code = "from vlmlab.model.vision import build_vision_encoder as b; print(b('efficientnet-lite0').fingerprint())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == lite0.fingerprint()
     assert len(lite0.fingerprint()) == 16 and int(lite0.fingerprint(), 16) >= 0
@@ -225,8 +226,14 @@ def test_hf_reads_preprocessor_config_and_full_checkpoints(tmp_path):
     with torch.no_grad():
         assert torch.allclose(plain(pixels), full.vision_model(pixel_values=pixels).last_hidden_state[:, 1:])
 
-    proc = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "size": {"shortest_edge": 40},
-            "crop_size": {"height": 40, "width": 40}, "do_center_crop": True, "resample": 2}  # fmt: skip
+    proc = {
+        "image_mean": [0.1, 0.2, 0.3],
+        "image_std": [0.4, 0.5, 0.6],
+        "size": {"shortest_edge": 40},
+        "crop_size": {"height": 40, "width": 40},
+        "do_center_crop": True,
+        "resample": 2,
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(proc))
     custom = build_vision_encoder(f"hf:{tmp_path}")
     assert (custom.mean, custom.std, custom.image_size) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 40)
@@ -246,8 +253,16 @@ def test_unfreeze_last_counts_blocks_from_the_output_end(tmp_path):
     lite.unfreeze_last(0)
     assert not any(p.requires_grad for p in lite.parameters())
 
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                         image_size=32, patch_size=8)).save_pretrained(tmp_path / "siglip")  # fmt: skip
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(tmp_path / "siglip")
     siglip = build_vision_encoder(f"hf:{tmp_path / 'siglip'}").unfreeze_last(1)
     names = {n for n, p in siglip.named_parameters() if p.requires_grad}
     assert any("layers.1." in n for n in names) and any("post_layernorm" in n for n in names)

@@ -4,13 +4,22 @@ import pytest
 import torch
 
 from vlmlab.config import load_config
-from vlmlab.vlm import build_vlm
+from vlmlab.model.vlm import build_vlm
 
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tiny_clip_dir, tiny_gpt2_dir):
-    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", "connector.width=32",
-                             "connector.heads=2", "connector.num_queries=4", "lm.lora.dropout=0.0"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            "connector.width=32",
+            "connector.heads=2",
+            "connector.num_queries=4",
+            "lm.lora.dropout=0.0",
+        ],
+    )
     return build_vlm(cfg)
 
 
@@ -55,7 +64,7 @@ def test_generation_returns_one_string_per_image(tiny_vlm):
 
 def test_generation_layout_puts_padding_before_the_visual_tokens(tiny_vlm):
     """Left padding for prompts of different lengths: each row reads [pad...][visual][prompt]."""
-    from vlmlab.sequence import build_generation_batch
+    from vlmlab.model.sequence import build_generation_batch
 
     text = build_generation_batch([[11, 12, 13], [14]], pad_id=0)
     visual = torch.randn(2, 4, tiny_vlm.connector.projection.out_features)
@@ -71,8 +80,17 @@ def test_generation_layout_puts_padding_before_the_visual_tokens(tiny_vlm):
 @pytest.mark.parametrize("kind, visual", [("meanpool", 4), ("mlp", 16), ("none", 0)])
 def test_every_connector_type_trains_and_captions(tiny_clip_dir, tiny_gpt2_dir, kind, visual):
     """Each ablation arm plugs into the same VLM: a loss with gradients on what trains, and a caption."""
-    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", f"connector.type={kind}",
-                             "connector.width=32", "connector.num_queries=4", "generate.max_new_tokens=3"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            f"connector.type={kind}",
+            "connector.width=32",
+            "connector.num_queries=4",
+            "generate.max_new_tokens=3",
+        ],
+    )
     model = build_vlm(cfg)
     image = torch.randn(2, 16, 32)
     tokens = model.visual_tokens(image)

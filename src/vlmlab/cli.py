@@ -17,27 +17,31 @@ def _config(args):
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from .train.loop import train
 
     train(_config(args), resume=args.resume)
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .app.demo import run_demo
 
     run_demo(_config(args), num_images=args.num_images)
 
 
 def cmd_captions(args) -> None:
-    from .demo import caption_report
+    from .app.demo import caption_report
 
     caption_report(args.run_dir, args.split, args.num_images)
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate_run
+    from .eval.captioning import evaluate_run
 
-    kwargs = {"num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
+    kwargs = {
+        "num_beams": args.beams,
+        "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+    }
     evaluate_run(
         args.run_dir,
         args.data,
@@ -52,7 +56,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-    from .ablate import load_suite, run_suite
+    from .analysis.ablate import load_suite, run_suite
 
     suite = load_suite(args.suite)
     if args.seeds:
@@ -61,7 +65,7 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .qformer_inspect import inspect_run
+    from .analysis.inspect import inspect_run
 
     png, result = inspect_run(args.run_dir, args.image, args.out_dir, args.top_k, args.layer)
     print(f"caption: {result.caption}")
@@ -71,13 +75,13 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
+    from .analysis.report import build_report
 
     print(f"report: {build_report(args.runs_dir, args.out, args.inspect_images)}")
 
 
 def cmd_caption(args) -> None:
-    from .train import load_run
+    from .train.checkpoint import load_run
 
     model = load_run(args.run_dir)
     kwargs = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
@@ -89,7 +93,7 @@ def cmd_caption(args) -> None:
 
 
 def cmd_params(args) -> None:
-    from .vlm import build_vlm, format_parameter_table
+    from .model.vlm import build_vlm, format_parameter_table
 
     model = build_vlm(_config(args))
     print(format_parameter_table(model.parameter_table()))
@@ -104,7 +108,7 @@ def cmd_synth(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .language_model import SMOLLM2_NAME, smollm2_dir
+    from .model.language_model import SMOLLM2_NAME, smollm2_dir
 
     print(f"{SMOLLM2_NAME}: {smollm2_dir()}")
 
@@ -142,17 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8)
     p.set_defaults(func=cmd_captions)
 
-    p = sub.add_parser("eval", help="caption metrics, image-dependence probes and baselines on a split; "
-                                    "writes eval.json, eval.md, contact_sheet.png")
+    p = sub.add_parser(
+        "eval",
+        help="caption metrics, image-dependence probes and baselines on a split; "
+        "writes eval.json, eval.md, contact_sheet.png",
+    )
     p.add_argument("run_dir")
     p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the run's own data)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--beams", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--no-baselines", action="store_true", help="only the run itself: no blind / frozen / retrieval rows")
-    p.add_argument("--no-train-baselines", action="store_true",
-                   help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)")
+    p.add_argument(
+        "--no-baselines", action="store_true", help="only the run itself: no blind / frozen / retrieval rows"
+    )
+    p.add_argument(
+        "--no-train-baselines",
+        action="store_true",
+        help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)",
+    )
     p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
     p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")

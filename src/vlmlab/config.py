@@ -240,7 +240,9 @@ def _check_range(key: str, value, low, high) -> None:
         ok_low, text_low = value >= low, f">= {low}"
     problems.append((ok_low, text_low))
     if high is not None:
-        ok_high, text_high = (value < high[0], f"< {high[0]}") if isinstance(high, list) else (value <= high, f"<= {high}")
+        ok_high, text_high = (
+            (value < high[0], f"< {high[0]}") if isinstance(high, list) else (value <= high, f"<= {high}")
+        )
         problems.append((ok_high, text_high))
     if not all(ok for ok, _ in problems):
         raise ConfigError(f"{key} = {value!r} is impossible; allowed: {' and '.join(t for _, t in problems)}")
@@ -249,7 +251,7 @@ def _check_range(key: str, value, low, high) -> None:
 def validate(cfg: Config) -> None:
     """Values that type-check but cannot work."""
     c, t = cfg.connector, cfg.train
-    from .connector import CONNECTOR_TYPES
+    from .model.connector import CONNECTOR_TYPES
 
     for key, (low, high) in _RANGES.items():
         value = _get(cfg, key)

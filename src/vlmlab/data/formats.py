@@ -284,8 +284,10 @@ def _read_coco(
             if not isinstance(file_name, str) or not file_name:
                 raise ValueError(f"{f}: images[{i}] has file_name {file_name!r}")
             if images.get(image_id, file_name) != file_name:
-                raise ValueError(f"{f}: images[{i}]: id {image_id!r} is listed with two files, "
-                                 f"{images[image_id]!r} and {file_name!r}")  # fmt: skip
+                raise ValueError(
+                    f"{f}: images[{i}]: id {image_id!r} is listed with two files, "
+                    f"{images[image_id]!r} and {file_name!r}"
+                )
             images[image_id] = file_name  # the same entry listed twice collapses
         captions: dict = {}
         for i, ann in enumerate(annotations):
@@ -347,8 +349,11 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
 # ---------------------------------------------------------------------------------------------- Flickr8k
 
 _FLICKR_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")  # the official folder is misspelt
-_FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-                       "test": "Flickr_8k.testImages.txt"}  # fmt: skip
+_FLICKR_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 
 
 def _text_lines(path: Path):

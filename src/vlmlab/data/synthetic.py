@@ -89,7 +89,11 @@ def render_scene(objects: list[SceneObject], image_size: int = 224, rng: random.
 
 
 # "at the top left", "on the left", "in the center": the preposition English uses for each cell
-_PLACE = {p: f"at the {p}" for p in POSITIONS} | {"left": "on the left", "right": "on the right", "center": "in the center"}
+_PLACE = {p: f"at the {p}" for p in POSITIONS} | {
+    "left": "on the left",
+    "right": "on the right",
+    "center": "in the center",
+}
 TEMPLATES = ("{}.", "there is {}.", "an image of {}.", "a picture showing {}.")
 
 
@@ -114,8 +118,10 @@ def scene_captions(objects: list[SceneObject], rng: random.Random, n: int = 3) -
 
 # longest phrases first, so "at the top left" is not read as "at the top"
 _PLACE_PATTERN = re.compile("|".join(re.escape(_PLACE[p]) for p in sorted(POSITIONS, key=lambda p: -len(_PLACE[p]))))
-_WORD = {kind: re.compile(r"\b(" + "|".join(words) + r")\b") for kind, words in
-         (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES))}  # fmt: skip
+_WORD = {
+    kind: re.compile(r"\b(" + "|".join(words) + r")\b")
+    for kind, words in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES))
+}
 ATTRIBUTES = ("colour", "shape", "size", "position", "count")
 
 
@@ -148,8 +154,15 @@ def generate_world(
     test_fraction: float = 0.05,
 ) -> Path:
     """Writes out_dir/images/00000.png ... and out_dir/dataset_synthetic.json (Karpathy format); returns the json."""
-    params = dict(n_images=n_images, seed=seed, max_objects=max_objects, image_size=image_size,
-                  val_fraction=val_fraction, test_fraction=test_fraction, version=WORLD_VERSION)  # fmt: skip
+    params = dict(
+        n_images=n_images,
+        seed=seed,
+        max_objects=max_objects,
+        image_size=image_size,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        version=WORLD_VERSION,
+    )
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
@@ -171,13 +184,15 @@ def generate_world(
         objects = sample_scene(rng, max_objects)
         filename = f"{i:0{width}d}.png"
         render_scene(objects, image_size, rng).save(image_dir / filename, compress_level=1)
-        entries.append({
-            "filename": filename,
-            "filepath": "images",
-            "split": splits[i],
-            "sentences": [{"raw": c} for c in scene_captions(objects, rng)],
-            "objects": [asdict(o) for o in objects],
-        })  # fmt: skip
+        entries.append(
+            {
+                "filename": filename,
+                "filepath": "images",
+                "split": splits[i],
+                "sentences": [{"raw": c} for c in scene_captions(objects, rng)],
+                "objects": [asdict(o) for o in objects],
+            }
+        )
     world = {"dataset": "synthetic", "seed": seed, "params": params, "images": entries}
     tmp = json_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(world))

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.features import FeatureCache
+from ..data.pairs import SplitFeatures, load_split_features
+from ..data.synthetic import ATTRIBUTES, attribute_correct
+from ..model.language_model import cache_dir
+from ..train.checkpoint import load_run
 from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner, applicable_baselines, ensure_baseline
 from .contact_sheet import contact_sheet
-from .data.synthetic import ATTRIBUTES, attribute_correct
-from .data.pairs import SplitFeatures, load_split_features
-from .features import FeatureCache
-from .language_model import cache_dir
 from .metrics import caption_metrics
-from .train import derangement, load_run, validation_loss
+from .probes import derangement, validation_loss
 
 TABLE_COLUMNS = [
     ("BLEU-1", "BLEU-1"),
@@ -61,8 +62,9 @@ def generate_all(model, features: torch.Tensor, batch_size: int, desc: str, **ge
     return captions
 
 
-def score_captions(split: SplitFeatures, captions: list[str], swapped: list[str], order: list[int],
-                   use_java: bool | None = None) -> dict:  # fmt: skip
+def score_captions(
+    split: SplitFeatures, captions: list[str], swapped: list[str], order: list[int], use_java: bool | None = None
+) -> dict:
     """Caption metrics, CIDEr-D against deranged references, distinct and swap-changed shares."""
     n = len(split.samples)
     if len(captions) != n or len(swapped) != n:
@@ -115,8 +117,9 @@ def generation_settings(model, **overrides) -> dict:
     }
 
 
-def evaluate_split(model, split: SplitFeatures, batch_size: int = 16, seed: int = 0, use_java: bool | None = None,
-                   **generate_kwargs) -> dict:  # fmt: skip
+def evaluate_split(
+    model, split: SplitFeatures, batch_size: int = 16, seed: int = 0, use_java: bool | None = None, **generate_kwargs
+) -> dict:
     """All metrics and probes of a model on one split; generation settings default to the run's config."""
     n = len(split.samples)
     if n < 2:
@@ -131,8 +134,9 @@ def evaluate_split(model, split: SplitFeatures, batch_size: int = 16, seed: int 
     return result
 
 
-def evaluate_retrieval(retriever: NearestNeighbourCaptioner, split: SplitFeatures, seed: int = 0,
-                       use_java: bool | None = None) -> dict:  # fmt: skip
+def evaluate_retrieval(
+    retriever: NearestNeighbourCaptioner, split: SplitFeatures, seed: int = 0, use_java: bool | None = None
+) -> dict:
     """The caption metrics of nearest-neighbour retrieval (it has no likelihood, so no NLL probes)."""
     order = derangement(len(split.samples), seed)
     captions = retriever.caption(split.features)
@@ -174,8 +178,11 @@ def _contact_cells(rows: dict[str, dict], main: str, count: int) -> list[dict]:
     """Per image: a reference, the model's caption, its caption under a swapped image, then each baseline's."""
     cells = []
     for i, example in enumerate(rows[main]["examples"][:count]):
-        lines = [("reference", example["references"][0]), ("model", example["caption"]),
-                 ("model, swapped image", example["caption_with_swapped_image"])]  # fmt: skip
+        lines = [
+            ("reference", example["references"][0]),
+            ("model", example["caption"]),
+            ("model, swapped image", example["caption_with_swapped_image"]),
+        ]
         lines += [(name, r["examples"][i]["caption"]) for name, r in rows.items() if name != main]
         cells.append({"image": example["image"], "lines": lines})
     return cells
@@ -234,9 +241,11 @@ def evaluate_run(
         retriever = NearestNeighbourCaptioner(own["train"], retrieval_k)
         label = f"retrieval k-NN (k={retriever.k})"
         rows[label] = evaluate_retrieval(retriever, split_data, seed, use_java)
-        tuned = f"; k tuned on val CIDEr-D {({k: round(v, 3) for k, v in k_scores.items()})}" if k_scores else ""
-        notes.append(f"{label}: consensus caption (BLEU) of the k nearest training images, pooled "
-                     f"{run_cfg.vision.name} features, cosine{tuned}")  # fmt: skip
+        tuned = f"; k tuned on val CIDEr-D { ({k: round(v, 3) for k, v in k_scores.items()}) }" if k_scores else ""
+        notes.append(
+            f"{label}: consensus caption (BLEU) of the k nearest training images, pooled "
+            f"{run_cfg.vision.name} features, cosine{tuned}"
+        )
 
     first = rows[main]
     result = {
@@ -260,8 +269,11 @@ def evaluate_run(
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     (out_dir / "eval.md").write_text(text)
     if contact_images > 0:
-        sheet = contact_sheet(_contact_cells(rows, main, contact_images), out_dir / "contact_sheet.png",
-                              title=f"{run_dir.name}: {split} images, reference (grey) and captions")  # fmt: skip
+        sheet = contact_sheet(
+            _contact_cells(rows, main, contact_images),
+            out_dir / "contact_sheet.png",
+            title=f"{run_dir.name}: {split} images, reference (grey) and captions",
+        )
         text += f"contact sheet: {sheet}\n"
     print(text)
     return result

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config
-from .data.pairs import load_split_features
-from .features import FeatureCache
-from .language_model import cache_dir
-from .train import derangement, load_run, train, validation_loss
+from ..config import Config
+from ..data.features import FeatureCache
+from ..data.pairs import load_split_features
+from ..eval.probes import derangement, validation_loss
+from ..model.language_model import cache_dir
+from ..train.checkpoint import load_run
+from ..train.loop import train
 
 
 def caption_split(model, split, count: int, seed: int = 0) -> list[dict]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from ..config import Config
 from .connector import build_connector
 from .language_model import add_lora, base_causal_lm, choose_end_token, embedding_rms, load_language_model
 from .sequence import (
@@ -173,7 +173,7 @@ class VLM(nn.Module):
     @torch.no_grad()
     def caption(self, images, **generate_kwargs) -> list[str]:
         """PIL images or paths -> captions."""
-        from .data.formats import load_image
+        from ..data.formats import load_image
 
         images = [load_image(im) if isinstance(im, str | Path) else im for im in images]
         return self.generate_from_tokens(self.encode_images(images), **generate_kwargs)
@@ -199,7 +199,9 @@ class VLM(nn.Module):
                 f"checkpoint does not match this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         if not self.blind:
-            self.connector.load_state_dict({k[len("connector.") :]: v for k, v in state.items() if k.startswith("connector.")})
+            self.connector.load_state_dict(
+                {k[len("connector.") :]: v for k, v in state.items() if k.startswith("connector.")}
+            )
         params = {f"lm.{n}": p for n, p in self.lm.named_parameters()}
         params |= {f"vision.{n}": p for n, p in self.vision.named_parameters()}
         with torch.no_grad():
@@ -226,8 +228,11 @@ class VLM(nn.Module):
     def model_info(self) -> dict:
         """Totals of the parameter table and the visual tokens per image: what a run records in model_info.json."""
         table = self.parameter_table()
-        return {"total_params": sum(t for _, t, _ in table), "trainable_params": sum(t for _, _, t in table),
-                "visual_tokens": self.num_visual_tokens}  # fmt: skip
+        return {
+            "total_params": sum(t for _, t, _ in table),
+            "trainable_params": sum(t for _, _, t in table),
+            "visual_tokens": self.num_visual_tokens,
+        }
 
 
 def build_vlm(cfg: Config) -> VLM:

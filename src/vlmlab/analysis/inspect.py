@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .connector import QFormerConnector
-from .data.formats import load_image
-from .language_model import base_causal_lm
+from ..data.formats import load_image
+from ..model.connector import QFormerConnector
+from ..model.language_model import base_causal_lm
 
 
 @dataclass
@@ -53,8 +53,10 @@ def nearest_vocabulary(model, visual_tokens: torch.Tensor, top_k: int = 5) -> li
     table = base_causal_lm(model.lm).get_input_embeddings().weight.float()
     similarity = F.normalize(visual_tokens.float().to(table.device), dim=-1) @ F.normalize(table, dim=-1).T
     values, ids = similarity.topk(top_k, dim=-1)
-    return [[(model.tokenizer.decode([i]), round(v, 3)) for i, v in zip(row_ids.tolist(), row_values.tolist())]
-            for row_ids, row_values in zip(ids, values)]  # fmt: skip
+    return [
+        [(model.tokenizer.decode([i]), round(v, 3)) for i, v in zip(row_ids.tolist(), row_values.tolist())]
+        for row_ids, row_values in zip(ids, values)
+    ]
 
 
 def _as_seen(model, image: Image.Image) -> Image.Image:
@@ -88,14 +90,20 @@ def draw_inspection(result: Inspection, out_png: str | Path, title: str = "", la
         for q in range(n):
             ax = axes.flat[q + 1]
             heat = result.attention[layer, q]
-            heat = np.asarray(Image.fromarray((heat / max(heat.max(), 1e-9) * 255).astype(np.uint8)).resize(size, Image.BILINEAR))
+            heat = np.asarray(
+                Image.fromarray((heat / max(heat.max(), 1e-9) * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+            )
             ax.imshow(result.image)
             ax.imshow(heat, cmap="inferno", alpha=0.6)
             words = " ".join(repr(t) for t, _ in result.nearest[q][:3])
             ax.set_title(f"query {q}: {_wrap(words, 30)}", fontsize=7)
     else:
-        text = "\n".join(f"token {q}: " + " ".join(repr(t) for t, _ in toks[:4]) for q, toks in enumerate(result.nearest[:12]))
-        fig.text(0.02, 0.02, "no queries (no cross-attention); nearest vocabulary tokens:\n" + text, fontsize=7, va="bottom")
+        text = "\n".join(
+            f"token {q}: " + " ".join(repr(t) for t, _ in toks[:4]) for q, toks in enumerate(result.nearest[:12])
+        )
+        fig.text(
+            0.02, 0.02, "no queries (no cross-attention); nearest vocabulary tokens:\n" + text, fontsize=7, va="bottom"
+        )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
@@ -116,19 +124,27 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(lines + [line])
 
 
-def inspect_run(run_dir: str | Path, image_path: str | Path, out_dir: str | Path | None = None, top_k: int = 5,
-                layer: int = -1) -> tuple[Path, Inspection]:  # fmt: skip
+def inspect_run(
+    run_dir: str | Path, image_path: str | Path, out_dir: str | Path | None = None, top_k: int = 5, layer: int = -1
+) -> tuple[Path, Inspection]:
     """`vlmlab inspect`: writes RUN_DIR/inspect/<image>.png and .json; returns the picture's path."""
-    from .train import load_run
+    from ..train.checkpoint import load_run
 
     model = load_run(run_dir)
     result = inspect_image(model, image_path, top_k)
     out = Path(out_dir or Path(run_dir) / "inspect")
     stem = Path(image_path).stem
     layer_name = "last" if layer == -1 else str(layer)
-    png = draw_inspection(result, out / f"{stem}.png", f"{Path(run_dir).name}: cross-attention (layer {layer_name}) "
-                          f"and nearest vocabulary tokens per query")  # fmt: skip
-    record = {"image": str(image_path), "caption": result.caption, "nearest_tokens": result.nearest,
-              "attention": None if result.attention is None else result.attention.round(4).tolist()}  # fmt: skip
+    png = draw_inspection(
+        result,
+        out / f"{stem}.png",
+        f"{Path(run_dir).name}: cross-attention (layer {layer_name}) and nearest vocabulary tokens per query",
+    )
+    record = {
+        "image": str(image_path),
+        "caption": result.caption,
+        "nearest_tokens": result.nearest,
+        "attention": None if result.attention is None else result.attention.round(4).tolist(),
+    }
     (out / f"{stem}.json").write_text(json.dumps(record))
     return png, result

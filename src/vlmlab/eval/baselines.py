@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pycocoevalcap.bleu.bleu import Bleu
 from safetensors import safe_open
 
-from .config import Config, config_to_dict, load_config
-from .data.pairs import SplitFeatures
+from ..config import Config, config_to_dict, load_config
+from ..data.pairs import SplitFeatures
 from .metrics import plain_tokenize
 
 BASELINES_DIR = "baselines"
@@ -57,7 +57,7 @@ def applicable_baselines(cfg: Config) -> list[str]:
 
 def finished_step(run_dir: str | Path) -> int | None:
     """The step of a run's checkpoint (from the safetensors header, without loading the weights)."""
-    from .train import CHECKPOINT, TRAINABLE_FILE
+    from ..train.checkpoint import CHECKPOINT, TRAINABLE_FILE
 
     path = Path(run_dir) / CHECKPOINT / TRAINABLE_FILE
     if not path.exists():
@@ -88,7 +88,7 @@ def stale_keys(expected: Config, run_dir: str | Path) -> list[str] | None:
 
 def ensure_baseline(cfg: Config, name: str, run_dir: str | Path, train_missing: bool = True) -> Path | None:
     """Returns the baseline's finished run dir, training (or finishing) it first if allowed; None if absent."""
-    from .train import train
+    from ..train.loop import train
 
     bcfg = baseline_config(cfg, name, run_dir)
     out = Path(bcfg.train.output_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from .data.formats import load_image
+from ..data.formats import load_image
 
 
 def contact_sheet(
@@ -35,15 +35,25 @@ def contact_sheet(
         raise ValueError("a contact sheet needs at least one image")
     columns = max(1, min(columns, len(cells)))
     rows = -(-len(cells) // columns)
-    wrapped = [[textwrap.wrap(f"{label}: {text}", wrap) or [f"{label}:"] for label, text in cell["lines"]]
-               for cell in cells]  # fmt: skip
+    wrapped = [
+        [textwrap.wrap(f"{label}: {text}", wrap) or [f"{label}:"] for label, text in cell["lines"]] for cell in cells
+    ]
     line_h = 0.14  # inches per printed line at fontsize 7.5
     text_h = 1.3 * max(line_h * sum(len(w) for w in cell) + 2 * len(cell) / 72 for cell in wrapped) + 0.15
     image_h = 2.8
     height = (image_h + text_h + 0.3) * rows + (0.5 if title else 0.1)
     fig = plt.figure(figsize=(3.6 * columns, height))
-    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[image_h, text_h] * rows, hspace=0.1, wspace=0.06,
-                            top=1 - (0.5 if title else 0.1) / height, bottom=0.0, left=0.01, right=0.99)  # fmt: skip
+    grid = fig.add_gridspec(
+        2 * rows,
+        columns,
+        height_ratios=[image_h, text_h] * rows,
+        hspace=0.1,
+        wspace=0.06,
+        top=1 - (0.5 if title else 0.1) / height,
+        bottom=0.0,
+        left=0.01,
+        right=0.99,
+    )
     for n, (cell, lines) in enumerate(zip(cells, wrapped)):
         r, c = divmod(n, columns)
         picture, caption = fig.add_subplot(grid[2 * r, c]), fig.add_subplot(grid[2 * r + 1, c])
@@ -56,9 +66,18 @@ def contact_sheet(
         printed = 0  # lines so far: each label starts below the last, offset in points from the top
         for i, chunk in enumerate(lines):
             where = offset_copy(caption.transAxes, fig=fig, y=-printed * line_h * 72 - 2 * i, units="points")
-            caption.text(0.0, 1.0, "\n".join(chunk), transform=where, va="top", ha="left", fontsize=7.5,
-                         linespacing=1.15, color="0.45" if i == 0 else "black",
-                         fontweight="bold" if i == 1 else "normal")  # fmt: skip
+            caption.text(
+                0.0,
+                1.0,
+                "\n".join(chunk),
+                transform=where,
+                va="top",
+                ha="left",
+                fontsize=7.5,
+                linespacing=1.15,
+                color="0.45" if i == 0 else "black",
+                fontweight="bold" if i == 1 else "normal",
+            )
             printed += len(chunk)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)

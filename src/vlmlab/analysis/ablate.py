@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from .baselines import finished_step, stale_keys
-from .config import Config, ConfigError, apply_settings, load_config
-from .evaluate import ATTRIBUTE_COLUMNS
+from ..config import Config, ConfigError, apply_settings, load_config
+from ..eval.baselines import finished_step, stale_keys
+from ..eval.captioning import ATTRIBUTE_COLUMNS
 
 BUILTIN_SUITES = {"roles": "roles.yaml", "roles-photos": "roles_photos.yaml"}
 SUITE_DIR = Path(__file__).parent / "suites"
@@ -81,16 +81,25 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
     """Trains and evaluates what is missing, then writes the results; returns the output folder."""
     from accelerate.state import AcceleratorState
 
-    from .evaluate import evaluate_run
-    from .train import train
+    from ..eval.captioning import evaluate_run
+    from ..train.loop import train
 
     out = Path(out_dir or Path("runs") / "ablate" / suite.name)
     out.mkdir(parents=True, exist_ok=True)
     if only and set(only) - set(suite.variants):
-        raise ConfigError(f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}")
+        raise ConfigError(
+            f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}"
+        )
     variants = [v for v in suite.variants if not only or v in only]
-    described = {"name": suite.name, "split": suite.split, "seeds": suite.seeds, "variants": suite.variants,
-                 "descriptions": suite.descriptions, "base": suite.base, "overrides": suite.overrides}  # fmt: skip
+    described = {
+        "name": suite.name,
+        "split": suite.split,
+        "seeds": suite.seeds,
+        "variants": suite.variants,
+        "descriptions": suite.descriptions,
+        "base": suite.base,
+        "overrides": suite.overrides,
+    }
     (out / "suite.json").write_text(json.dumps(described, indent=1))
     for variant in variants:
         for seed in suite.seeds:
@@ -102,8 +111,10 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
                 print(f"{label}: trained already ({run_dir})")
             else:
                 if changed:
-                    raise ConfigError(f"{run_dir} holds a run with another config (differs in {changed}); "
-                                      "move it away or use another output folder")  # fmt: skip
+                    raise ConfigError(
+                        f"{run_dir} holds a run with another config (differs in {changed}); "
+                        "move it away or use another output folder"
+                    )
                 print(f"{label}: training into {run_dir}")
                 AcceleratorState._reset_state()  # each run builds its own Accelerator
                 train(cfg, resume=True)
@@ -135,7 +146,7 @@ def _model_info(run_dir: Path) -> dict:
     """Parameter counts and visual tokens, as train() records them (computed once for runs made before it did)."""
     path = run_dir / "model_info.json"
     if not path.exists():
-        from .vlm import build_vlm
+        from ..model.vlm import build_vlm
 
         path.write_text(json.dumps(build_vlm(load_config(run_dir / "config.yaml")).model_info()))
     return json.loads(path.read_text())
@@ -180,9 +191,12 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
         writer.writeheader()
         writer.writerows(records)
 
-    lines = [f"# {suite.name}: {suite.split} split, mean +- std over seeds {suite.seeds}", "",
-             "| variant | seeds | trainable params | visual tokens | " + " | ".join(n for n, _, _ in metrics) + " |",
-             "|" + " --- |" * (len(metrics) + 4)]  # fmt: skip
+    lines = [
+        f"# {suite.name}: {suite.split} split, mean +- std over seeds {suite.seeds}",
+        "",
+        "| variant | seeds | trainable params | visual tokens | " + " | ".join(n for n, _, _ in metrics) + " |",
+        "|" + " --- |" * (len(metrics) + 4),
+    ]
     for variant in variants:
         rows = [r for r in records if r["variant"] == variant]
         if not rows:
@@ -190,7 +204,11 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
         cells = metric_cells(rows, metrics)
         params = rows[0].get("trainable_params")
         tokens = rows[0].get("visual_tokens")
-        lines.append(f"| {variant} | {len(rows)} | {params:,} | {tokens} | " if params is not None else f"| {variant} | {len(rows)} | n/a | n/a | ")
+        lines.append(
+            f"| {variant} | {len(rows)} | {params:,} | {tokens} | "
+            if params is not None
+            else f"| {variant} | {len(rows)} | n/a | n/a | "
+        )
         lines[-1] += " | ".join(cells) + " |"
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(records, metrics, variants, out)
@@ -207,7 +225,9 @@ def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -
 
     present = [v for v in variants if any(r["variant"] == v for r in records)]
     for name, key, higher in metrics:
-        stats = [_mean_std([r[key] for r in records if r["variant"] == v and key in r] or [float("nan")]) for v in present]
+        stats = [
+            _mean_std([r[key] for r in records if r["variant"] == v and key in r] or [float("nan")]) for v in present
+        ]
         fig, ax = plt.subplots(figsize=(1.1 * len(present) + 2, 3.6))
         ax.bar(range(len(present)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(present)), present, rotation=30, ha="right")

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data.formats import SkipReport, load_image
+from .formats import SkipReport, load_image
 
 SHARD_IMAGES = 512
 

@@ -9,31 +9,35 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import signal
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .config import Config, ConfigError, check_data_paths, save_config, validate
-from .data.pairs import CaptionPairs, SplitFeatures, collate_pairs, load_split_features
-from .features import FeatureCache, file_digest
-from .language_model import cache_dir
-from .vlm import VLM, build_vlm, format_parameter_table
+from ..config import Config, ConfigError, check_data_paths, save_config, validate
+from ..data.features import FeatureCache
+from ..data.pairs import CaptionPairs, SplitFeatures, collate_pairs, load_split_features
+from ..eval.probes import derangement, validation_loss
+from ..model.language_model import cache_dir
+from ..model.vlm import VLM, build_vlm, format_parameter_table
+from .checkpoint import (
+    METRICS_FILE,
+    STATE_FILE,
+    CheckpointError,
+    find_checkpoint,
+    load_trainable_from,
+    save_checkpoint,
+    truncate_metrics,
+    verify_checkpoint,
+)
 
-CHECKPOINT = "checkpoint"
-TRAINABLE_FILE = "trainable.safetensors"
-STATE_FILE = "training_state.pt"
-MANIFEST_FILE = "manifest.json"
 MAX_SKIPPED_IN_A_ROW = 20
 
 
@@ -49,152 +53,6 @@ def memory_mb() -> dict:
     except (OSError, ValueError, IndexError):
         pass
     return out
-
-
-def derangement(n: int, seed: int = 0) -> list[int]:
-    """A fixed permutation with no fixed point: every image is paired with another one (n >= 2)."""
-    if n < 2:
-        raise ValueError("a derangement needs at least 2 items")
-    rng = random.Random(seed)
-    while True:
-        perm = list(range(n))
-        rng.shuffle(perm)
-        if all(i != p for i, p in enumerate(perm)):
-            return perm
-
-
-@torch.no_grad()
-def validation_loss(
-    model: VLM,
-    split: SplitFeatures,
-    batch_size: int,
-    max_batches: int | None,
-    image_order=None,
-    no_image: bool = False,
-):
-    """Mean caption NLL per token over the first batches of a split (fixed order).
-
-    image_order: optional permutation of the split's images: caption i is scored under image
-    image_order[row(i)], e.g. a derangement to measure how much the true image helps.
-    no_image: score the captions with no visual tokens at all.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    pairs = split.pairs[: (max_batches * batch_size) if max_batches else None]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        rows = [r if image_order is None else image_order[r] for r, _ in chunk]
-        tokens = None if no_image else split.features[rows].float()
-        sums, counts = model(tokens, model.text_batch([c for _, c in chunk]), reduction="sum_per_sample")
-        total += sums.sum().item()
-        count += counts.sum().item()
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is partial, corrupt or does not fit this run: never loaded silently."""
-
-
-def _fault_point(name: str, step: int) -> None:
-    """Fault injection for the crash tests: VLMLAB_KILL_AT=NAME@STEP makes this process SIGKILL itself here."""
-    if os.environ.get("VLMLAB_KILL_AT") == f"{name}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_durably(path: Path, write) -> None:
-    write(path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, data_state: dict) -> None:
-    """Writes checkpoint/ atomically: files go to checkpoint.tmp/, a manifest of their SHA-256 last, then a rename.
-
-    A crash at any point leaves either the previous checkpoint or the new one whole (see find_checkpoint).
-    """
-    final, tmp, old = (run_dir / (CHECKPOINT + suffix) for suffix in ("", ".tmp", ".old"))
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a partial write from a crashed run: never a candidate for loading
-    tmp.mkdir(parents=True)
-    _write_durably(
-        tmp / TRAINABLE_FILE, lambda p: save_file(model.trainable_state_dict(), p, metadata={"step": str(step)})
-    )
-    _fault_point("checkpoint-partial", step)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data": data_state,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-    }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    _write_durably(tmp / STATE_FILE, lambda p: torch.save(state, p))
-    manifest = {"step": step, "files": {name: file_digest(tmp / name, "sha256") for name in (TRAINABLE_FILE, STATE_FILE)}}
-    _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-    _fault_point("checkpoint-written", step)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.replace(old)
-    _fault_point("checkpoint-swapping", step)
-    tmp.replace(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def verify_checkpoint(path: Path) -> int:
-    """Checks every file of a checkpoint folder against its manifest; returns its step or raises CheckpointError."""
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.exists():
-        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; the checkpoint was not finished (or predates manifests)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files, step = manifest["files"], int(manifest["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
-    for name, digest in files.items():
-        if not (path / name).exists():
-            raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
-        if file_digest(path / name, "sha256") != digest:
-            raise CheckpointError(f"{path / name}: SHA-256 does not match the manifest; the file is corrupt")
-    return step
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: checkpoint/, or checkpoint.old/ when a crash hit the rename in between.
-
-    checkpoint.tmp/ is never loaded. A checkpoint/ that fails verification raises: resuming from it, or silently
-    from scratch, would both hide the damage.
-    """
-    final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
-    if final.exists():
-        verify_checkpoint(final)
-        return final
-    if old.exists():
-        verify_checkpoint(old)
-        return old
-    return None
-
-
-def load_trainable(run_dir: Path, model: VLM) -> None:
-    """Loads a run's trained weights after verifying them (find_checkpoint)."""
-    run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
-    if (path / TRAINABLE_FILE).exists() and not (path / MANIFEST_FILE).exists():
-        # a finished checkpoint/ always has a manifest now (it is renamed into place whole): an older vlmlab wrote it
-        warnings.warn(f"{path} has no manifest (written by an older vlmlab): its integrity is not checked", stacklevel=2)
-    else:
-        path = find_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT / TRAINABLE_FILE})")
-    load_trainable_from(path, model)
-
-
-def load_trainable_from(checkpoint: Path, model: VLM) -> None:
-    model.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> None:
@@ -225,17 +83,63 @@ def build_optimizer(model: VLM, cfg: Config):
     connector = [] if model.blind else [p for p in model.connector.parameters() if p.requires_grad]
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     vision = [p for p in model.vision.parameters() if p.requires_grad]
-    groups = [{"params": connector, "lr": t.lr}, {"params": lora, "lr": t.lora_lr}, {"params": vision, "lr": t.vision_lr}]
+    groups = [
+        {"params": connector, "lr": t.lr},
+        {"params": lora, "lr": t.lora_lr},
+        {"params": vision, "lr": t.vision_lr},
+    ]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: the connector is frozen and LoRA is off")
     return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
 
 
+@dataclass
+class Session:
+    """Everything a training run holds once set up: what `fit` steps and `resume_from` restores."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # as accelerate prepared it (DDP-wrapped under several processes)
+    vlm: VLM  # the same model unwrapped
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_split: SplitFeatures
+    val_split: SplitFeatures
+    val_order: list[int] | None  # a derangement of the validation images: the shuffled-image probe
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)  # per process, after sharding
+
+    @property
+    def data_layout(self) -> dict:
+        return {"batches_per_epoch": self.batches_per_epoch, "num_processes": self.accelerator.num_processes}
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
     """Trains a run into cfg.train.output_dir and returns that directory."""
     validate(cfg)
     check_data_paths(cfg)  # before anything loads or is written
+    s = setup(cfg)
+    step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
+    checkpoint = find_checkpoint(s.run_dir) if resume else None
+    if checkpoint is not None:
+        step, consumed = resume_from(s, checkpoint)
+    elif resume and s.main:
+        print(f"--resume: no checkpoint in {s.run_dir}, starting from scratch")
+    fit(s, step, consumed)
+    return s.run_dir
+
+
+def setup(cfg: Config) -> Session:
+    """Accelerator, run folder, model, cached features, loader, optimizer and schedule."""
     t = cfg.train
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
@@ -245,8 +149,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
     )
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would silently train in float32: say so instead
-        raise ConfigError("train.mixed_precision = 'fp16' needs a GPU (fp16 autocast + loss scaling); "
-                          "on the CPU use 'bf16' or 'no'")  # fmt: skip
+        raise ConfigError(
+            "train.mixed_precision = 'fp16' needs a GPU (fp16 autocast + loss scaling); on the CPU use 'bf16' or 'no'"
+        )
     set_seed(t.seed)
     run_dir = Path(t.output_dir)
     main = accelerator.is_main_process
@@ -260,8 +165,13 @@ def train(cfg: Config, resume: bool = False) -> Path:
         (run_dir / "model_info.json").write_text(json.dumps(model.model_info()))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
-        data = load_split_features(cfg, cache, splits=("train", "val"), log_dir=run_dir if main else None,
-                                   pixels=cfg.vision.unfreeze_last > 0)  # tuned blocks: no cached features
+        data = load_split_features(
+            cfg,
+            cache,
+            splits=("train", "val"),
+            log_dir=run_dir if main else None,
+            pixels=cfg.vision.unfreeze_last > 0,  # tuned blocks: no cached features
+        )
     train_split, val_split = data["train"], data["val"]
     if not train_split.pairs:
         raise ValueError(f"no training pairs in {cfg.data.datasets}")
@@ -288,36 +198,52 @@ def train(cfg: Config, resume: bool = False) -> Path:
     optimizer = build_optimizer(model, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    vlm: VLM = accelerator.unwrap_model(model)
-    batches_per_epoch = len(loader)  # per process, after sharding
-    data_layout = {"batches_per_epoch": batches_per_epoch, "num_processes": accelerator.num_processes}
+    return Session(
+        cfg,
+        run_dir,
+        accelerator,
+        model,
+        accelerator.unwrap_model(model),
+        loader,
+        optimizer,
+        scheduler,
+        train_split,
+        val_split,
+        val_order,
+    )
 
-    step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
-    metrics_path = run_dir / "metrics.jsonl"
-    checkpoint = find_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        load_trainable_from(checkpoint, vlm)
-        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        saved_layout = {k: state["data"][k] for k in data_layout}
-        if saved_layout != data_layout:
-            raise CheckpointError(
-                f"{checkpoint} was written with data layout {saved_layout}, this run has {data_layout}: "
-                "the data order cannot be continued (same data, batch size and process count are needed)"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step = state["step"]
-        consumed = state["data"]["epoch"] * batches_per_epoch + state["data"]["batches_into_epoch"]
-        if main:
-            _truncate_metrics(metrics_path, step)  # records after the checkpoint are redone, not duplicated
-            print(f"resumed from {checkpoint} at step {step}")
-    elif resume and main:
-        print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
+
+def resume_from(s: Session, checkpoint: Path) -> tuple[int, int]:
+    """Restores weights, optimizer, schedule, RNGs and the data position; returns (step, micro-batches consumed)."""
+    load_trainable_from(checkpoint, s.vlm)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    saved_layout = {k: state["data"][k] for k in s.data_layout}
+    if saved_layout != s.data_layout:
+        raise CheckpointError(
+            f"{checkpoint} was written with data layout {saved_layout}, this run has {s.data_layout}: "
+            "the data order cannot be continued (same data, batch size and process count are needed)"
+        )
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    step = state["step"]
+    consumed = state["data"]["epoch"] * s.batches_per_epoch + state["data"]["batches_into_epoch"]
+    if s.main:
+        truncate_metrics(s.run_dir / METRICS_FILE, step)  # records after the checkpoint are redone, not duplicated
+        print(f"resumed from {checkpoint} at step {step}")
+    return step, consumed
+
+
+def fit(s: Session, step: int, consumed: int) -> None:
+    """The optimisation loop from `step` on: logging, validation probes, checkpoints."""
+    t, accelerator, model, vlm, main, run_dir = s.cfg.train, s.accelerator, s.model, s.vlm, s.main, s.run_dir
+    optimizer, scheduler, loader, val_split, val_order = s.optimizer, s.scheduler, s.loader, s.val_split, s.val_order
+    batches_per_epoch, data_layout = s.batches_per_epoch, s.data_layout
+    metrics_path = run_dir / METRICS_FILE
 
     if main and step == 0:
         metrics_path.write_text("")
@@ -420,7 +346,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
                     "step": step,
                     "train_loss": running / running_n,
                     "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": running_n * t.batch_size * t.grad_accum * accelerator.num_processes
+                    "samples_per_s": running_n
+                    * t.batch_size
+                    * t.grad_accum
+                    * accelerator.num_processes
                     / max(elapsed, 1e-9),
                     **memory_mb(),
                 }
@@ -442,32 +371,3 @@ def train(cfg: Config, resume: bool = False) -> Path:
         plot_losses(metrics_path, run_dir / "loss.png")
         print(f"run saved to {run_dir}" + (f" ({skipped} batches skipped for non-finite values)" if skipped else ""))
     accelerator.end_training()
-    return run_dir
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keeps the log records up to `step` (written before that checkpoint); rewritten atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line torn by the kill itself
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def load_run(run_dir: str | Path) -> VLM:
-    """A trained run directory -> VLM ready to caption (frozen parts rebuilt, trained weights loaded)."""
-    from .config import load_config
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model = build_vlm(cfg)
-    load_trainable(run_dir, model)
-    return model.eval()
-

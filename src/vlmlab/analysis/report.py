@@ -16,15 +16,23 @@ from pathlib import Path
 from .ablate import _mean_std, metric_cells, metrics_present
 
 PARTS = [
-    ("vision encoder (frozen)", "turns the picture into a grid of image tokens ({encoder}). It never changes; its "
-     "outputs are cached."),
-    ("connector (trainable)", "turns image tokens into a few visual tokens, vectors the LLM reads as if they were "
-     "words. The Q-Former does it with learnable queries that attend to the image grid; meanpool averages the grid "
-     "first (no spatial detail); linear/mlp map every image token on its own (LLaVA: many visual tokens)."),
-    ("language model (frozen) + LoRA (trainable)", "reads [visual tokens][prompt] and writes the caption. LoRA adds "
-     "small low-rank updates to its attention so it learns to use the visual tokens; without LoRA only the "
-     "connector can adapt."),
-]  # fmt: skip
+    (
+        "vision encoder (frozen)",
+        "turns the picture into a grid of image tokens ({encoder}). It never changes; its outputs are cached.",
+    ),
+    (
+        "connector (trainable)",
+        "turns image tokens into a few visual tokens, vectors the LLM reads as if they were "
+        "words. The Q-Former does it with learnable queries that attend to the image grid; meanpool averages the grid "
+        "first (no spatial detail); linear/mlp map every image token on its own (LLaVA: many visual tokens).",
+    ),
+    (
+        "language model (frozen) + LoRA (trainable)",
+        "reads [visual tokens][prompt] and writes the caption. LoRA adds "
+        "small low-rank updates to its attention so it learns to use the visual tokens; without LoRA only the "
+        "connector can adapt.",
+    ),
+]
 SWITCH_MEANING = {
     "connector.type": "which connector makes the visual tokens",
     "connector.num_queries": "how many visual tokens the Q-Former makes (its capacity)",
@@ -67,38 +75,61 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
     title = f"vlmlab ablation report: {suite.get('name', runs_dir.name)}"
     parts = [f"<h1>{html.escape(title)}</h1>"]
     encoder = _encoder_summary(runs_dir / variants[0])  # builds the encoder once to read its grid
-    parts.append("<h2>What the model is made of</h2><ol>" + "".join(
-        f"<li><b>{html.escape(name)}</b>: {html.escape(text.format(encoder=encoder))}</li>" for name, text in PARTS)
-        + "</ol>")  # fmt: skip
-    parts.append("<h2>The variants</h2><p>Each variant changes only the settings shown; everything else "
-                 "(data, steps, seed list, decoding) is the same.</p><table><tr><th>variant</th><th>settings</th>"
-                 "<th>what it tests</th></tr>")  # fmt: skip
+    parts.append(
+        "<h2>What the model is made of</h2><ol>"
+        + "".join(
+            f"<li><b>{html.escape(name)}</b>: {html.escape(text.format(encoder=encoder))}</li>" for name, text in PARTS
+        )
+        + "</ol>"
+    )
+    parts.append(
+        "<h2>The variants</h2><p>Each variant changes only the settings shown; everything else "
+        "(data, steps, seed list, decoding) is the same.</p><table><tr><th>variant</th><th>settings</th>"
+        "<th>what it tests</th></tr>"
+    )
     for v in variants:
         if v not in suite.get("variants", {}):
-            parts.append(f"<tr><td>{html.escape(v)}</td><td colspan=2>settings unknown: {html.escape(str(runs_dir))} "
-                         "has no suite.json (written by `vlmlab ablate`)</td></tr>")  # fmt: skip
+            parts.append(
+                f"<tr><td>{html.escape(v)}</td><td colspan=2>settings unknown: {html.escape(str(runs_dir))} "
+                "has no suite.json (written by `vlmlab ablate`)</td></tr>"
+            )
             continue
         settings = suite["variants"][v] or {}
         shown = ", ".join(f"{k}: {val}" for k, val in settings.items()) or "(the reference)"
-        meaning = suite.get("descriptions", {}).get(v) or "; ".join(SWITCH_MEANING.get(k, k) for k in settings) or "the reference model"
-        parts.append(f"<tr><td>{html.escape(v)}</td><td><code>{html.escape(shown)}</code></td><td>{html.escape(meaning)}</td></tr>")
+        meaning = (
+            suite.get("descriptions", {}).get(v)
+            or "; ".join(SWITCH_MEANING.get(k, k) for k in settings)
+            or "the reference model"
+        )
+        parts.append(
+            f"<tr><td>{html.escape(v)}</td><td><code>{html.escape(shown)}</code></td><td>{html.escape(meaning)}</td></tr>"
+        )
     parts.append("</table>")
 
     metrics = metrics_present(rows)
     seeds = sorted({r["seed"] for r in rows})
-    parts.append(f"<h2>Results: {html.escape(suite.get('split', 'test'))} split, mean &plusmn; std over seeds "
-                 f"{', '.join(seeds)}</h2><table class='results'><tr><th>variant</th><th>runs</th><th>trainable params</th>"
-                 "<th>visual tokens</th>" + "".join(f"<th title='{html.escape(METRIC_MEANING.get(n, ''))}'>{html.escape(n)}</th>"
-                 for n, _, _ in metrics) + "</tr>")  # fmt: skip
+    parts.append(
+        f"<h2>Results: {html.escape(suite.get('split', 'test'))} split, mean &plusmn; std over seeds "
+        f"{', '.join(seeds)}</h2><table class='results'><tr><th>variant</th><th>runs</th><th>trainable params</th>"
+        "<th>visual tokens</th>"
+        + "".join(f"<th title='{html.escape(METRIC_MEANING.get(n, ''))}'>{html.escape(n)}</th>" for n, _, _ in metrics)
+        + "</tr>"
+    )
     for v in variants:
         vr = [r for r in rows if r["variant"] == v]
         cells = metric_cells(vr, metrics, " &plusmn; ")
         params = vr[0].get("trainable_params") or "n/a"
         params = f"{int(params):,}" if params.isdigit() else params
-        parts.append(f"<tr><td>{html.escape(v)}</td><td>{len(vr)}</td><td>{params}</td><td>{vr[0].get('visual_tokens', '')}</td>"
-                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")  # fmt: skip
-    parts.append("</table><ul>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(t)}</li>"
-                                          for n, t in _metric_legend(metrics)) + "</ul>")  # fmt: skip
+        parts.append(
+            f"<tr><td>{html.escape(v)}</td><td>{len(vr)}</td><td>{params}</td><td>{vr[0].get('visual_tokens', '')}</td>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
+    parts.append(
+        "</table><ul>"
+        + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(t)}</li>" for n, t in _metric_legend(metrics))
+        + "</ul>"
+    )
 
     parts.extend(_readout(rows, variants, suite.get("variants", {}), metrics))
 
@@ -109,20 +140,32 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
             parts.append(_img(png, f"bar chart of {key}"))
     parts.append("</div>")
     if (runs_dir / "val_loss.png").exists():
-        parts.append("<h3>Validation loss during training</h3>" + _img(runs_dir / "val_loss.png", "validation loss curves", "760px"))
+        parts.append(
+            "<h3>Validation loss during training</h3>"
+            + _img(runs_dir / "val_loss.png", "validation loss curves", "760px")
+        )
 
     parts.append("<h2>Per variant: captions and what the queries look at</h2>")
     for v in variants:
         run = runs_dir / v / f"seed{sorted(int(s) for s in seeds)[0]}"
         parts.append(f"<h3 id='{html.escape(v)}'>{html.escape(v)}</h3>")
         if (run / "contact_sheet.png").exists():
-            parts.append("<p>Test images: a reference caption (grey), the model's caption (bold), and its caption "
-                         "when given another image.</p>" + _img(run / "contact_sheet.png", f"contact sheet {v}"))  # fmt: skip
+            parts.append(
+                "<p>Test images: a reference caption (grey), the model's caption (bold), and its caption "
+                "when given another image.</p>" + _img(run / "contact_sheet.png", f"contact sheet {v}")
+            )
         for png in _attention_maps(run, inspect_images):
-            parts.append("<p>Each panel: one query's cross-attention over the image grid (bright = attended), titled "
-                         "with the vocabulary tokens nearest to the visual token it becomes.</p>" + _img(png, f"attention {v}"))  # fmt: skip
-    parts.append("<h2>Reproduce</h2><pre>vlmlab ablate SUITE --out-dir " + html.escape(str(runs_dir))
-                 + "\nvlmlab report " + html.escape(str(runs_dir)) + "</pre>")  # fmt: skip
+            parts.append(
+                "<p>Each panel: one query's cross-attention over the image grid (bright = attended), titled "
+                "with the vocabulary tokens nearest to the visual token it becomes.</p>" + _img(png, f"attention {v}")
+            )
+    parts.append(
+        "<h2>Reproduce</h2><pre>vlmlab ablate SUITE --out-dir "
+        + html.escape(str(runs_dir))
+        + "\nvlmlab report "
+        + html.escape(str(runs_dir))
+        + "</pre>"
+    )
 
     page = HTML_PAGE.format(title=html.escape(title), body="\n".join(parts))
     out = Path(out or runs_dir / "report.html")
@@ -133,13 +176,20 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
 def _readout(rows: list[dict], variants: list[str], settings: dict, metrics) -> list[str]:
     """Each variant minus the reference, per metric, marked better / worse, and greyed where within seed noise."""
     reference = next((v for v in variants if not settings.get(v)), variants[0])
-    values = {v: {key: [float(r[key]) for r in rows if r["variant"] == v and r.get(key) not in (None, "")]
-                  for _, key, _ in metrics} for v in variants}  # fmt: skip
-    out = [f"<h2>Read-out: each switch against the reference ({html.escape(reference)})</h2><p>Each cell is the "
-           "variant's mean minus the reference's mean. <span class='better'>Green</span>: better, "
-           "<span class='worse'>red</span>: worse. A grey cell is a difference no larger than the two seed standard "
-           "deviations added together (noise); with one seed there is no noise estimate, so judge small "
-           "differences with care.</p><table><tr><th>variant</th>"]  # fmt: skip
+    values = {
+        v: {
+            key: [float(r[key]) for r in rows if r["variant"] == v and r.get(key) not in (None, "")]
+            for _, key, _ in metrics
+        }
+        for v in variants
+    }
+    out = [
+        f"<h2>Read-out: each switch against the reference ({html.escape(reference)})</h2><p>Each cell is the "
+        "variant's mean minus the reference's mean. <span class='better'>Green</span>: better, "
+        "<span class='worse'>red</span>: worse. A grey cell is a difference no larger than the two seed standard "
+        "deviations added together (noise); with one seed there is no noise estimate, so judge small "
+        "differences with care.</p><table><tr><th>variant</th>"
+    ]
     out.append("".join(f"<th>{html.escape(n)}</th>" for n, _, _ in metrics) + "</tr>")
     for v in variants:
         if v == reference:
@@ -161,8 +211,8 @@ def _readout(rows: list[dict], variants: list[str], settings: dict, metrics) -> 
 
 def _encoder_summary(run_dir: Path) -> str:
     """'efficientnet-lite0: 7x7 = 49 vectors of 1280 numbers', read from the suite's own first run."""
-    from .config import load_config
-    from .vision import build_vision_encoder
+    from ..config import load_config
+    from ..model.vision import build_vision_encoder
 
     config = next(run_dir.glob("seed*/config.yaml"), None)
     if config is None:
@@ -179,15 +229,17 @@ def _encoder_summary(run_dir: Path) -> str:
 
 
 def _metric_legend(metrics) -> list[tuple[str, str]]:
-    return [(n, METRIC_MEANING.get(n, "share of test captions that name exactly the true value(s); higher is better"))
-            for n, _, _ in metrics]  # fmt: skip
+    return [
+        (n, METRIC_MEANING.get(n, "share of test captions that name exactly the true value(s); higher is better"))
+        for n, _, _ in metrics
+    ]
 
 
 def _attention_maps(run: Path, count: int) -> list[Path]:
     """The run's attention-map pictures for its first `count` test images, drawn now if missing (Q-Former only)."""
     if count <= 0 or not (run / "eval.json").exists():
         return []
-    from .config import load_config
+    from ..config import load_config
 
     if load_config(run / "config.yaml").connector.type != "qformer":
         return []
@@ -197,13 +249,16 @@ def _attention_maps(run: Path, count: int) -> list[Path]:
     done = [run / "inspect" / f"{Path(i).stem}.png" for i in images]
     missing = [i for i, p in zip(images, done) if not p.exists()]
     if missing:
-        from .qformer_inspect import draw_inspection, inspect_image
-        from .train import load_run
+        from ..train.checkpoint import load_run
+        from .inspect import draw_inspection, inspect_image
 
         model = load_run(run)
         for image in missing:
-            draw_inspection(inspect_image(model, image), run / "inspect" / f"{Path(image).stem}.png",
-                            f"{run.parent.name}: cross-attention (last layer) per query")  # fmt: skip
+            draw_inspection(
+                inspect_image(model, image),
+                run / "inspect" / f"{Path(image).stem}.png",
+                f"{run.parent.name}: cross-attention (last layer) per query",
+            )
     return done
 
 

@@ -30,8 +30,9 @@ def _check(references: dict, candidates: dict) -> None:
     missing = sorted(map(str, references.keys() - candidates.keys()))
     extra = sorted(map(str, candidates.keys() - references.keys()))
     if missing or extra:
-        raise ValueError(f"candidates and references differ: no candidate for ids {missing}, "
-                         f"no references for ids {extra}")
+        raise ValueError(
+            f"candidates and references differ: no candidate for ids {missing}, no references for ids {extra}"
+        )
     empty = sorted(str(k) for k, refs in references.items() if len(refs) == 0)
     if empty:
         raise ValueError(f"empty reference list for ids {empty}")
@@ -70,8 +71,9 @@ def _meteor(gts: dict, res: dict) -> float:
         meteor.lock = threading.Lock()
 
 
-def caption_metrics(references: dict[str, list[str]], candidates: dict[str, str],
-                    use_java: bool | None = None, meteor: bool = True) -> dict:
+def caption_metrics(
+    references: dict[str, list[str]], candidates: dict[str, str], use_java: bool | None = None, meteor: bool = True
+) -> dict:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (pycocoevalcap's Cider is CIDEr-D) over images keyed by id.
 
     use_java: None auto-detects `java` on PATH; True forces the PTB tokenizer + METEOR; False forces
@@ -86,8 +88,11 @@ def caption_metrics(references: dict[str, list[str]], candidates: dict[str, str]
     if use_java:
         gts, res = _ptb_tokenize(references, candidates)
     else:
-        warnings.warn("Java not used: METEOR is skipped and a plain regex tokenizer replaces PTB "
-                      "(scores are close to, not exactly, the official COCO ones)", stacklevel=2)
+        warnings.warn(
+            "Java not used: METEOR is skipped and a plain regex tokenizer replaces PTB "
+            "(scores are close to, not exactly, the official COCO ones)",
+            stacklevel=2,
+        )
         gts = {k: [plain_tokenize(c) for c in refs] for k, refs in references.items()}
         res = {k: [plain_tokenize(c)] for k, c in candidates.items()}
 

@@ -1,0 +1,1 @@
+"""What a person runs to try a model: the terminal demo."""

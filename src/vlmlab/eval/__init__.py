@@ -1,0 +1,1 @@
+"""Scores and probes of a finished run: caption metrics, image-dependence probes, baselines."""

@@ -1,0 +1,1 @@
+"""The model path in reading order: vision -> connector (qformer, projection) -> language_model -> sequence -> vlm."""

@@ -1,0 +1,89 @@
+"""The BLIP-2 Q-Former as a connector: learned queries read the image through cross-attention.
+
+Q learnable query vectors attend to each other (self-attention), read the image (cross-attention to
+the image tokens), pass an FFN, repeated for `depth` layers; a linear projection then maps them to
+the LLM's width. The number of visual tokens is Q, whatever the image resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .projection import scaled_projection
+
+
+class QFormerLayer(nn.Module):
+    """Pre-norm block: queries talk to each other, then look at the image, then think (FFN)."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_cross = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(
+            nn.Linear(width, ffn_mult * width),
+            nn.GELU(),
+            nn.Linear(ffn_mult * width, width),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, queries: torch.Tensor, image: torch.Tensor, need_weights: bool = False):
+        x = self.norm_self(queries)
+        queries = queries + self.self_attn(x, x, x, need_weights=False)[0]
+        x = self.norm_cross(queries)
+        read, weights = self.cross_attn(x, image, image, need_weights=need_weights)  # weights: [B, Q, N]
+        queries = queries + read
+        queries = queries + self.ffn(self.norm_ffn(queries))
+        return queries, weights
+
+
+class QFormerConnector(nn.Module):
+    """Learnable queries + cross-attention to image tokens, then a linear projection to the LLM width."""
+
+    def __init__(
+        self,
+        image_dim: int,
+        lm_dim: int,
+        num_image_tokens: int,
+        num_queries: int = 16,
+        depth: int = 2,
+        width: int = 256,
+        heads: int = 4,
+        ffn_mult: int = 4,
+        dropout: float = 0.0,
+        lm_embedding_rms: float = 1.0,
+    ):
+        super().__init__()
+        if num_queries < 1 or depth < 1 or width % heads != 0:
+            raise ValueError(f"bad Q-Former shape: queries={num_queries} depth={depth} width={width} heads={heads}")
+        self.num_queries = num_queries
+        self.image_norm = nn.LayerNorm(image_dim)  # encoder features have arbitrary scale (ReLU6 maps, ViT states)
+        self.image_in = nn.Linear(image_dim, width)
+        # Cross-attention sees the image tokens as a set; a learned position per token lets a query
+        # tell "top left" from "bottom right" (a ViT's features carry this already, a CNN's barely).
+        self.image_pos = nn.Parameter(torch.randn(1, num_image_tokens, width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
+        self.layers = nn.ModuleList(QFormerLayer(width, heads, ffn_mult, dropout) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width)
+        # the "linear projection" into the LLM's embedding space
+        self.projection = scaled_projection(width, lm_dim, lm_embedding_rms)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.num_queries
+
+    def forward(self, image_tokens: torch.Tensor, return_attention: bool = False):
+        """image_tokens [B, N, D_image] -> visual tokens [B, Q, D_lm] (and per-layer cross-attention [B, Q, N])."""
+        if image_tokens.shape[1] != self.image_pos.shape[1]:
+            raise ValueError(f"expected {self.image_pos.shape[1]} image tokens, got {image_tokens.shape[1]}")
+        image = self.image_in(self.image_norm(image_tokens)) + self.image_pos
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        attention = []
+        for layer in self.layers:
+            queries, weights = layer(queries, image, need_weights=return_attention)
+            attention.append(weights)
+        visual_tokens = self.projection(self.out_norm(queries))
+        return (visual_tokens, attention) if return_attention else visual_tokens

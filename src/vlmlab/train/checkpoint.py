@@ -1,0 +1,160 @@
+"""What a run folder holds and how it is read back: checkpoints with a SHA-256 manifest, written
+crash-safely, verified before loading; `load_run` rebuilds a finished run without the training loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import load_config
+from ..data.features import file_digest
+from ..model.vlm import VLM, build_vlm
+
+CHECKPOINT = "checkpoint"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is partial, corrupt or does not fit this run: never loaded silently."""
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: VLMLAB_KILL_AT=NAME@STEP makes this process SIGKILL itself here."""
+    if os.environ.get("VLMLAB_KILL_AT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_durably(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, data_state: dict) -> None:
+    """Writes checkpoint/ atomically: files go to checkpoint.tmp/, a manifest of their SHA-256 last, then a rename.
+
+    A crash at any point leaves either the previous checkpoint or the new one whole (see find_checkpoint).
+    """
+    final, tmp, old = (run_dir / (CHECKPOINT + suffix) for suffix in ("", ".tmp", ".old"))
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a partial write from a crashed run: never a candidate for loading
+    tmp.mkdir(parents=True)
+    _write_durably(
+        tmp / TRAINABLE_FILE, lambda p: save_file(model.trainable_state_dict(), p, metadata={"step": str(step)})
+    )
+    _fault_point("checkpoint-partial", step)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+    }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    _write_durably(tmp / STATE_FILE, lambda p: torch.save(state, p))
+    manifest = {
+        "step": step,
+        "files": {name: file_digest(tmp / name, "sha256") for name in (TRAINABLE_FILE, STATE_FILE)},
+    }
+    _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    _fault_point("checkpoint-written", step)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.replace(old)
+    _fault_point("checkpoint-swapping", step)
+    tmp.replace(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def verify_checkpoint(path: Path) -> int:
+    """Checks every file of a checkpoint folder against its manifest; returns its step or raises CheckpointError."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; the checkpoint was not finished (or predates manifests)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, step = manifest["files"], int(manifest["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+    for name, digest in files.items():
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
+        if file_digest(path / name, "sha256") != digest:
+            raise CheckpointError(f"{path / name}: SHA-256 does not match the manifest; the file is corrupt")
+    return step
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: checkpoint/, or checkpoint.old/ when a crash hit the rename in between.
+
+    checkpoint.tmp/ is never loaded. A checkpoint/ that fails verification raises: resuming from it, or silently
+    from scratch, would both hide the damage.
+    """
+    final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    if final.exists():
+        verify_checkpoint(final)
+        return final
+    if old.exists():
+        verify_checkpoint(old)
+        return old
+    return None
+
+
+def load_trainable(run_dir: Path, model: VLM) -> None:
+    """Loads a run's trained weights after verifying them (find_checkpoint)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if (path / TRAINABLE_FILE).exists() and not (path / MANIFEST_FILE).exists():
+        # a finished checkpoint/ always has a manifest now (it is renamed into place whole): an older vlmlab wrote it
+        warnings.warn(
+            f"{path} has no manifest (written by an older vlmlab): its integrity is not checked", stacklevel=2
+        )
+    else:
+        path = find_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT / TRAINABLE_FILE})")
+    load_trainable_from(path, model)
+
+
+def load_trainable_from(checkpoint: Path, model: VLM) -> None:
+    model.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the log records up to `step` (written before that checkpoint); rewritten atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line torn by the kill itself
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def load_run(run_dir: str | Path) -> VLM:
+    """A trained run directory -> VLM ready to caption (frozen parts rebuilt, trained weights loaded)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_vlm(cfg)
+    load_trainable(run_dir, model)
+    return model.eval()
