@@ -4,12 +4,14 @@ Property-based (hypothesis) on each reader, plus one end-to-end pass of every fa
 """
 
 import json
+import os
 import struct
 import warnings
 import zlib
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -102,24 +104,32 @@ def test_coco_reader_model_based(tmp_path_factory, images, annotations):
     files: dict[int, set] = {}
     for im in images:
         files.setdefault(im["id"], set()).add(im["file_name"])
+    ids_of: dict[str, set] = {}
+    for im in images:
+        ids_of.setdefault(im["file_name"], set()).add(im["id"])
     report = SkipReport()
-    if any(len(f) > 1 for f in files.values()):  # one id, two files: ambiguous, refused
-        with pytest.raises(ValueError, match=r"captions_val2017.json: images\[\d+\]: id \d+ is listed with two files"):
+    # one id with two files is ambiguous; one file under two ids would be two samples of one picture: both refused
+    if any(len(f) > 1 for f in files.values()) or any(len(ids) > 1 for ids in ids_of.values()):
+        message = r"captions_val2017.json: images\[\d+\]: (id \d+ is listed with two files|file '.\.jpg' is listed under two ids)"
+        with pytest.raises(ValueError, match=message):
             load_captions(f"coco:{root}", skipped=report)
         return
     got = {s.image_id: s.captions for ss in load_captions(f"coco:{root}", skipped=report).values() for s in ss}
     expected: dict[str, list[str]] = {}
-    unlisted = empty = 0
+    unlisted = empty = non_text = 0
     for ann in annotations:
         if ann["image_id"] not in files:
             unlisted += 1
         elif isinstance(ann["caption"], str) and ann["caption"].strip():
             expected.setdefault(f"coco:{ann['image_id']}", []).append(ann["caption"].strip())
-        else:
+        elif isinstance(ann["caption"], str):
             empty += 1
+        else:
+            non_text += 1  # a number or null is reported as what it is, not as an "empty" caption
     assert got == expected
     assert report.counts().get("captions of unlisted images", 0) == unlisted
     assert report.counts().get("empty captions", 0) == empty
+    assert report.counts().get("non-text captions", 0) == non_text
 
 
 json_values = st.recursive(
@@ -286,3 +296,96 @@ def test_every_listed_fault_through_the_data_path(tmp_path, tiny_clip_dir):
     for name in ("truncated.jpg", "zero.jpg", "bomb.png", "missing.jpg", "annotations[10]", "annotations[11]"):
         assert name in log, name
     assert "8000x8000 pixels exceeds" in log
+
+
+# ---------------------------------------------------------------------------------------------- issue 13, probe 7
+
+
+def test_a_bom_in_flickr8k_files_loses_nothing(tmp_path):
+    root = _flickr_root(tmp_path, b"\xef\xbb\xbfa.jpg#0\tfirst caption\na.jpg#1\tsecond caption\n")
+    (root / "Flickr_8k.trainImages.txt").write_bytes(b"\xef\xbb\xbfa.jpg\n")
+    report = SkipReport()
+    splits = load_captions(f"flickr8k:{root}", skipped=report)
+    assert [(s.image_path.rsplit("/", 1)[1], s.captions) for s in splits["train"]] == [
+        ("a.jpg", ["first caption", "second caption"])
+    ]
+    assert len(report) == 0
+
+
+def test_a_bom_in_a_coco_file_is_read(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [{"image_id": 1, "caption": "a cat"}]}
+    root = _coco_root(tmp_path, b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    got = [s.captions for ss in load_captions(f"coco:{root}").values() for s in ss]
+    assert got == [["a cat"]]
+
+
+def test_two_ids_for_one_file_are_refused_in_karpathy(tmp_path):
+    doc = {
+        "images": [
+            {"split": "train", "filename": "x.jpg", "cocoid": 1, "sentences": [{"raw": "a"}]},
+            {"split": "train", "filename": "x.jpg", "cocoid": 2, "sentences": [{"raw": "b"}]},
+        ]
+    }
+    (tmp_path / "dataset_k.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"dataset_k.json: images\[1\]: .*x.jpg is listed under two ids, 'k:1'"):
+        load_captions(f"karpathy:{tmp_path / 'dataset_k.json'}")
+
+
+def test_numeric_captions_are_reported_as_such(tmp_path):
+    doc = {"images": [{"split": "train", "filename": "x.jpg", "sentences": [{"raw": 42}, {"raw": "fine"}]}]}
+    (tmp_path / "dataset_k.json").write_text(json.dumps(doc))
+    report = SkipReport()
+    load_captions(f"karpathy:{tmp_path / 'dataset_k.json'}", skipped=report)
+    assert report.counts() == {"non-text captions": 1}
+    assert "raw 42" in report.entries[0][2]
+
+
+def test_a_truncated_image_error_names_the_file(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    rgb.save(tmp_path / "t.jpg", quality=95)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=rf"{tmp_path / 't.jpg'}: image file is truncated"):
+        load_image(tmp_path / "t.jpg")
+
+
+def _feature_cache(tmp_path, tiny_clip_dir):
+    from vlmlab.data.features import FeatureCache
+    from vlmlab.model.vision import build_vision_encoder
+
+    return FeatureCache(tmp_path / "cache", build_vision_encoder(f"hf:{tiny_clip_dir}"))
+
+
+def _pictures(folder, n):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (40, 30), (i * 50 % 256, 90, 20)).save(folder / f"{i}.png")
+    return [str(folder / f"{i}.png") for i in range(n)]
+
+
+def test_a_temp_file_left_by_a_killed_cache_write_is_removed(tmp_path, tiny_clip_dir):
+    import subprocess
+    import sys
+
+    cache = _feature_cache(tmp_path, tiny_clip_dir)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = cache.dir / f"shard-1-{dead.pid}.tmp"
+    orphan.write_bytes(b"half a shard")
+    live = cache.dir / f"shard-2-{os.getpid()}.tmp"  # a writer still at work: left alone
+    live.write_bytes(b"being written")
+    with pytest.warns(UserWarning, match=rf"removed {orphan}"):
+        cache.features(_pictures(tmp_path / "img", 2))
+    assert not orphan.exists() and live.exists()
+
+
+def test_a_cut_short_cache_file_is_named_and_rebuilt(tmp_path, tiny_clip_dir):
+    paths = _pictures(tmp_path / "img", 3)
+    first, _ = _feature_cache(tmp_path, tiny_clip_dir).features(paths)
+    (shard,) = (tmp_path / "cache").rglob("shard-*.safetensors")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])  # a full disk, an interrupted copy
+    with pytest.warns(UserWarning, match=rf"feature cache file {shard} is damaged \(\d+ bytes, its header says \d+\)"):
+        again, kept = _feature_cache(tmp_path, tiny_clip_dir).features(paths)
+    assert kept == [0, 1, 2] and torch.allclose(first.float(), again.float())
+    assert shard.with_suffix(".damaged").exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_train import tiny_config
-from vlmlab.config import save_config
+from vlmlab.config import ConfigError, save_config
 from vlmlab.train.checkpoint import (
     CHECKPOINT,
     MANIFEST_FILE,
@@ -119,13 +119,15 @@ def test_a_corrupt_checkpoint_is_refused_not_loaded(tmp_path, tiny_clip_dir, tin
         train(cfg, resume=True)
 
 
-def test_resume_refuses_a_changed_data_layout(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+def test_resume_refuses_a_changed_batch_size(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
     train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "train.save_every=2"))
-    with pytest.raises(CheckpointError, match="data layout"):
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"train.batch_size: recorded 8, now 4"):
         train(
             tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.batch_size=4"), resume=True
         )
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # refused before anything was written
 
 
 def _poison_training_call(monkeypatch, call: int, kind: str):

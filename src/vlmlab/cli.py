@@ -19,7 +19,7 @@ def _config(args):
 def cmd_train(args) -> None:
     from .train.loop import train
 
-    train(_config(args), resume=args.resume)
+    train(_config(args), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_demo(args) -> None:
@@ -30,29 +30,33 @@ def cmd_demo(args) -> None:
 
 def cmd_captions(args) -> None:
     from .app.demo import caption_report
+    from .train.lock import run_lock
 
-    caption_report(args.run_dir, args.split, args.num_images)
+    with run_lock(args.run_dir, create=False):  # writes RUN_DIR/captions_SPLIT.json
+        caption_report(args.run_dir, args.split, args.num_images)
 
 
 def cmd_eval(args) -> None:
     from .eval.captioning import evaluate_run
+    from .train.lock import run_lock
 
     kwargs = {
         "num_beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
     }
-    evaluate_run(
-        args.run_dir,
-        args.data,
-        args.split,
-        baselines=not args.no_baselines,
-        train_baselines=not args.no_train_baselines,
-        retrieval_k=args.retrieval_k,
-        contact_images=args.contact_images,
-        out_dir=args.out_dir,
-        **{k: v for k, v in kwargs.items() if v},
-    )
+    with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):  # eval.json, eval.md, baselines/
+        evaluate_run(
+            args.run_dir,
+            args.data,
+            args.split,
+            baselines=not args.no_baselines,
+            train_baselines=not args.no_train_baselines,
+            retrieval_k=args.retrieval_k,
+            contact_images=args.contact_images,
+            out_dir=args.out_dir,
+            **{k: v for k, v in kwargs.items() if v},
+        )
 
 
 def cmd_ablate(args) -> None:
@@ -66,8 +70,10 @@ def cmd_ablate(args) -> None:
 
 def cmd_inspect(args) -> None:
     from .analysis.inspect import inspect_run
+    from .train.lock import run_lock
 
-    png, result = inspect_run(args.run_dir, args.image, args.out_dir, args.top_k, args.layer)
+    with run_lock(args.run_dir, create=False):  # writes RUN_DIR/inspect (or --out-dir)
+        png, result = inspect_run(args.run_dir, args.image, args.out_dir, args.top_k, args.layer)
     print(f"caption: {result.caption}")
     for q, tokens in enumerate(result.nearest):
         print(f"visual token {q:2d}: " + "  ".join(f"{t!r} {c:.2f}" for t, c in tokens))
@@ -80,16 +86,54 @@ def cmd_report(args) -> None:
     print(f"report: {build_report(args.runs_dir, args.out, args.inspect_images)}")
 
 
-def cmd_caption(args) -> None:
+def _one_line(text: str) -> str:
+    """A caption as one line of the plain output: backslash, newline, CR and tab written as \\ \\n \\r \\t."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def cmd_caption(args) -> int:
+    """Captions each image it can read; each one it cannot is named on stderr; exit 1 if any failed."""
+    from .data.formats import load_image
     from .train.checkpoint import load_run
 
     model = load_run(args.run_dir)
     kwargs = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
-    captions = []
+    failed = 0
+
+    def fail(path: str, e: Exception) -> None:
+        nonlocal failed
+        failed += 1
+        text = str(e) if path in str(e) else f"{path}: {e}"
+        print(f"vlmlab caption: skipped {text} ({type(e).__name__})", file=sys.stderr)
+
+    def emit(path: str, caption: str) -> None:
+        print(
+            json.dumps({"image": path, "caption": caption}) if args.json else f"{_one_line(path)}\t{_one_line(caption)}"
+        )
+
     for start in range(0, len(args.images), 16):
-        captions += model.caption(args.images[start : start + 16], **kwargs)
-    for path, caption in zip(args.images, captions):
-        print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}\t{caption}")
+        batch = []
+        for path in args.images[start : start + 16]:
+            try:
+                batch.append((path, load_image(path)))
+            except Exception as e:  # noqa: BLE001 - any failure to read one image: report it, go on with the rest
+                fail(path, e)
+        try:
+            captions = model.caption([image for _, image in batch], **kwargs) if batch else []
+        except Exception:  # noqa: BLE001 - one image the model cannot take must not cost the others
+            captions = None
+        for i, (path, image) in enumerate(batch):
+            if captions is None:
+                try:
+                    emit(path, model.caption([image], **kwargs)[0])
+                except Exception as e:  # noqa: BLE001
+                    fail(path, e)
+            else:
+                emit(path, captions[i])
+        sys.stdout.flush()
+    if failed:
+        print(f"vlmlab caption: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_params(args) -> None:
@@ -125,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a captioning VLM from a config")
     with_config(p, required=True)
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the output folder (removed only once the new run is set up)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train on the synthetic world and show image-dependent captions")
@@ -211,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     args = build_parser().parse_args(argv)
+    from .train.lock import RunRefused
+
     try:
-        args.func(args)
-    except (ConfigError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+        return args.func(args) or 0  # a command over many inputs returns 1 when some of them failed
+    except (ConfigError, FileNotFoundError, RunRefused) as e:  # a user's mistake or a refusal: one line
         print(f"vlmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

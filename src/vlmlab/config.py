@@ -6,6 +6,8 @@ Unknown keys and wrong types fail at load time, before any model is built, namin
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ class DataConfig:
     datasets: list[str] = field(default_factory=lambda: ["synthetic:data/synthetic"])  # FORMAT:PATH specs
     prompt: str = "A picture of"
     max_caption_tokens: int = 32
+    conversation_format: str = "auto"  # chatml | plain (LLaVA stage 1) | gpt2; auto: chatml if the tokenizer has it
+    max_conversation_tokens: int = 128  # text tokens of one conversation (an answer cut short loses its end token)
     split_seed: int = 0  # deterministic train/val/test split where a format has none
     max_train_images: int | None = None  # take a deterministic subset (quick runs)
     max_eval_images: int | None = None
@@ -181,6 +185,8 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} must look like key.subkey=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
+    if "#" in raw and "#" not in str(value):  # YAML took ` #...` for a comment: on a command line it is text
+        value = raw.strip()
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means the word
     return _nest(key, value)
@@ -202,7 +208,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 _AT_LEAST_ONE = (
     "connector.num_queries connector.depth connector.width connector.heads connector.ffn_mult "
-    "data.max_caption_tokens data.max_train_images data.max_eval_images data.synthetic_max_objects "
+    "data.max_caption_tokens data.max_conversation_tokens data.max_train_images data.max_eval_images data.synthetic_max_objects "
     "train.batch_size train.grad_accum train.max_steps train.eval_every train.eval_batches train.save_every "
     "train.log_every train.feature_batch_size generate.max_new_tokens generate.num_beams"
 ).split()
@@ -222,6 +228,8 @@ _RANGES = {
     "train.warmup_steps": (0, None),
     "vision.unfreeze_last": (0, None),
     "train.vision_lr": ([0.0], None),
+    "train.seed": (0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
+    "data.split_seed": (0, None),
 }
 
 
@@ -253,6 +261,8 @@ def validate(cfg: Config) -> None:
     c, t = cfg.connector, cfg.train
     from .model.connector import CONNECTOR_TYPES
 
+    _check_finite(cfg)
+    _check_output_dir(cfg)
     for key, (low, high) in _RANGES.items():
         value = _get(cfg, key)
         if value is not None:
@@ -263,12 +273,80 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"connector.width ({c.width}) must be divisible by connector.heads ({c.heads})")
     if cfg.lm.lora.enabled and cfg.lm.lora.r < 1:
         raise ConfigError("lm.lora.r must be >= 1 when lm.lora.enabled is true")
+    if cfg.data.conversation_format not in ("auto", "chatml", "plain", "gpt2"):
+        raise ConfigError(
+            f"data.conversation_format {cfg.data.conversation_format!r} is unknown; allowed: auto, chatml, plain, gpt2"
+        )
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite {t.on_nonfinite!r} is unknown; allowed: 'stop', 'skip'")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be one of 'no', 'bf16', 'fp16'")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets must name at least one FORMAT:PATH spec")
+
+
+def _check_finite(obj, prefix: str = "") -> None:
+    """inf and nan type-check as floats (`train.lr=inf`) but no setting of this project means them."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name} = {value!r} is impossible; allowed: a finite number")
+
+
+def _check_output_dir(cfg: Config) -> None:
+    """An empty output_dir would write the run into the current folder; `~` is the home folder, as in a shell."""
+    out = cfg.train.output_dir
+    if not out.strip():
+        raise ConfigError("train.output_dir is empty; name the folder the run is written to")
+    if out.startswith("~"):
+        expanded = os.path.expanduser(out)
+        if expanded.startswith("~"):
+            raise ConfigError(f"train.output_dir = {out!r}: cannot expand {out.split('/')[0]!r} (no such user)")
+        cfg.train.output_dir = expanded
+
+
+def check_model_sources(cfg: Config) -> None:
+    """A model name that is no embedded model, no local folder and not in the Hugging Face cache fails here, at
+    once: from_pretrained would first retry the hub for about a minute, then fail with an unclear error.
+
+    Called before training loads a model (not at config load, which must stay offline and quick).
+    """
+    from .model.language_model import SMOLLM2_NAME
+
+    names = []
+    if cfg.lm.name != SMOLLM2_NAME:
+        names.append(("lm.name", cfg.lm.name))
+    if cfg.vision.name.startswith("hf:"):
+        names.append(("vision.name", cfg.vision.name[3:]))
+    for key, name in names:
+        _check_model_source(key, name)
+
+
+def _check_model_source(key: str, name: str) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    if Path(name).expanduser().is_dir():
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ConfigError(f"{key} = {name!r}: no such directory")
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # downloaded before
+    except HFValidationError as e:
+        raise ConfigError(f"{key} = {name!r}: neither a local directory nor a valid hub name ({e})") from None
+    where = f"not a local directory and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{key} = {name!r}: {where}, and HF_HUB_OFFLINE is set")
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key} = {name!r}: {where}, and the hub has no such model") from None
+    except Exception as e:  # noqa: BLE001 - no network, proxy, DNS: one clear line instead of a minute of retries
+        raise ConfigError(f"{key} = {name!r}: {where}, and the hub cannot be reached ({type(e).__name__})") from None
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -288,12 +366,18 @@ def check_data_paths(cfg: Config) -> None:
     """
     from .data.formats import FORMATS, parse_spec
 
+    seen: dict[tuple, str] = {}
     for i, spec in enumerate(cfg.data.datasets):
         key = f"data.datasets[{i}]"
         try:
-            _, required = parse_spec(spec)
+            fmt, required = parse_spec(spec)
         except ValueError:
             raise ConfigError(f"{key} = {spec!r}: expected FORMAT:PATH with FORMAT one of {list(FORMATS)}") from None
         for part in required:
             if not Path(part).expanduser().exists():
                 raise ConfigError(f"{key} = {spec!r}: {part!r} does not exist")
+        # `coco:X` and `coco:X/` (or a symlink to X) are one dataset: listed twice, every sample would count twice
+        same = (fmt, os.path.realpath(os.path.expanduser(spec.partition(":")[2])))
+        if same in seen:
+            raise ConfigError(f"{key} = {spec!r} names the same data as {seen[same]}; list each dataset once")
+        seen[same] = f"{key} = {spec!r}"

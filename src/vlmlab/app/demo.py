@@ -86,6 +86,6 @@ def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8
 
 def run_demo(cfg: Config, num_images: int = 8) -> Path:
     """Train on the embedded defaults, then reload the run from disk and show its held-out captions."""
-    run_dir = train(cfg)
+    run_dir = train(cfg, resume=True)  # a finished demo run is reused; one with another config is refused
     caption_report(run_dir, "test", num_images)
     return run_dir

@@ -10,6 +10,7 @@ features. New features are appended as a new shard (safetensors, float16); nothi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import warnings
@@ -34,6 +35,41 @@ def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (its size does not match its header), or None.
+
+    The format: 8 bytes little-endian header length, the JSON header, then the tensor bytes whose extents the
+    header lists. safe_open reads only the header, so a file cut inside the tensor bytes opens fine and fails
+    (or reads garbage) only when those tensors are read, in the middle of a run.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a header"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return f"{size} bytes, header says {8 + n}+"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable header ({type(e).__name__}: {e})"
+    if size != 8 + n + end:
+        return f"{size} bytes, its header says {8 + n + end}"
+    return None
+
+
 class FeatureCache:
     def __init__(self, root: str | Path, encoder):
         self.encoder = encoder
@@ -43,13 +79,42 @@ class FeatureCache:
         self._refresh()
 
     def _refresh(self) -> None:
-        """Indexes shards written since the last look (e.g. by rank 0 while the other ranks waited)."""
+        """Indexes shards written since the last look (e.g. by rank 0 while the other ranks waited).
+
+        A shard whose size does not match its own header (cut short by a full disk or a copy) is set aside as
+        `*.damaged`, named in a warning; its images are then encoded again. Temp files of writers that died
+        (killed mid-write) are removed.
+        """
+        self._remove_orphaned_temp_files()
         known = set(self._where.values())
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
-            if shard not in known:
-                with safe_open(shard, "pt") as f:
-                    for key in f.keys():
-                        self._where[key] = shard
+            if shard in known:
+                continue
+            problem = shard_problem(shard)
+            if problem is None:
+                try:
+                    with safe_open(shard, "pt") as f:
+                        keys = list(f.keys())
+                except Exception as e:  # noqa: BLE001 - safetensors' own check of the header
+                    problem = f"{type(e).__name__}: {e}"
+            if problem is not None:
+                aside = shard.with_suffix(".damaged")
+                shard.replace(aside)
+                warnings.warn(
+                    f"feature cache file {shard} is damaged ({problem}); moved to {aside.name}, "
+                    "its images will be encoded again",
+                    stacklevel=2,
+                )
+                continue
+            for key in keys:
+                self._where[key] = shard
+
+    def _remove_orphaned_temp_files(self) -> None:
+        for tmp in self.dir.glob("shard-*.tmp"):
+            pid = tmp.stem.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                warnings.warn(f"removed {tmp}: a feature cache write interrupted by its process's death", stacklevel=3)
 
     def __len__(self) -> int:
         return len(self._where)

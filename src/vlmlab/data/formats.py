@@ -103,6 +103,10 @@ def load_captions(
     return out
 
 
+class UnreadableImage(OSError):
+    """An image file whose pixels cannot be decoded (truncated, corrupt); the message names the file."""
+
+
 class ImageTooLarge(ValueError):
     """More pixels than MAX_IMAGE_PIXELS: a decompression bomb, or a scan nobody meant to caption."""
 
@@ -127,6 +131,9 @@ def load_image(path) -> Image.Image:
         if getattr(img, "n_frames", 1) > 1:
             img, animated = img.copy(), img  # first frame only
             animated.close()
+    except OSError as e:  # PIL's "image file is truncated (3 bytes not processed)" names no file
+        img.close()
+        raise UnreadableImage(f"{path}: {e}") from e
     except BaseException:
         img.close()
         raise
@@ -240,7 +247,7 @@ def _add(by_id: dict[str, CaptionSample], sample: CaptionSample) -> None:
 
 def _read_json(path: Path, kind: str):
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (Windows editors write one) is no error
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
     except json.JSONDecodeError as e:
@@ -279,6 +286,7 @@ def _read_coco(
         except (KeyError, TypeError) as e:
             raise ValueError(f"{f}: not a COCO captions file ({type(e).__name__}: {e})") from e
         images: dict = {}
+        owner: dict = {}  # file_name -> (id, record) that first listed it
         for i, im in enumerate(image_list):
             image_id, file_name = _fields(im, ("id", "file_name"), f"{f}: images[{i}]")
             if not isinstance(file_name, str) or not file_name:
@@ -288,13 +296,20 @@ def _read_coco(
                     f"{f}: images[{i}]: id {image_id!r} is listed with two files, "
                     f"{images[image_id]!r} and {file_name!r}"
                 )
+            if owner.setdefault(file_name, (image_id, i))[0] != image_id:  # one picture, two samples: refused
+                raise ValueError(
+                    f"{f}: images[{i}]: file {file_name!r} is listed under two ids, {owner[file_name][0]!r} "
+                    f"(images[{owner[file_name][1]}]) and {image_id!r}"
+                )
             images[image_id] = file_name  # the same entry listed twice collapses
         captions: dict = {}
         for i, ann in enumerate(annotations):
             image_id, text = _fields(ann, ("image_id", "caption"), f"{f}: annotations[{i}]")
             if image_id not in images:
                 skipped.add("captions of unlisted images", f"{f}:annotations[{i}]", f"image_id {image_id!r}")
-            elif not isinstance(text, str) or not text.strip():
+            elif not isinstance(text, str):
+                skipped.add("non-text captions", f"{f}:annotations[{i}]", f"caption {text!r}")
+            elif not text.strip():
                 skipped.add("empty captions", f"{f}:annotations[{i}]", f"caption {text!r}")
             else:
                 captions.setdefault(image_id, []).append(text.strip())
@@ -324,6 +339,7 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
     name = data.get("dataset") or path.stem.removeprefix("dataset_")
     root = image_root if image_root is not None else path.parent
     by_id: dict[str, CaptionSample] = {}
+    owner: dict[str, tuple[str, int]] = {}  # image path -> (key, record) that first listed it
     for i, im in enumerate(images):
         raw_split, filename, sentences = _fields(im, ("split", "filename", "sentences"), f"{path}: images[{i}]")
         if not isinstance(filename, str) or not filename or not isinstance(sentences, list):
@@ -335,6 +351,8 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
             if isinstance(raw, str) and raw.strip():
                 captions.append(raw.strip())
+            elif raw is not None and not isinstance(raw, str):
+                skipped.add("non-text captions", f"{path}:images[{i}].sentences[{j}]", f"raw {raw!r}")
             else:
                 skipped.add("empty captions", f"{path}:images[{i}].sentences[{j}]", f"raw {raw!r}")
         if not captions:
@@ -342,6 +360,11 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
         key = f"{name}:{im['cocoid']}" if "cocoid" in im else f"{name}:{Path(filename).stem}"
         image_path = _abs(root / im.get("filepath", "") / filename)
         meta = {k: v for k, v in im.items() if k not in _KARPATHY_KEYS}
+        if owner.setdefault(image_path, (key, i))[0] != key:  # one picture under two ids: two samples of it
+            raise ValueError(
+                f"{path}: images[{i}]: {image_path} is listed under two ids, {owner[image_path][0]!r} "
+                f"(images[{owner[image_path][1]}]) and {key!r}"
+            )
         _add(by_id, CaptionSample(key, image_path, captions, _KARPATHY_SPLITS[raw_split], meta))
     return list(by_id.values())
 
@@ -358,7 +381,9 @@ _FLICKR_SPLIT_FILES = {
 
 def _text_lines(path: Path):
     """(line number, line) of a UTF-8 text file; a line that is not UTF-8 raises naming file and line."""
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+    data = path.read_bytes()
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM would glue itself to the first image name
+    for lineno, raw in enumerate(data.splitlines(), 1):
         try:
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -100,7 +100,7 @@ def ensure_baseline(cfg: Config, name: str, run_dir: str | Path, train_missing: 
     if stale:
         print(f"baseline {name}: its saved config differs from the run's on {stale}; retraining it")
     print(f"baseline {name} ({TRAINED_BASELINES[name]}): training into {out}")
-    train(bcfg, resume=stale == [])
+    train(bcfg, resume=stale == [], overwrite=bool(stale))  # a stale baseline is replaced, never mixed
     return out
 
 

@@ -26,6 +26,10 @@ class TextBatch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T], 1 on real tokens, 0 on padding
     labels: torch.Tensor  # [B, T], IGNORE_INDEX except on caption tokens and their END
+    # Conversations (conversation.py): where each row's visual tokens are spliced into the text, and
+    # whether the row has an image at all. None: captions, whose visual tokens come first.
+    image_positions: torch.Tensor | None = None  # [B] long
+    image_present: torch.Tensor | None = None  # [B] bool
 
 
 def prompt_token_ids(tokenizer, prompt: str, chat_format: bool) -> list[int]:

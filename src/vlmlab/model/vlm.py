@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
+from .chat_format import end_token_for, resolve_format
 from .connector import build_connector
+from .conversation import conversation_batch, encode_conversation
 from .language_model import add_lora, base_causal_lm, choose_end_token, embedding_rms, load_language_model
 from .sequence import (
     IGNORE_INDEX,
@@ -87,6 +89,19 @@ class VLM(nn.Module):
         visual = visual.to(text_embeds.dtype)
         visual_mask = torch.ones(batch, num_visual, dtype=mask.dtype, device=mask.device)
         visual_labels = torch.full((batch, num_visual), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        if text.image_positions is not None:  # a conversation: the visual tokens go where its <image> was
+            if text.image_present is not None:  # a text-only row in a batch with images: its slot is masked out
+                visual_mask = visual_mask * text.image_present.to(mask.device, mask.dtype)[:, None]
+            splice = [int(p) for p in text.image_positions]
+            return (
+                torch.stack(
+                    [torch.cat([text_embeds[i, :p], visual[i], text_embeds[i, p:]]) for i, p in enumerate(splice)]
+                ),
+                torch.stack([torch.cat([mask[i, :p], visual_mask[i], mask[i, p:]]) for i, p in enumerate(splice)]),
+                torch.stack(
+                    [torch.cat([labels[i, :p], visual_labels[i], labels[i, p:]]) for i, p in enumerate(splice)]
+                ),
+            )
         if visual_first_pad:
             # Left-padded generation batch: move each row's padding before its visual tokens, so every
             # row reads [pad...][visual][prompt] and the answer starts at the last position.
@@ -150,11 +165,31 @@ class VLM(nn.Module):
         repetition_penalty: float | None = None,
     ) -> list[str]:
         """Captions from image tokens. The LLM sees only [visual tokens][prompt]: no caption, no END."""
-        g = self.cfg.generate
         batch = image_tokens.shape[0] if image_tokens is not None else (batch_size or 1)
         text = build_generation_batch([self.prompt_ids] * batch, self.specials.pad_id)
+        return self._generate(
+            image_tokens,
+            text,
+            self.specials.end_id,
+            max_new_tokens,
+            num_beams,
+            repetition_penalty,
+            visual_first_pad=True,
+        )
+
+    def _generate(
+        self,
+        image_tokens,
+        text: TextBatch,
+        end_id: int,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        repetition_penalty: float | None = None,
+        visual_first_pad: bool = False,
+    ) -> list[str]:
+        g = self.cfg.generate
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
-        embeds, mask, _ = self._embed(visual, text, visual_first_pad=True)
+        embeds, mask, _ = self._embed(visual, text, visual_first_pad=visual_first_pad)
         was_training = self.training
         self.eval()
         out = self.lm.generate(
@@ -164,11 +199,11 @@ class VLM(nn.Module):
             num_beams=num_beams or g.num_beams,
             repetition_penalty=repetition_penalty or g.repetition_penalty,
             do_sample=False,
-            eos_token_id=self.specials.end_id,
+            eos_token_id=end_id,
             pad_token_id=self.specials.pad_id,
         )
         self.train(was_training)
-        return [decode_caption(self.tokenizer, row.tolist(), self.specials.end_id) for row in out]
+        return [decode_caption(self.tokenizer, row.tolist(), end_id) for row in out]
 
     @torch.no_grad()
     def caption(self, images, **generate_kwargs) -> list[str]:
@@ -177,6 +212,86 @@ class VLM(nn.Module):
 
         images = [load_image(im) if isinstance(im, str | Path) else im for im in images]
         return self.generate_from_tokens(self.encode_images(images), **generate_kwargs)
+
+    # ---- conversations -----------------------------------------------------------------------
+    @property
+    def conversation_format(self) -> str:
+        return resolve_format(self.cfg.data.conversation_format, self.tokenizer)
+
+    @property
+    def turn_end_id(self) -> int:
+        """The token that ends an assistant turn in this run's conversation format."""
+        token = end_token_for(self.conversation_format, self.specials.end_token)
+        vocab = self.tokenizer.get_vocab()
+        if token not in vocab:
+            raise ValueError(f"conversation format {self.conversation_format!r} needs {token!r}, not in the vocabulary")
+        return vocab[token]
+
+    def encode_messages(self, messages: list[dict], generation: bool = False, image: bool = True):
+        return encode_conversation(
+            self.tokenizer,
+            self.conversation_format,
+            messages,
+            self.turn_end_id,
+            max_tokens=None if generation else self.cfg.data.max_conversation_tokens,
+            generation=generation,
+            image=image,
+        )
+
+    def conversation_text_batch(self, conversations: list[list[dict]], images: list[bool] | None = None) -> TextBatch:
+        """Training batch of conversations: labels on assistant replies and their end token only."""
+        images = images if images is not None else [True] * len(conversations)
+        encoded = [self.encode_messages(m, image=has) for m, has in zip(conversations, images)]
+        return conversation_batch(encoded, self.specials.pad_id)
+
+    def _image_tokens_of(self, images) -> torch.Tensor | None:
+        """Paths / PIL images / None (no image) -> image tokens; rows without an image get zeros (masked out)."""
+        from ..data.formats import load_image
+
+        if all(im is None for im in images):
+            return None
+        loaded = [load_image(im) if isinstance(im, str | Path) else im for im in images]
+        present = [im for im in loaded if im is not None]
+        tokens = self.encode_images(present)
+        out = torch.zeros(len(images), *tokens.shape[1:], dtype=tokens.dtype, device=tokens.device)
+        out[[i for i, im in enumerate(loaded) if im is not None]] = tokens
+        return out
+
+    @torch.no_grad()
+    def chat_batch(self, images, conversations: list[list[dict]], **generate_kwargs) -> list[str]:
+        """The next assistant reply for each (image, conversation); an image may be None (no visual tokens)."""
+        image_tokens = None if self.blind else self._image_tokens_of(images)
+        present = [im is not None and not self.blind for im in images]
+        encoded = [self.encode_messages(m, generation=True, image=has) for m, has in zip(conversations, present)]
+        text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
+        return self._generate(image_tokens, text, self.turn_end_id, **generate_kwargs)
+
+    def chat(self, image, messages: list[dict], **generate_kwargs) -> str:
+        """One image (path, PIL image or None) and a conversation ending in a user turn -> the assistant's reply."""
+        return self.chat_batch([image], [messages], **generate_kwargs)[0]
+
+    @torch.no_grad()
+    def loglikelihood(self, image, messages: list[dict], continuation: str) -> tuple[float, bool]:
+        """log p(continuation | image, conversation) as the start of the next assistant reply, and whether greedy
+        decoding would write exactly it (lmms-eval's `loglikelihood`; multiple choice by likelihood)."""
+        prompt = self.encode_messages(messages, generation=True, image=image is not None and not self.blind)
+        cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not cont:
+            return 0.0, True
+        row = type(prompt)(prompt.ids + cont, [IGNORE_INDEX] * len(prompt.ids) + cont, prompt.image_position)
+        text = conversation_batch([row], self.specials.pad_id)
+        image_tokens = None if self.blind or image is None else self._image_tokens_of([image])
+        visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
+        embeds, mask, labels = self._embed(visual, text)
+        base = base_causal_lm(self.lm)
+        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = base.get_output_embeddings()(hidden[supervised]).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target = targets[supervised]
+        total = logprobs.gather(1, target[:, None]).sum().item()
+        return total, bool((logits.argmax(dim=-1) == target).all())
 
     # ---- what is trained, what is saved ---------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..config import load_config
 from ..data.features import file_digest
 from ..model.vlm import VLM, build_vlm
+from .lock import RunRefused
 
 CHECKPOINT = "checkpoint"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -26,7 +26,7 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunRefused):
     """A checkpoint that is partial, corrupt or does not fit this run: never loaded silently."""
 
 
@@ -85,7 +85,12 @@ def verify_checkpoint(path: Path) -> int:
     """Checks every file of a checkpoint folder against its manifest; returns its step or raises CheckpointError."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists():
-        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; the checkpoint was not finished (or predates manifests)")
+        # checkpoint/ is renamed into place only after its manifest is written, so a checkpoint without one was
+        # tampered with or damaged: refused, or deleting one file would switch every integrity check off
+        raise CheckpointError(
+            f"{path}: no {MANIFEST_FILE}; a finished checkpoint always has one (it lists the SHA-256 of each file), "
+            "so this one was damaged or edited and is not loaded"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
         files, step = manifest["files"], int(manifest["step"])
@@ -116,23 +121,23 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_trainable(run_dir: Path, model: VLM) -> None:
-    """Loads a run's trained weights after verifying them (find_checkpoint)."""
+    """Loads a run's trained weights after verifying them (find_checkpoint); a checkpoint without manifest is refused."""
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
-    if (path / TRAINABLE_FILE).exists() and not (path / MANIFEST_FILE).exists():
-        # a finished checkpoint/ always has a manifest now (it is renamed into place whole): an older vlmlab wrote it
-        warnings.warn(
-            f"{path} has no manifest (written by an older vlmlab): its integrity is not checked", stacklevel=2
-        )
-    else:
-        path = find_checkpoint(run_dir)
+    path = find_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {run_dir / CHECKPOINT / TRAINABLE_FILE})")
     load_trainable_from(path, model)
 
 
 def load_trainable_from(checkpoint: Path, model: VLM) -> None:
-    model.load_trainable_state_dict(load_file(checkpoint / TRAINABLE_FILE))
+    """Loads verified weights; non-finite values are refused (a NaN-weight model would caption silently empty)."""
+    state = load_file(checkpoint / TRAINABLE_FILE)
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CheckpointError(
+            f"{checkpoint / TRAINABLE_FILE}: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]}); not loaded"
+        )
+    model.load_trainable_state_dict(state)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

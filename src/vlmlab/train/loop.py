@@ -6,6 +6,9 @@ Only the connector and LoRA adapters learn. Each step: cached image tokens -> vi
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import os
 import random
@@ -21,9 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import Config, ConfigError, check_data_paths, save_config, validate
+from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
 from ..data.features import FeatureCache
-from ..data.pairs import CaptionPairs, SplitFeatures, collate_pairs, load_split_features
+from ..data.pairs import SKIP_LOG, CaptionPairs, SplitFeatures, collate_pairs, load_split_features
 from ..eval.probes import derangement, validation_loss
 from ..model.language_model import cache_dir
 from ..model.vlm import VLM, build_vlm, format_parameter_table
@@ -37,6 +40,8 @@ from .checkpoint import (
     truncate_metrics,
     verify_checkpoint,
 )
+from .lock import run_lock
+from .run_record import check_run_folder, remove_previous_run
 
 MAX_SKIPPED_IN_A_ROW = 20
 
@@ -109,6 +114,7 @@ class Session:
     train_split: SplitFeatures
     val_split: SplitFeatures
     val_order: list[int] | None  # a derangement of the validation images: the shuffled-image probe
+    running_loss: tuple[float, int] = (0.0, 0)  # (sum, steps) of the train-loss log window; restored on resume
 
     @property
     def main(self) -> bool:
@@ -120,22 +126,97 @@ class Session:
 
     @property
     def data_layout(self) -> dict:
-        return {"batches_per_epoch": self.batches_per_epoch, "num_processes": self.accelerator.num_processes}
+        return {
+            "batches_per_epoch": self.batches_per_epoch,
+            "num_processes": self.accelerator.num_processes,
+            "train_pairs_sha1": self.train_pairs_sha1,
+        }
+
+    @functools.cached_property
+    def train_pairs_sha1(self) -> str:
+        """What the run trains on (image ids and captions, in order): the same config over changed files differs."""
+        h = hashlib.sha1()
+        for row, caption in self.train_split.pairs:
+            h.update(f"{self.train_split.samples[row].image_id}\t{caption}\n".encode())
+        return h.hexdigest()
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
-    """Trains a run into cfg.train.output_dir and returns that directory."""
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Trains a run into cfg.train.output_dir and returns that directory.
+
+    The run folder is a record (run_record.py): its lock is held throughout; a folder holding a run is refused
+    unless `resume` (the config must then match the recorded one) or `overwrite`; and nothing in it changes
+    until config, data, checkpoint and resume match are known to be good.
+    """
     validate(cfg)
     check_data_paths(cfg)  # before anything loads or is written
-    s = setup(cfg)
-    step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
-    checkpoint = find_checkpoint(s.run_dir) if resume else None
-    if checkpoint is not None:
-        step, consumed = resume_from(s, checkpoint)
-    elif resume and s.main:
-        print(f"--resume: no checkpoint in {s.run_dir}, starting from scratch")
-    fit(s, step, consumed)
+    check_model_sources(cfg)  # a mistyped model name: one clear line now, not a minute of hub retries
+    run_dir = Path(cfg.train.output_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # accelerate launch: rank 0 alone writes the folder
+    with run_lock(run_dir) if rank0 else contextlib.nullcontext():
+        check_run_folder(cfg, resume, overwrite)
+        checkpoint = find_checkpoint(run_dir) if resume else None  # verified here, before setup
+        saved_step = verify_checkpoint(checkpoint) if checkpoint is not None else 0
+        if saved_step > cfg.train.max_steps:
+            raise ConfigError(
+                f"train.max_steps = {cfg.train.max_steps} is below the step of {checkpoint} ({saved_step}): "
+                "a run cannot be resumed backwards"
+            )
+        set_up_at = time.time()
+        s = setup(cfg)
+        step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
+        if checkpoint is not None:
+            step, consumed = resume_from(s, checkpoint)
+        elif resume and s.main:
+            print(f"--resume: no checkpoint in {s.run_dir}, starting from scratch")
+        if s.main:
+            record_start(s, overwrite, set_up_at)
+        fit(s, step, consumed)
     return s.run_dir
+
+
+def record_start(s: Session, overwrite: bool, set_up_at: float = 0.0) -> None:
+    """Writes what the run is (config.yaml, model_info.json), once it is known to be valid; --overwrite first
+    removes the previous run's artefacts."""
+    if overwrite:
+        removed = remove_previous_run(s.run_dir)
+        skip_log = s.run_dir / SKIP_LOG
+        if skip_log.exists() and skip_log.stat().st_mtime < set_up_at:  # the old run's, not rewritten by this one
+            skip_log.unlink()
+            removed.append(SKIP_LOG)
+        if removed:
+            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {s.run_dir}")
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    report_cut_captions(s)
+    save_config(s.cfg, s.run_dir / "config.yaml")
+    (s.run_dir / "model_info.json").write_text(json.dumps(s.vlm.model_info()))
+
+
+def report_cut_captions(s: Session) -> int:
+    """Training captions longer than data.max_caption_tokens are cut to it (sequence.py): counted in one line and
+    each listed in the run's skipped_inputs.log, like every other input the run does not take whole."""
+    limit = s.cfg.data.max_caption_tokens
+    pairs = [(row, caption) for row, caption in s.train_split.pairs if isinstance(caption, str)]  # caption data
+    if not pairs:
+        return 0
+    texts = [c.strip() if s.cfg.lm.chat_format else " " + c.strip() for _, c in pairs]  # as caption_token_ids
+    ids = s.vlm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = [(row, caption, len(i)) for (row, caption), i in zip(pairs, ids) if len(i) > limit]
+    log = s.run_dir / SKIP_LOG
+    if log.exists():  # a resume whose data had nothing else to skip keeps the earlier log: no line twice
+        kept = [line for line in log.read_text().splitlines(keepends=True) if not line.startswith("cut captions\t")]
+        log.write_text("".join(kept))
+    if cut:
+        with open(log, "a") as f:
+            for row, caption, n in cut:
+                f.write(
+                    f"cut captions\t{s.train_split.samples[row].image_id}\t{n} tokens cut to {limit}: {caption!r}\n"
+                )
+        print(
+            f"{len(cut)} of {len(pairs)} training captions are longer than data.max_caption_tokens = {limit} "
+            f"tokens and are cut to it; each listed in {s.run_dir / SKIP_LOG}"
+        )
+    return len(cut)
 
 
 def setup(cfg: Config) -> Session:
@@ -155,14 +236,11 @@ def setup(cfg: Config) -> Session:
     set_seed(t.seed)
     run_dir = Path(t.output_dir)
     main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    # config.yaml and model_info.json are written by record_start once the run is known to be valid
 
     model = build_vlm(cfg)
     if main:
         print(format_parameter_table(model.parameter_table()))
-        (run_dir / "model_info.json").write_text(json.dumps(model.model_info()))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
         data = load_split_features(
@@ -217,10 +295,14 @@ def resume_from(s: Session, checkpoint: Path) -> tuple[int, int]:
     """Restores weights, optimizer, schedule, RNGs and the data position; returns (step, micro-batches consumed)."""
     load_trainable_from(checkpoint, s.vlm)
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    saved_layout = {k: state["data"][k] for k in s.data_layout}
-    if saved_layout != s.data_layout:
+    layout = {k: v for k, v in s.data_layout.items() if k in state["data"]}  # older checkpoints lack the digest
+    saved_layout = {k: state["data"][k] for k in layout}
+    if saved_layout != layout:
+        differing = ", ".join(
+            f"{k}: recorded {saved_layout[k]!r}, now {layout[k]!r}" for k in layout if saved_layout[k] != layout[k]
+        )
         raise CheckpointError(
-            f"{checkpoint} was written with data layout {saved_layout}, this run has {s.data_layout}: "
+            f"{checkpoint} was written with another data layout ({differing}): "
             "the data order cannot be continued (same data, batch size and process count are needed)"
         )
     s.optimizer.load_state_dict(state["optimizer"])
@@ -232,6 +314,8 @@ def resume_from(s: Session, checkpoint: Path) -> tuple[int, int]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     step = state["step"]
     consumed = state["data"]["epoch"] * s.batches_per_epoch + state["data"]["batches_into_epoch"]
+    # the log window open at the checkpoint: the first train_loss logged after resuming averages the same steps
+    s.running_loss = tuple(state["data"].get("running_loss", (0.0, 0)))
     if s.main:
         truncate_metrics(s.run_dir / METRICS_FILE, step)  # records after the checkpoint are redone, not duplicated
         print(f"resumed from {checkpoint} at step {step}")
@@ -288,6 +372,8 @@ def fit(s: Session, step: int, consumed: int) -> None:
     epoch, skip = divmod(consumed, batches_per_epoch)
     progress = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", disable=not main)
     running, running_n, started, skipped, skipped_in_a_row = 0.0, 0, time.time(), 0, 0
+    running, running_n = s.running_loss  # after a resume: the window that was open at the checkpoint
+    timed_n = 0  # steps since `started`, for samples/s
     window_ok = True  # no non-finite loss among this accumulation window's micro-batches
     while step < t.max_steps:
         if hasattr(loader, "set_epoch"):
@@ -338,6 +424,7 @@ def fit(s: Session, step: int, consumed: int) -> None:
             skipped_in_a_row = 0
             running += global_loss.item()
             running_n += 1
+            timed_n += 1
             step += 1
             progress.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
@@ -346,7 +433,7 @@ def fit(s: Session, step: int, consumed: int) -> None:
                     "step": step,
                     "train_loss": running / running_n,
                     "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": running_n
+                    "samples_per_s": timed_n
                     * t.batch_size
                     * t.grad_accum
                     * accelerator.num_processes
@@ -355,12 +442,17 @@ def fit(s: Session, step: int, consumed: int) -> None:
                 }
                 log(record)
                 progress.set_postfix(loss=f"{record['train_loss']:.3f}")
-                running, running_n, started = 0.0, 0, time.time()
+                running, running_n, timed_n, started = 0.0, 0, 0, time.time()
             if step % t.eval_every == 0 or step == t.max_steps:
                 evaluate_and_log(step)
             if main and (step % t.save_every == 0 or step == t.max_steps):
                 epoch_now, into = divmod(consumed, batches_per_epoch)
-                data_state = {**data_layout, "epoch": epoch_now, "batches_into_epoch": into}
+                data_state = {
+                    **data_layout,
+                    "epoch": epoch_now,
+                    "batches_into_epoch": into,
+                    "running_loss": (running, running_n),
+                }
                 save_checkpoint(run_dir, vlm, optimizer, scheduler, step, data_state)
             accelerator.wait_for_everyone()
             if step >= t.max_steps:

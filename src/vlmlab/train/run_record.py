@@ -1,0 +1,136 @@
+"""What a run folder records, and the checks made before anything in it changes.
+
+A run folder is a record: config.yaml says how its checkpoint was trained. So `vlmlab train` refuses to
+start a new run over an existing one (unless --overwrite, which removes the old run only once the new one
+has been set up), and `--resume` continues only the recorded run: every config key that changes the
+training trajectory must equal the recorded one; only the keys in RESUME_MAY_CHANGE may differ.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..config import Config, ConfigError, config_to_dict, load_config
+from .checkpoint import CHECKPOINT, METRICS_FILE
+
+CONFIG_FILE = "config.yaml"
+
+# Keys that may differ on --resume: none of them changes what the weights become up to the recorded step.
+# train.max_steps extends (or shortens) a run: the cosine schedule is then stretched to the new end from the
+# checkpoint's step on (what an uninterrupted run with the new max_steps would have done differs before it).
+RESUME_MAY_CHANGE = (
+    "train.output_dir",  # a run folder may be moved or copied
+    "train.max_steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.log_every",
+    "train.feature_batch_size",  # only how many images are encoded at once into the feature cache
+)
+RESUME_MAY_CHANGE_PREFIXES = ("generate.",)  # decoding settings act after training
+
+# What a training run writes into its folder; --overwrite removes exactly these (nothing else in the folder).
+RUN_ARTEFACTS = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    CHECKPOINT,
+    CHECKPOINT + ".tmp",
+    CHECKPOINT + ".old",
+    "metrics.tmp",
+    "loss.png",
+    "model_info.json",
+    "eval.json",
+    "eval.md",
+    "contact_sheet.png",
+    "baselines",
+    "inspect",
+)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}"""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def holds_a_run(run_dir: Path) -> list[str]:
+    """The run artefacts present in run_dir (an empty list: no run there)."""
+    present = [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
+    if present == [METRICS_FILE] and (run_dir / METRICS_FILE).stat().st_size == 0:
+        return []
+    return present
+
+
+def resume_differences(recorded: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(key, recorded value, new value) for every key that must match on resume and does not."""
+    saved, want = flat(config_to_dict(recorded)), flat(config_to_dict(new))
+    out = []
+    for key in sorted(set(saved) | set(want)):
+        if key in RESUME_MAY_CHANGE or key.startswith(RESUME_MAY_CHANGE_PREFIXES):
+            continue
+        if saved.get(key) != want.get(key):
+            out.append((key, saved.get(key), want.get(key)))
+    return out
+
+
+def recorded_config(run_dir: Path) -> Config | None:
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_config(path)
+    except (ConfigError, OSError, ValueError) as e:
+        raise ConfigError(f"{path}: the recorded config cannot be read ({e}); refusing to touch this run") from e
+
+
+def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuses, before anything is written, a start that would destroy, mix or misdescribe the run in the folder."""
+    run_dir = Path(cfg.train.output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    present = holds_a_run(run_dir) if run_dir.is_dir() else []
+    if not present:
+        return
+    if overwrite:
+        if not (run_dir / CONFIG_FILE).exists() and not (run_dir / CHECKPOINT).exists():
+            raise ConfigError(f"--overwrite: {run_dir} does not look like a run folder (no config.yaml, no checkpoint)")
+        return
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(present)}); use --resume to continue it, another "
+            "train.output_dir, or --overwrite to replace it"
+        )
+    recorded = recorded_config(run_dir)
+    if recorded is None:
+        if (run_dir / CHECKPOINT).exists() or (run_dir / (CHECKPOINT + ".old")).exists():
+            raise ConfigError(f"{run_dir} has a checkpoint but no {CONFIG_FILE}: what it was trained with is unknown")
+        return
+    differences = resume_differences(recorded, cfg)
+    if differences:
+        listed = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, a, b in differences)
+        raise ConfigError(
+            f"cannot resume {run_dir}: the config differs from the recorded run on {len(differences)} key(s): "
+            f"{listed}. Resume with the recorded settings, or train into another output_dir (only "
+            f"{', '.join(RESUME_MAY_CHANGE[1:])} and generate.* may change on resume)"
+        )
+
+
+def remove_previous_run(run_dir: Path) -> list[str]:
+    """--overwrite, once the new run is set up: removes the old run's artefacts; returns their names."""
+    removed = []
+    for name in RUN_ARTEFACTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed

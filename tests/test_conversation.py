@@ -1,0 +1,149 @@
+"""Conversations: image slot inside the user turn, labels on assistant replies and their end token only,
+on the real SmolLM2 and GPT-2 tokenizers; chat and loglikelihood on a tiny VLM."""
+
+import pytest
+import torch
+
+from vlmlab.model.chat_format import build_pieces
+from vlmlab.model.conversation import conversation_batch, encode_conversation
+from vlmlab.model.sequence import IGNORE_INDEX
+
+TWO_TURNS = [
+    {"role": "user", "content": "<image>\nWhat is this?"},
+    {"role": "assistant", "content": "A red circle."},
+    {"role": "user", "content": "Where is it?"},
+    {"role": "assistant", "content": "On the left."},
+]
+
+
+def supervised_text(tokenizer, enc):
+    return tokenizer.decode([t for t, lab in zip(enc.ids, enc.labels) if lab != IGNORE_INDEX])
+
+
+def test_chatml_on_smollm2_supervises_only_the_replies_and_their_im_end(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    enc = encode_conversation(tok, "chatml", TWO_TURNS, end)
+    assert supervised_text(tok, enc) == "A red circle.<|im_end|>On the left.<|im_end|>"
+    assert [i for i, lab in zip(enc.ids, enc.labels) if lab != IGNORE_INDEX].count(end) == 2
+    # the image slot is inside the first user turn, after its header
+    assert tok.decode(enc.ids[: enc.image_position]) == "<|im_start|>user\n"
+    # the same text, rendered by the tokenizer's own template (minus its default system turn), is what we built
+    templated = tok.apply_chat_template(
+        [{**m, "content": m["content"].replace("<image>\n", "")} for m in TWO_TURNS], tokenize=False
+    )
+    assert tok.decode(enc.ids) == templated[templated.index("<|im_start|>user") :]
+
+
+def test_placeholder_in_a_later_turn_puts_the_image_there(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    msgs = [
+        {"role": "user", "content": "Hello."},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Look: <image> what colour?"},
+    ]
+    enc = encode_conversation(tok, "chatml", msgs, end, generation=True)
+    before = tok.decode(enc.ids[: enc.image_position])
+    assert before.endswith("<|im_start|>user\nLook:") and "Hi." in before
+    assert tok.decode(enc.ids).endswith("<|im_start|>assistant\n")
+    assert supervised_text(tok, enc) == "Hi.<|im_end|>"  # labels are computed in generation mode too
+    no_placeholder = encode_conversation(tok, "chatml", msgs[:1], end, generation=True)
+    assert tok.decode(no_placeholder.ids[: no_placeholder.image_position]) == "<|im_start|>user\n"
+
+
+def test_gpt2_format_and_end_token_equal_to_pad(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    enc = encode_conversation(tok, "gpt2", TWO_TURNS, eos)
+    assert supervised_text(tok, enc) == " A red circle.<|endoftext|> On the left.<|endoftext|>"
+    batch = conversation_batch([enc, encode_conversation(tok, "gpt2", TWO_TURNS[:2], eos)], pad_id=eos)
+    # padding uses the same id as the end token; only the real end tokens are labelled
+    assert int((batch.labels == eos).sum()) == 3
+    assert batch.image_positions.tolist() == [enc.image_position] * 2
+
+
+def test_truncation_that_cuts_an_answer_drops_its_end_token(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    full = encode_conversation(tok, "gpt2", TWO_TURNS[:2], eos)
+    cut = encode_conversation(
+        tok, "gpt2", TWO_TURNS[:2], eos, max_tokens=len(full.ids) - 4
+    )  # drops " circle", ".", END, "\n"
+    assert cut.truncated and eos not in [t for t, lab in zip(cut.ids, cut.labels) if lab != IGNORE_INDEX]
+    assert supervised_text(tok, cut) == " A red"
+
+
+def test_plain_format_is_image_then_text(gpt2_tokenizer):
+    pieces = build_pieces("plain", TWO_TURNS[:2], generation=False)
+    assert pieces[0].image and pieces[1].text == "A red circle." and pieces[1].supervised and pieces[2].end
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([], "at least one message"),
+        ([{"role": "assistant", "content": "x"}], "starts with a user"),
+        ([{"role": "user", "content": "<image> <image>"}], "2 <image> placeholders"),
+        ([{"role": "bot", "content": "x"}], "message 0"),
+    ],
+)
+def test_bad_conversations_are_refused(messages, error):
+    with pytest.raises(ValueError, match=error):
+        build_pieces("chatml", messages, generation=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_clip_dir, tiny_gpt2_dir):
+    from vlmlab.config import load_config
+    from vlmlab.model.vlm import build_vlm
+
+    cfg = load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", "connector.num_queries=4"])
+    return build_vlm(cfg).eval()
+
+
+def test_visual_tokens_are_spliced_at_the_placeholder(tiny_vlm):
+    text = tiny_vlm.conversation_text_batch([TWO_TURNS])
+    visual = torch.randn(1, 4, 64)
+    embeds, mask, labels = tiny_vlm._embed(visual, text)
+    p = int(text.image_positions[0])
+    assert torch.equal(embeds[0, p : p + 4], visual[0])
+    assert (labels[0, p : p + 4] == IGNORE_INDEX).all() and mask.shape[1] == text.input_ids.shape[1] + 4
+
+
+def test_chat_replies_and_the_image_reaches_the_loglikelihood(tiny_vlm, tmp_path):
+    from PIL import Image
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(a)
+    Image.effect_noise((32, 32), 100).convert("RGB").save(b)
+    msgs = [{"role": "user", "content": "<image> What is it?"}]
+    reply = tiny_vlm.chat(str(a), msgs, max_new_tokens=4)
+    assert isinstance(reply, str)
+    ll_a, _ = tiny_vlm.loglikelihood(str(a), msgs, " a red circle")
+    ll_b, _ = tiny_vlm.loglikelihood(str(b), msgs, " a red circle")
+    ll_none, _ = tiny_vlm.loglikelihood(None, msgs, " a red circle")
+    assert ll_a < 0 and ll_a != ll_b and ll_a != ll_none  # the image reaches the score
+    batch = tiny_vlm.chat_batch([str(a), None], [msgs, [{"role": "user", "content": "Hi"}]], max_new_tokens=3)
+    assert len(batch) == 2
+
+
+def test_loglikelihood_is_greedy_for_the_argmax_token(tiny_vlm, tmp_path):
+    from PIL import Image
+
+    a = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(a)
+    msgs = [{"role": "user", "content": "<image> Colour?"}]
+    prompt = tiny_vlm.encode_messages(msgs, generation=True)
+    from vlmlab.model.conversation import conversation_batch as batch_of
+
+    text = batch_of([prompt], tiny_vlm.specials.pad_id)
+    visual = tiny_vlm.visual_tokens(tiny_vlm._image_tokens_of([str(a)]))
+    embeds, mask, _ = tiny_vlm._embed(visual, text)
+    with torch.no_grad():
+        logits = tiny_vlm.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
+    best, worst = int(logits.argmax()), int(logits.argmin())
+    ll_best, greedy_best = tiny_vlm.loglikelihood(str(a), msgs, tiny_vlm.tokenizer.decode([best]))
+    _, greedy_worst = tiny_vlm.loglikelihood(str(a), msgs, tiny_vlm.tokenizer.decode([worst]))
+    assert ll_best == pytest.approx(torch.log_softmax(logits, -1)[best].item(), abs=1e-4)
+    assert greedy_best and not greedy_worst

@@ -1,0 +1,146 @@
+"""VQA accuracy, POPE and multiple choice on hand-made cases whose scores are worked out by hand."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import SHARED_DATA, require
+from vlmlab.eval.multiple_choice import choice_scores, extract_choice, rotations
+from vlmlab.eval.pope import parse_yes_no, pope_scores, pope_scores_by_setting
+from vlmlab.eval.vqa import normalize_answer, prior_answers, vqa_accuracy, vqa_scores
+
+
+@pytest.mark.parametrize(
+    "raw, normalized",
+    [
+        ("Two dogs.", "2 dogs"),
+        ("The Cat", "cat"),
+        ("dont know", "don't know"),
+        ("yes,", "yes"),
+        ("black-and-white", "black and white"),
+        ("3.5", "3.5"),  # a decimal point stays
+        ("1,000", "1000"),
+        ("  an apple\n", "apple"),
+        ("none", "0"),
+    ],
+)
+def test_evalai_normalisation(raw, normalized):
+    assert normalize_answer(raw) == normalized
+
+
+def test_vqa_accuracy_is_the_leave_one_out_mean_of_min_matches_over_3():
+    humans = ["2"] * 3 + ["3"] * 7
+    # leaving out one of the three "2": 2 of 9 others agree -> 2/3; leaving out a "3": 3 agree -> 1
+    assert vqa_accuracy("two", humans) == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10)
+    assert vqa_accuracy("3", humans) == 1.0
+    assert vqa_accuracy("four", humans) == 0.0
+    one = ["cat"] + ["dog"] * 9
+    assert vqa_accuracy("cat", one) == pytest.approx(9 * (1 / 3) / 10)  # 0 when its own annotator is left out
+
+
+def test_vqa_scores_per_answer_type():
+    scores = vqa_scores(["yes", "no", "2"], [["yes"] * 10, ["yes"] * 10, ["2"] * 10], ["yes/no", "yes/no", "number"])
+    assert scores["vqa_accuracy"] == pytest.approx(2 / 3)
+    assert scores["vqa_accuracy[yes/no]"] == 0.5 and scores["vqa_accuracy[number]"] == 1.0
+    assert scores["questions[yes/no]"] == 2
+
+
+def test_prior_is_the_most_frequent_normalised_answer_per_question_type():
+    prior = prior_answers(["how many", "how many", "what color"], [["Two"] * 6 + ["3"] * 4, ["2"], ["red"] * 10])
+    assert prior == {"how many": "2", "what color": "red"}
+
+
+@pytest.mark.parametrize(
+    "answer, parsed",
+    [
+        ("Yes.", "yes"),
+        ("Yes, there is a dog in the image.", "yes"),
+        ("No.", "no"),
+        ("There is no dog.", "no"),
+        ("The dog is not there", "no"),
+        ("Nothing like that. No.", "yes"),  # only the first sentence counts, as in the POPE authors' script
+        ("I think so", "yes"),
+    ],
+)
+def test_pope_parsing_follows_the_authors(answer, parsed):
+    assert parse_yes_no(answer) == parsed
+
+
+def test_pope_scores_and_the_yes_ratio_of_predictions():
+    labels = ["yes", "yes", "no", "no"]
+    always_yes = pope_scores(["Yes."] * 4, labels)
+    assert always_yes["recall"] == 1.0 and always_yes["precision"] == 0.5
+    assert always_yes["yes_ratio"] == 1.0 and always_yes["accuracy"] == 0.5
+    assert always_yes["f1"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+    mixed = pope_scores(["yes", "no", "no", "yes"], labels)  # TP 1, FN 1, TN 1, FP 1
+    assert mixed == {
+        "accuracy": 0.5,
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "yes_ratio": 0.5,
+        "questions": 4,
+    }
+    by = pope_scores_by_setting(["yes", "no"], ["yes", "no"], ["random", "adversarial"])
+    assert set(by) == {"adversarial", "random"} and by["random"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="'maybe'"):
+        pope_scores(["yes"], ["maybe"])
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("B", 1),
+        ("(C) a bird", 2),
+        ("D.", 3),
+        ("Answer: B", 1),
+        ("The answer is (C).", 2),
+        ("A", 0),
+        ("A dog.", 1),  # the article, not option A: read by option text instead
+        ("It is a cat", 0),
+        ("dog or cat", None),  # two options named: none picked
+        ("a horse", None),
+        ("dark red", 3),  # 'red' is inside 'dark red': the longer option wins
+    ],
+)
+def test_option_extraction(answer, expected):
+    assert extract_choice(answer, ["cat", "dog", "bird", "dark red"]) == expected
+
+
+def test_circular_eval_needs_every_rotation_right():
+    options, answer = ["cat", "dog", "bird", "fish"], 2
+    rots = rotations(options, answer)
+    assert [r[0][r[1]] for r in rots] == ["bird"] * 4  # the right option travels with its text
+    always_a = [0] * 4
+    truth = [r[1] for r in rots]
+    scores = choice_scores(always_a, truth, ["q1"] * 4)
+    assert scores["accuracy"] == 0.25 and scores["circular_accuracy"] == 0.0
+    assert choice_scores(truth, truth, ["q1"] * 4)["circular_accuracy"] == 1.0
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c"]), min_size=4, max_size=4), st.integers(0, 3))
+def test_rotation_answers_are_always_the_same_option(options, answer):
+    for rotated, idx in rotations(options, answer):
+        assert rotated[idx] == options[answer]
+
+
+def test_real_aokvqa_answers_score_as_their_own_annotators():
+    path = require(SHARED_DATA / "questions" / "aokvqa" / "aokvqa_v1p0_val.json")
+    items = json.loads(path.read_text())
+    # each question's majority direct answer scores 1 when >= 4 annotators gave it (3 remain when left out)
+    for item in items[:50]:
+        majority = max(set(item["direct_answers"]), key=item["direct_answers"].count)
+        count = sum(normalize_answer(a) == normalize_answer(majority) for a in item["direct_answers"])
+        acc = vqa_accuracy(majority, item["direct_answers"])
+        assert acc == (
+            1.0
+            if count >= 4
+            else pytest.approx((count * min(1, (count - 1) / 3) + (10 - count) * min(1, count / 3)) / 10)
+        )
+        # the right choice's text picks the right option
+        assert extract_choice(item["choices"][item["correct_choice_idx"]], item["choices"]) in (
+            item["correct_choice_idx"],
+            None,  # a choice whose text contains another choice's text can be ambiguous; never a wrong pick
+        )
