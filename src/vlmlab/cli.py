@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _config(args):
@@ -39,6 +40,13 @@ def cmd_captions(args) -> None:
 def cmd_eval(args) -> None:
     from .eval.captioning import evaluate_run
     from .train.lock import run_lock
+
+    if args.task != "caption":  # questions: VQA accuracy, POPE, multiple choice, with their controls
+        from .eval.tasks import evaluate_task
+
+        with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
+            evaluate_task(args.run_dir, args.task, args.questions, args.images, args.blind, args.limit, args.out_dir)
+        return
 
     kwargs = {
         "num_beams": args.beams,
@@ -151,6 +159,67 @@ def cmd_synth(args) -> None:
     print(f"wrote {path}")
 
 
+def cmd_serve(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:  # gradio is the optional `app` extra
+        raise FileNotFoundError(f"vlmlab serve needs the app extra (pip install -e '.[app]'): {e}") from e
+    from .app.web import serve
+
+    serve(args.run_dir, host=args.host, port=args.port)
+
+
+def cmd_make_tasks(args) -> None:
+    from .data.make_tasks import make_tasks
+
+    cfg = _config(args)
+    if args.data:
+        from .config import apply_settings
+
+        apply_settings(cfg, {"data.datasets": args.data})
+    summary = make_tasks(cfg, args.out_dir)
+    for name, count in summary["files"].items():
+        print(f"{count:>7}  {Path(args.out_dir) / name}")
+    print(f"images: {summary['images']}; {summary['split_check']}")
+
+
+def cmd_chat(args) -> int:
+    from .train.checkpoint import load_run
+
+    model = load_run(args.run_dir)
+    image = None if args.image.lower() == "none" else args.image
+    kwargs = {"max_new_tokens": args.max_new_tokens}
+    if args.questions_file:
+        questions = [q.strip() for q in Path(args.questions_file).read_text().splitlines() if q.strip()]
+        convs = [[{"role": "user", "content": "<image>\n" + q}] for q in questions]
+        for q, a in zip(questions, model.chat_batch([image] * len(convs), convs, **kwargs)):
+            print(json.dumps({"question": q, "answer": a}))
+        return 0
+    if args.question:
+        print(model.chat(image, [{"role": "user", "content": "<image>\n" + args.question}], **kwargs))
+        return 0
+    messages: list[dict] = []
+    print(f"chatting with {args.run_dir} about {args.image}; an empty line ends the session")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": ("<image>\n" if not messages else "") + text})
+        reply = model.chat(image, messages, **kwargs)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"vlm> {reply}")
+    return 0
+
+
+def cmd_chain(args) -> None:
+    from .analysis.chain import load_chain, run_chain
+
+    run_chain(load_chain(args.chain), args.out_dir)
+
+
 def cmd_prepare(args) -> None:
     from .model.language_model import SMOLLM2_NAME, smollm2_dir
 
@@ -217,7 +286,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
     p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
+    p.add_argument(
+        "--task",
+        default="caption",
+        choices=["caption", "vqa", "pope", "mmbench"],
+        help="caption (default) or questions: vqa (VQA accuracy), pope, mmbench (multiple choice, CircularEval)",
+    )
+    p.add_argument(
+        "--questions",
+        action="append",
+        metavar="FILE",
+        help="question file(s): VQA v2 *_questions.json, A-OKVQA json, POPE jsonl, MMBench tsv "
+        "(default: the run's data.tasks test files)",
+    )
+    p.add_argument("--images", help="image folder for --questions (POPE's COCO_val2014_ names map to COCO-2017 ids)")
+    p.add_argument("--blind", metavar="RUN_DIR", help="the blind run of the same recipe (connector.type none)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("make-tasks", help="write conversation / VQA / POPE / multiple-choice files from annotations")
+    p.add_argument("out_dir")
+    with_config(p, required=False)
+    p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the config's data)")
+    p.set_defaults(func=cmd_make_tasks)
+
+    p = sub.add_parser("chat", help="ask a run about an image (one question, or interactive without one)")
+    p.add_argument("run_dir")
+    p.add_argument("image", help="an image file, or 'none' for no image")
+    p.add_argument("question", nargs="?", help="omit for a multi-turn session (empty line or EOF ends it)")
+    p.add_argument("--questions-file", help="answer every question of a file (one per line) about the image")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
+    p.add_argument("chain", help="a chain YAML file, or a built-in chain: synthetic, photos")
+    p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
+    p.set_defaults(func=cmd_chain)
 
     p = sub.add_parser("ablate", help="train and evaluate every variant of a suite x seeds; tables and plots")
     p.add_argument("suite", help="a suite YAML file, or a built-in suite: roles (synthetic world), roles-photos")
@@ -250,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-objects", type=int, default=2)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("serve", help="a web page to try a run: captions, swapped image, chat, attention maps, run card")
+    p.add_argument("run_dir", nargs="?", help="a finished run (default: the demo run, trained first if absent)")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=None, help="default: gradio's (7860, or the next free one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="convert the default LM's GGUF to cached safetensors (done once)")
     p.set_defaults(func=cmd_prepare)

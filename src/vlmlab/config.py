@@ -61,6 +61,7 @@ class DataConfig:
     datasets: list[str] = field(default_factory=lambda: ["synthetic:data/synthetic"])  # FORMAT:PATH specs
     prompt: str = "A picture of"
     max_caption_tokens: int = 32
+    tasks: str | None = None  # a `vlmlab make-tasks` folder: the conversations of the instruct / vqa stages
     conversation_format: str = "auto"  # chatml | plain (LLaVA stage 1) | gpt2; auto: chatml if the tokenizer has it
     max_conversation_tokens: int = 128  # text tokens of one conversation (an answer cut short loses its end token)
     split_seed: int = 0  # deterministic train/val/test split where a format has none
@@ -72,6 +73,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    stage: str = "caption"  # caption | instruct | vqa (train/stages.py: what trains, on which data)
+    init_from: str | None = None  # a finished run whose trained weights start this one (chaining stages)
     output_dir: str = "runs/default"
     seed: int = 0
     batch_size: int = 8
@@ -273,6 +276,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"connector.width ({c.width}) must be divisible by connector.heads ({c.heads})")
     if cfg.lm.lora.enabled and cfg.lm.lora.r < 1:
         raise ConfigError("lm.lora.r must be >= 1 when lm.lora.enabled is true")
+    from .train.stages import STAGES
+
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage {t.stage!r} is unknown; allowed: {list(STAGES)}")
+    if STAGES[t.stage].data != "captions" and not cfg.data.tasks:
+        raise ConfigError(
+            f"train.stage {t.stage!r} trains on conversations: set data.tasks to a `vlmlab make-tasks` folder"
+        )
     if cfg.data.conversation_format not in ("auto", "chatml", "plain", "gpt2"):
         raise ConfigError(
             f"data.conversation_format {cfg.data.conversation_format!r} is unknown; allowed: auto, chatml, plain, gpt2"
@@ -365,7 +376,16 @@ def check_data_paths(cfg: Config) -> None:
     caption on a machine that lacks its training data.
     """
     from .data.formats import FORMATS, parse_spec
+    from .train.stages import STAGES
 
+    stage = STAGES.get(cfg.train.stage)
+    if stage is not None and stage.data != "captions":
+        for split in ("train", "val"):
+            path = Path(cfg.data.tasks).expanduser() / stage.data.format(split=split)
+            if not path.is_file():
+                raise ConfigError(f"data.tasks = {cfg.data.tasks!r}: {path} does not exist (run `vlmlab make-tasks`)")
+    if cfg.train.init_from is not None and not (Path(cfg.train.init_from).expanduser() / "config.yaml").is_file():
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: not a finished run (no config.yaml)")
     seen: dict[tuple, str] = {}
     for i, spec in enumerate(cfg.data.datasets):
         key = f"data.datasets[{i}]"

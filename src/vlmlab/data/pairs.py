@@ -123,3 +123,34 @@ def load_split_features(
             where = f"; each listed in {Path(log_dir) / SKIP_LOG}"
         warnings.warn(f"{' + '.join(cfg.data.datasets)}: {report.summary()}{where}", stacklevel=2)
     return out
+
+
+def load_conversation_features(cfg, cache, pattern: str, splits=("train", "val")) -> dict[str, SplitFeatures]:
+    """A stage's conversations (`data.tasks`/pattern, LLaVA JSON) -> cached image tokens + (row, messages) pairs.
+
+    Records without an image are counted and left out of image training (one warning line): the loss of a
+    text-only turn says nothing about the connector.
+    """
+    from .questions import read_llava_conversations
+
+    out = {}
+    for split in splits:
+        path = Path(cfg.data.tasks).expanduser() / pattern.format(split=split)
+        conversations = read_llava_conversations(path)
+        with_image = [c for c in conversations if c.image is not None]
+        if len(with_image) < len(conversations):
+            warnings.warn(
+                f"{path}: {len(conversations) - len(with_image)} records without an image left out", stacklevel=2
+            )
+        paths = sorted({c.image for c in with_image})
+        report = SkipReport()
+        features, kept = cache.features(
+            paths, batch_size=cfg.train.feature_batch_size, desc=f"encoding {split} images", skipped=report
+        )
+        if len(report):
+            warnings.warn(f"{path}: {report.summary()}", stacklevel=2)
+        row_of = {paths[i]: row for row, i in enumerate(kept)}
+        samples = [CaptionSample(paths[i], paths[i], [], split) for i in kept]
+        pairs = [(row_of[c.image], c.messages) for c in with_image if c.image in row_of]
+        out[split] = SplitFeatures(samples, features, pairs)
+    return out

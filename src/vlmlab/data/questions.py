@@ -49,6 +49,7 @@ class Question:
     hint: str = ""
     category: str = ""
     image_data: bytes | None = None
+    group: str = ""  # multiple choice: the question all rotations of it share (CircularEval)
 
 
 def _load_json(path: Path):
@@ -122,7 +123,7 @@ def read_vqa_v2(questions_path: str | Path, annotations_path: str | Path | None,
         out.append(
             Question(
                 str(qid),
-                _image_path(image_root, coco_image_name(image_id)),
+                _image_path(image_root, q["image"] if q.get("image") else coco_image_name(image_id)),
                 text,
                 answers=[x["answer"] for x in a["answers"]] if a else [],
                 answer_type=a.get("answer_type", "") if a else "",
@@ -218,6 +219,7 @@ def read_mmbench_tsv(path: str | Path, image_root=None) -> list[Question]:
                 hint="" if hint.lower() == "nan" else hint,
                 category=r.get("category", ""),
                 image_data=data,
+                group=str(r.get("group") or r["index"]),
             )
         )
     return out

@@ -121,7 +121,10 @@ class VLM(nn.Module):
         )
 
     # ---- training --------------------------------------------------------------------------
-    def text_batch(self, captions: list[str]) -> TextBatch:
+    def text_batch(self, captions: list) -> TextBatch:
+        """Training batch of captions, or of conversations (lists of messages) for the instruct / vqa stages."""
+        if captions and not isinstance(captions[0], str):
+            return self.conversation_text_batch(captions)
         ids = [
             caption_token_ids(self.tokenizer, c, self.cfg.lm.chat_format, self.cfg.data.max_caption_tokens)
             for c in captions

@@ -26,7 +26,14 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
 from ..data.features import FeatureCache
-from ..data.pairs import SKIP_LOG, CaptionPairs, SplitFeatures, collate_pairs, load_split_features
+from ..data.pairs import (
+    SKIP_LOG,
+    CaptionPairs,
+    SplitFeatures,
+    collate_pairs,
+    load_conversation_features,
+    load_split_features,
+)
 from ..eval.probes import derangement, validation_loss
 from ..model.language_model import cache_dir
 from ..model.vlm import VLM, build_vlm, format_parameter_table
@@ -42,6 +49,7 @@ from .checkpoint import (
 )
 from .lock import run_lock
 from .run_record import check_run_folder, remove_previous_run
+from .stages import STAGES, initialise_from
 
 MAX_SKIPPED_IN_A_ROW = 20
 
@@ -167,6 +175,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
         if checkpoint is not None:
             step, consumed = resume_from(s, checkpoint)
+        elif cfg.train.init_from is not None:  # a stage of a chain starts from the previous run's weights
+            initialise_from(s.vlm, cfg.train.init_from)
         elif resume and s.main:
             print(f"--resume: no checkpoint in {s.run_dir}, starting from scratch")
         if s.main:
@@ -243,13 +253,21 @@ def setup(cfg: Config) -> Session:
         print(format_parameter_table(model.parameter_table()))
     cache = FeatureCache(cache_dir() / "features", model.vision)
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
-        data = load_split_features(
-            cfg,
-            cache,
-            splits=("train", "val"),
-            log_dir=run_dir if main else None,
-            pixels=cfg.vision.unfreeze_last > 0,  # tuned blocks: no cached features
-        )
+        stage = STAGES[cfg.train.stage]
+        if stage.data != "captions":  # instruct / vqa: the stage's conversations from data.tasks
+            if cfg.vision.unfreeze_last:
+                raise ConfigError(
+                    f"train.stage {cfg.train.stage!r} reads cached features: vision.unfreeze_last must be 0"
+                )
+            data = load_conversation_features(cfg, cache, stage.data)
+        else:
+            data = load_split_features(
+                cfg,
+                cache,
+                splits=("train", "val"),
+                log_dir=run_dir if main else None,
+                pixels=cfg.vision.unfreeze_last > 0,  # tuned blocks: no cached features
+            )
     train_split, val_split = data["train"], data["val"]
     if not train_split.pairs:
         raise ValueError(f"no training pairs in {cfg.data.datasets}")

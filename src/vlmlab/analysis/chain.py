@@ -1,0 +1,159 @@
+"""`vlmlab chain CHAIN.yaml`: train a model in stages (caption -> instruct -> vqa), each stage starting from
+the previous run (`train.init_from`), then score it on VQA / POPE / multiple choice beside its controls,
+and measure what stage 2 did to stage 1's captions.
+
+A chain file:
+
+    name: chain-synthetic
+    base: null                      # a config file, or null for the embedded defaults
+    overrides: [train.max_steps=150]
+    tasks: data/tasks/synthetic     # `vlmlab make-tasks` output; written from the base data if absent
+    stages:                         # in order; each a few dotted.key: value settings on top of the base
+      caption: {}
+      instruct: {lm.lora.enabled: true}
+      vqa: {train.max_steps: 100}
+    blind: true                     # also train the same chain with connector.type: none (the blind control)
+    evaluate: [vqa, pope, mmbench]
+
+Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import Config, ConfigError, apply_settings, load_config
+from ..train.stages import STAGES
+
+CHAIN_DIR = Path(__file__).parent / "chains"
+
+
+@dataclass
+class Chain:
+    path: Path
+    name: str
+    stages: dict[str, dict]
+    base: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    tasks: str | None = None
+    blind: bool = True
+    evaluate: list[str] = field(default_factory=lambda: ["vqa", "pope", "mmbench"])
+    forgetting_split: str = "test"
+
+    def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
+        base = None if self.base is None else (self.path.parent / self.base).resolve()
+        cfg = load_config(base, self.overrides)
+        apply_settings(cfg, self.stages[stage] or {})
+        settings = {
+            "train.stage": stage,
+            "train.output_dir": str(out_dir),
+            "train.init_from": previous and str(previous),
+        }
+        if STAGES[stage].data != "captions":
+            settings["data.tasks"] = self.tasks
+        if blind:
+            settings["connector.type"] = "none"
+        return apply_settings(cfg, settings)
+
+
+def load_chain(spec: str) -> Chain:
+    builtin = CHAIN_DIR / f"{spec.replace('-', '_')}.yaml"
+    path = builtin if builtin.is_file() else Path(spec)
+    if not path.is_file():
+        raise ConfigError(
+            f"no chain {spec!r}: give a chain YAML file or one of {sorted(p.stem for p in CHAIN_DIR.glob('*.yaml'))}"
+        )
+    tree = yaml.safe_load(path.read_text()) or {}
+    allowed = {"name", "base", "overrides", "tasks", "stages", "blind", "evaluate", "forgetting_split"}
+    if not isinstance(tree, dict) or set(tree) - allowed:
+        raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
+    stages = tree.get("stages")
+    if not isinstance(stages, dict) or not stages or set(stages) - set(STAGES):
+        raise ConfigError(f"{path}: 'stages' maps stage names ({list(STAGES)}) to settings, in order")
+    chain = Chain(path=path, **{"name": path.stem, **tree})
+    if chain.tasks is not None and not Path(chain.tasks).is_absolute():
+        chain.tasks = str(Path(chain.tasks))
+    if any(STAGES[s].data != "captions" for s in stages) and not chain.tasks:
+        raise ConfigError(f"{path}: stages that train on conversations need 'tasks' (a make-tasks folder)")
+    previous = None
+    for stage in stages:  # every stage's config is checked before anything trains
+        chain.config(stage, Path("runs/check") / stage, previous, blind=False)
+        previous = Path("runs/check") / stage
+    return chain
+
+
+def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
+    from ..data.make_tasks import make_tasks
+    from ..eval.captioning import evaluate_run
+    from ..eval.tasks import evaluate_task
+    from ..train.checkpoint import find_checkpoint
+    from ..train.loop import train
+
+    out = Path(out_dir or Path("runs") / "chain" / chain.name)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    first = next(iter(chain.stages))
+    if chain.tasks and not (Path(chain.tasks) / "tasks.json").exists():
+        started = time.time()
+        make_tasks(chain.config(first, out / first, None, blind=False), chain.tasks)
+        timings["make-tasks"] = time.time() - started
+    runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
+    for arm in ("model", "blind") if chain.blind else ("model",):
+        previous = None
+        for stage in chain.stages:
+            run_dir = out / stage if arm == "model" else out / "blind" / stage
+            if find_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
+                started = time.time()
+                train(chain.config(stage, run_dir, previous, blind=arm == "blind"), resume=run_dir.exists())
+                timings[f"train {arm} {stage}"] = time.time() - started
+            runs[arm][stage] = previous = run_dir
+    last = list(chain.stages)[-1]
+    tables = {}
+    for task in chain.evaluate:
+        started = time.time()
+        rows = evaluate_task(runs["model"][last], task, blind_run=runs["blind"].get(last), out_dir=out / "eval")
+        timings[f"eval {task}"] = time.time() - started
+        tables[task] = rows
+    forgetting = {}
+    caption_stages = [s for s in chain.stages if STAGES[s].data == "captions"]
+    if caption_stages:
+        for stage in chain.stages:
+            started = time.time()
+            result = evaluate_run(
+                runs["model"][stage], split=chain.forgetting_split, baselines=False, out_dir=out / "forgetting" / stage,
+                contact_images=0,
+            )  # fmt: skip
+            timings[f"captions {stage}"] = time.time() - started
+            row = next(iter(result["rows"].values()))  # the run's own row (no baselines asked for)
+            forgetting[stage] = {k: row[k] for k in ("CIDEr-D", "BLEU-4", "nll_true") if k in row}
+    summary = {"runs": {a: {s: str(p) for s, p in r.items()} for a, r in runs.items()}, "tables": tables,
+               "forgetting": forgetting, "seconds": timings}  # fmt: skip
+    (out / "chain.json").write_text(json.dumps(summary, indent=1))
+    (out / "chain.md").write_text(format_chain(summary))
+    print(format_chain(summary))
+    return summary
+
+
+def format_chain(summary: dict) -> str:
+    from ..eval.tasks import format_task_table
+
+    parts = []
+    for task, rows in summary["tables"].items():
+        parts += [f"## {task}", "", format_task_table(task, rows), ""]
+    if summary["forgetting"]:
+        keys = sorted({k for r in summary["forgetting"].values() for k in r})
+        parts += ["## Captions after each stage (does stage 2 forget stage 1?)", ""]
+        parts += ["| stage | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        for stage, r in summary["forgetting"].items():
+            parts.append(f"| {stage} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys) + " |")
+        parts.append("")
+    total = sum(summary["seconds"].values())
+    parts.append(
+        f"Wall time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ")"
+    )
+    return "\n".join(parts) + "\n"

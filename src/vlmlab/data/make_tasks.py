@@ -1,0 +1,132 @@
+"""`vlmlab make-tasks`: write instruction, VQA, POPE and multiple-choice files from annotations, offline.
+
+The files are in their authors' formats, so the same readers (questions.py) read these and the real sets:
+
+    OUT/conversations_{train,val,test}.json        LLaVA conversations (stage 2: instruct)
+    OUT/vqa_conversations_{train,val}.json         single-turn short-answer conversations (stage 3: vqa)
+    OUT/vqa_{train,test}_questions.json            VQA v2 questions ...
+    OUT/vqa_{train,test}_annotations.json          ... and annotations (10 answers each; train: the prior)
+    OUT/pope_test_{random,popular,adversarial}.json   POPE JSON lines
+    OUT/mmbench_test.tsv                           4 options, every rotation (CircularEval), image as a path
+    OUT/tasks.json                                 what was written, from which data, and the split check
+
+Images are split as the caption data splits them (by image); no image file is in both the training
+files and the evaluation files, checked by the SHA-1 of the file bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from ..config import Config
+from .features import file_digest
+from .pairs import load_samples
+from .tasks import (
+    choice_questions,
+    conversation,
+    image_facts,
+    pope_questions,
+    short_questions,
+    vocabulary_of,
+    vqa_conversation,
+)
+
+
+def _llava(records: list[tuple[str, list[dict]]], root: Path) -> list[dict]:
+    out = []
+    for i, (image, messages) in enumerate(records):
+        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in messages]
+        out.append({"id": str(i), "image": str(Path(image).resolve()), "conversations": turns})
+    return out
+
+
+def _vqa_files(questions, out: Path, split: str) -> int:
+    qs, anns = [], []
+    for i, q in enumerate(questions):
+        # VQA v2 names images by COCO image_id; `image` (a path) is how these files name theirs
+        qs.append({"question_id": i, "image_id": i, "image": str(Path(q.image).resolve()), "question": q.question})
+        anns.append(
+            {
+                "question_id": i,
+                "answers": [{"answer": q.answer, "answer_id": k + 1} for k in range(10)],
+                "multiple_choice_answer": q.answer,
+                "answer_type": q.answer_type,
+                "question_type": q.question_type,
+            }
+        )
+    (out / f"vqa_{split}_questions.json").write_text(json.dumps({"questions": qs}))
+    (out / f"vqa_{split}_annotations.json").write_text(json.dumps({"annotations": anns}))
+    return len(qs)
+
+
+def rotated_rows(start: int, image: str, question: str, options: list[str], right: int, category: str) -> list:
+    """One TSV row per rotation of the options (A B C D, B C D A, ...), sharing a `group` for CircularEval."""
+    rows = []
+    for k in range(len(options)):
+        rotated = options[k:] + options[:k]
+        letter = "ABCD"[(right - k) % len(options)]
+        rows.append([start + k, start, question, "", *rotated, letter, category, str(Path(image).resolve())])
+    return rows
+
+
+def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
+    """Writes every task file for the config's data (cfg.data.datasets and its split) into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(cfg)
+    facts = {split: image_facts(samples[split]) for split in samples}
+    vocabulary = vocabulary_of([f for fs in facts.values() for f in fs])
+    if not vocabulary:
+        raise ValueError(f"{cfg.data.datasets}: no image has annotated objects (COCO instances or a synthetic world)")
+    rng = random.Random(seed)
+    summary: dict = {"datasets": cfg.data.datasets, "split_seed": cfg.data.split_seed, "files": {}}
+
+    def write_json(name: str, obj) -> None:
+        (out / name).write_text(json.dumps(obj))
+        summary["files"][name] = len(obj)
+
+    for split in ("train", "val", "test"):
+        write_json(
+            f"conversations_{split}.json",
+            _llava([(f.sample.image_path, conversation(f, vocabulary, rng)) for f in facts[split]], out),
+        )
+    short = {split: [q for f in facts[split] for q in short_questions(f, vocabulary, rng)] for split in facts}
+    for split in ("train", "val"):
+        write_json(
+            f"vqa_conversations_{split}.json", _llava([(q.image, vqa_conversation(q)) for q in short[split]], out)
+        )
+    for split in ("train", "test"):
+        summary["files"][f"vqa_{split}_questions.json"] = _vqa_files(short[split], out, split)
+
+    synthetic = all(f.synthetic for f in facts["test"])
+    for setting in ("random", "popular", "adversarial"):
+        items = pope_questions(facts["test"], setting, seed, min_categories=1 if synthetic else 3)
+        lines = [
+            json.dumps({"question_id": i, "image": str(Path(img).resolve()), "text": text, "label": label})
+            for i, (img, text, label) in enumerate(items)
+        ]
+        (out / f"pope_test_{setting}.json").write_text("".join(line + "\n" for line in lines))
+        summary["files"][f"pope_test_{setting}.json"] = len(lines)
+
+    rows = []
+    for f in facts["test"]:
+        for question, options, right in choice_questions(f, vocabulary, rng):
+            category = "count" if question.startswith("How many") else "attribute" if "colour" in question else "object"
+            rows += rotated_rows(len(rows), f.sample.image_path, question, options, right, category)
+    with open(out / "mmbench_test.tsv", "w", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(["index", "group", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+        writer.writerows(rows)
+    summary["files"]["mmbench_test.tsv"] = len(rows)
+
+    train_digests = {file_digest(f.sample.image_path) for split in ("train", "val") for f in facts[split]}
+    leaked = [f.sample.image_path for f in facts["test"] if file_digest(f.sample.image_path) in train_digests]
+    if leaked:
+        raise ValueError(f"{len(leaked)} evaluation images are also training images (same bytes), e.g. {leaked[0]}")
+    summary["images"] = {split: len(facts[split]) for split in facts}
+    summary["split_check"] = "no evaluation image file equals a training or validation image file (SHA-1)"
+    (out / "tasks.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,234 @@
+"""Questions with known answers, built from what the annotations say is in each image.
+
+Two sources of ground truth: COCO instances (object categories and boxes) and the synthetic world's
+scene description (colour, shape, size, grid position of each object). From them:
+
+- short-answer questions (VQA style, answer types yes/no | number | other): presence, counting,
+  left/right of one object from another (box centres), and for the synthetic world colour, shape, size,
+  position;
+- conversations (LLaVA style): a brief description (a human caption) followed by a few of those questions;
+- POPE, exactly as its authors build it: images with >= 3 annotated categories, 3 positives per image, each
+  followed by one negative sampled at random, among the most frequent categories (popular) or among those
+  that co-occur most with the image's objects (adversarial); "Is there a/an {object} in the image?";
+- MMBench-style 4-option questions (which object is in the image, how many), options rotated for CircularEval.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .formats import CaptionSample
+from .synthetic import COLOURS, POSITIONS, SHAPES
+
+IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis"}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+@dataclass
+class ImageFacts:
+    """What the annotations say is in one image: objects with a category and (optionally) a box."""
+
+    sample: CaptionSample
+    objects: list[dict]  # {"name": str, "cx": float in [0, 1] or None, plus synthetic attributes}
+    synthetic: bool = False
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(o["name"] for o in self.objects)
+
+
+@dataclass
+class TaskQuestion:
+    image: str  # absolute image path
+    question: str
+    answer: str  # the short answer (VQA style)
+    answer_type: str  # yes/no | number | other
+    question_type: str  # e.g. "is there a", "how many", "what color is the"
+
+
+def article(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
+def plural(word: str, n: int) -> str:
+    if n == 1:
+        return word
+    if word in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[word]
+    if word.endswith(("s", "sh", "ch", "x")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def coco_instances(samples: list[CaptionSample]) -> dict[str, list[dict]]:
+    """image path -> objects from the COCO instances file beside each sample's captions file (if any)."""
+    by_folder: dict[Path, list[CaptionSample]] = defaultdict(list)
+    for s in samples:
+        if "coco_split" in s.meta:
+            by_folder[Path(s.image_path).parent].append(s)
+    out: dict[str, list[dict]] = {}
+    for folder, group in by_folder.items():
+        path = folder.parent / "annotations" / f"instances_{group[0].meta['coco_split']}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        files = {im["id"]: (im["file_name"], im["width"]) for im in data["images"]}
+        objects: dict[str, list[dict]] = defaultdict(list)
+        for ann in data["annotations"]:
+            if ann.get("iscrowd"):
+                continue
+            file_name, width = files[ann["image_id"]]
+            x, _, w, _ = ann["bbox"]
+            objects[file_name].append({"name": names[ann["category_id"]], "cx": (x + w / 2) / width})
+        for s in group:
+            if s.meta["file_name"] in objects:
+                out[s.image_path] = objects[s.meta["file_name"]]
+    return out
+
+
+def image_facts(samples: list[CaptionSample]) -> list[ImageFacts]:
+    """Facts for the samples whose objects are annotated (synthetic world: all; COCO: those in instances)."""
+    coco = coco_instances(samples)
+    out = []
+    for s in samples:
+        if "objects" in s.meta:
+            objects = [
+                {**o, "name": o["shape"], "cx": [0.2, 0.5, 0.8][POSITIONS.index(o["position"]) % 3]}
+                for o in s.meta["objects"]
+            ]
+            out.append(ImageFacts(s, objects, synthetic=True))
+        elif s.image_path in coco:
+            out.append(ImageFacts(s, coco[s.image_path]))
+    return out
+
+
+def short_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Random) -> list[TaskQuestion]:
+    """Short-answer questions about one image; `vocabulary` is every category name (for absent objects)."""
+    img, counts = facts.sample.image_path, facts.counts
+    qs = []
+    present = sorted(counts)
+    absent = sorted(set(vocabulary) - set(counts))
+    name = rng.choice(present)
+    qs.append(TaskQuestion(img, f"Is there {article(name)} in the image?", "yes", "yes/no", "is there a"))
+    if absent:
+        other = rng.choice(absent)
+        qs.append(TaskQuestion(img, f"Is there {article(other)} in the image?", "no", "yes/no", "is there a"))
+    qs.append(TaskQuestion(img, f"How many {plural(name, 2)} are there?", str(counts[name]), "number", "how many"))
+    singles = [o for o in facts.objects if counts[o["name"]] == 1 and o.get("cx") is not None]
+    pairs = [(a, b) for a in singles for b in singles if a["name"] != b["name"] and abs(a["cx"] - b["cx"]) > 0.1]
+    if pairs:
+        a, b = rng.choice(pairs)
+        side = "left" if a["cx"] < b["cx"] else "right"
+        q = f"Is the {a['name']} to the left or to the right of the {b['name']}?"
+        qs.append(TaskQuestion(img, q, side, "other", "left or right"))
+    if facts.synthetic:
+        o = rng.choice(facts.objects)
+        the = f"the {o['shape']}" if counts[o["shape"]] == 1 else f"the {o['size']} {o['shape']}"
+        qs += [
+            TaskQuestion(img, f"What colour is {the}?", o["colour"], "other", "what color is the"),
+            TaskQuestion(img, f"Is {the} small or large?", o["size"], "other", "what size is the"),
+            TaskQuestion(img, f"Where is {the}?", o["position"], "other", "where is the"),
+            TaskQuestion(img, "What shape is in the image?", rng.choice(present), "other", "what shape"),
+        ]
+        if len(facts.objects) == 1:  # one object: its shape is the only right answer
+            qs[-1].answer = facts.objects[0]["shape"]
+    return qs
+
+
+def describe_counts(counts: Counter) -> str:
+    parts = [f"{n if n > 1 else 'one'} {plural(name, n)}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def conversation(facts: ImageFacts, vocabulary: list[str], rng: random.Random, turns: int = 3) -> list[dict]:
+    """A LLaVA-style conversation: a brief description, the objects with counts, then short questions."""
+    caption = rng.choice(facts.sample.captions)
+    msgs = [
+        {"role": "user", "content": "<image>\nDescribe the image briefly."},
+        {"role": "assistant", "content": caption[:1].upper() + caption[1:]},
+        {"role": "user", "content": "What objects are in the image?"},
+        {"role": "assistant", "content": describe_counts(facts.counts).capitalize() + "."},
+    ]
+    for q in rng.sample(short_questions(facts, vocabulary, rng), k=min(turns, 4)):
+        msgs += [{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answer.capitalize() + "."}]
+    return msgs
+
+
+VQA_SUFFIX = "\nAnswer the question using a single word or number."  # LLaVA-1.5's short-answer prompt
+
+
+def vqa_conversation(q: TaskQuestion) -> list[dict]:
+    return [
+        {"role": "user", "content": "<image>\n" + q.question + VQA_SUFFIX},
+        {"role": "assistant", "content": q.answer},
+    ]
+
+
+def pope_questions(facts: list[ImageFacts], setting: str, seed: int = 0, per_image: int = 3, min_categories: int = 3):
+    """POPE items [(image, question, label)]: positives, each followed by a negative of the given setting."""
+    if setting not in ("random", "popular", "adversarial"):
+        raise ValueError(f"POPE setting {setting!r}: random | popular | adversarial")
+    rng = random.Random(f"pope-{setting}-{seed}")
+    frequency = Counter(name for f in facts for name in set(f.counts))
+    vocabulary = sorted(frequency)
+    cooccur: dict[str, Counter] = defaultdict(Counter)
+    for f in facts:
+        for a in f.counts:
+            for b in f.counts:
+                if a != b:
+                    cooccur[a][b] += 1
+    items = []
+    for f in facts:
+        present = sorted(f.counts)
+        if len(present) < min_categories:
+            continue
+        positives = rng.sample(present, per_image) if len(present) >= per_image else present
+        if setting == "random":
+            candidates = rng.sample([c for c in vocabulary if c not in f.counts], k=len(vocabulary) - len(present))
+        elif setting == "popular":
+            candidates = [c for c, _ in frequency.most_common() if c not in f.counts]
+        else:
+            together = Counter()
+            for p in present:
+                together.update(cooccur[p])
+            candidates = [c for c, _ in together.most_common() if c not in f.counts]
+            candidates += [c for c, _ in frequency.most_common() if c not in f.counts and c not in candidates]
+        for pos, neg in zip(positives, candidates):
+            items.append((f.sample.image_path, f"Is there {article(pos)} in the image?", "yes"))
+            items.append((f.sample.image_path, f"Is there {article(neg)} in the image?", "no"))
+    return items
+
+
+def choice_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Random) -> list[tuple[str, list[str], int]]:
+    """MMBench-style 4-option questions: (question, options, right index) before rotation."""
+    out = []
+    absent = sorted(set(vocabulary) - set(facts.counts))
+    if len(absent) >= 3:
+        right = rng.choice(sorted(facts.counts))
+        options = rng.sample(absent, 3) + [right]
+        rng.shuffle(options)
+        out.append(("Which of these objects is in the image?", options, options.index(right)))
+    name = rng.choice(sorted(facts.counts))
+    n = facts.counts[name]
+    numbers = [str(n)] + [str(x) for x in rng.sample([k for k in range(1, 11) if k != n], 3)]
+    rng.shuffle(numbers)
+    out.append((f"How many {plural(name, 2)} are there?", numbers, numbers.index(str(n))))
+    if facts.synthetic:
+        o = rng.choice(facts.objects)
+        colours = [o["colour"]] + rng.sample([c for c in COLOURS if c != o["colour"]], 3)
+        rng.shuffle(colours)
+        out.append((f"What colour is the {o['shape']}?", colours, colours.index(o["colour"])))
+    return out
+
+
+def vocabulary_of(facts: list[ImageFacts]) -> list[str]:
+    if facts and all(f.synthetic for f in facts):
+        return list(SHAPES)
+    return sorted({name for f in facts for name in f.counts})

@@ -1,0 +1,246 @@
+"""`vlmlab eval --task vqa|pope|mmbench`: answers to questions, scored as the field scores them, beside
+the controls that say whether the image mattered.
+
+Rows of every table:
+- model: the run answers with the true image;
+- swapped image: the same run, each question asked about another image of the set (a fixed derangement);
+- no image: the same run with no visual tokens at all;
+- blind model: the same recipe trained with `connector.type: none` (when such a run is given);
+- prior: no model at all: the most frequent training answer per question type (VQA), "yes" (POPE), option A
+  (multiple choice).
+and the share of the model's answers that change when the image is swapped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
+from ..data.tasks import VQA_SUFFIX
+from .multiple_choice import choice_scores, extract_choice
+from .pope import pope_scores, pope_scores_by_setting
+from .probes import derangement
+from .vqa import normalize_answer, prior_answers, vqa_scores
+
+TASKS = ("vqa", "pope", "mmbench")
+MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench prompt
+
+
+# ---- reading the questions -----------------------------------------------------------------------
+def detect_format(path: Path) -> str:
+    """vqa_v2 | aokvqa | pope | mmbench, from the file itself."""
+    if path.suffix == ".tsv":
+        return "mmbench"
+    text = path.read_text(encoding="utf-8-sig").lstrip()
+    if text.startswith("["):
+        return "aokvqa"
+    try:
+        first = json.loads(text.splitlines()[0])
+    except json.JSONDecodeError:
+        first = None
+    return "pope" if isinstance(first, dict) and "label" in first else "vqa_v2"
+
+
+def read_questions(path: str | Path, images: str | Path | None = None) -> tuple[str, list[Question]]:
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "mmbench":
+        return fmt, read_mmbench_tsv(path, images)
+    if fmt == "aokvqa":
+        return fmt, read_aokvqa(path, images)
+    if fmt == "pope":
+        return fmt, read_pope(path, images)
+    annotations = path.with_name(path.name.replace("_questions", "_annotations"))
+    return fmt, read_vqa_v2(path, annotations if annotations.exists() and annotations != path else None, images)
+
+
+def resolve_pope_image(name: str, images: Path) -> str:
+    """POPE names COCO photos `COCO_val2014_<id>.jpg`; a COCO-2017 folder names the same photo `<id>.jpg`."""
+    direct = images / name
+    if direct.exists():
+        return str(direct)
+    return str(images / name.rsplit("_", 1)[-1])
+
+
+def default_question_files(run_cfg, task: str) -> list[Path]:
+    if not run_cfg.data.tasks:
+        raise ValueError("this run has no data.tasks folder: give --questions FILE (and --images DIR)")
+    root = Path(run_cfg.data.tasks)
+    files = {
+        "vqa": [root / "vqa_test_questions.json"],
+        "pope": [root / f"pope_test_{s}.json" for s in ("random", "popular", "adversarial")],
+        "mmbench": [root / "mmbench_test.tsv"],
+    }[task]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing task files {missing}: run `vlmlab make-tasks`")
+    return files
+
+
+# ---- asking ----------------------------------------------------------------------------------------
+def prompt_of(task: str, q: Question) -> str:
+    if task == "mmbench":
+        options = "\n".join(f"{'ABCDEFGH'[i]}. {c}" for i, c in enumerate(q.choices))
+        hint = f"Hint: {q.hint}\n" if q.hint else ""
+        return f"<image>\n{hint}{q.question}\n{options}{MC_SUFFIX}"
+    return f"<image>\n{q.question}{VQA_SUFFIX}"
+
+
+def image_of(q: Question):
+    if q.image_data is not None:
+        from PIL import Image
+
+        from ..data.formats import to_rgb
+
+        return to_rgb(Image.open(io.BytesIO(q.image_data)))
+    return q.image
+
+
+def answer_all(model, task: str, questions: list[Question], images: list, batch_size: int = 16, desc="") -> list[str]:
+    """The model's reply to every question, asked about the given image (or None: no visual tokens)."""
+    out = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc or "answering", unit="batch", leave=False):
+        chunk = questions[start : start + batch_size]
+        convs = [[{"role": "user", "content": prompt_of(task, q)}] for q in chunk]
+        out += model.chat_batch(images[start : start + batch_size], convs, max_new_tokens=10)
+    return out
+
+
+# ---- scoring ----------------------------------------------------------------------------------------
+def score(task: str, questions: list[Question], answers: list[str]) -> dict:
+    if task == "vqa":
+        usable = [(q, a) for q, a in zip(questions, answers) if q.answers]
+        if not usable:
+            raise ValueError("no question has human answers to score against")
+        return vqa_scores([a for _, a in usable], [q.answers for q, _ in usable], [q.answer_type for q, _ in usable])
+    if task == "pope":
+        labels = [q.answers[0] for q in questions]
+        out = pope_scores(answers, labels)
+        for setting, s in pope_scores_by_setting(answers, labels, [q.question_type for q in questions]).items():
+            out |= {f"{k}[{setting}]": v for k, v in s.items() if k in ("f1", "accuracy", "yes_ratio")}
+        return out
+    picks = [extract_choice(a, q.choices) for a, q in zip(answers, questions)]
+    return choice_scores(picks, [q.answer_index for q in questions], [q.group or q.question_id for q in questions])
+
+
+def prior_predictions(task: str, questions: list[Question], train_questions: list[Question] | None) -> list[str]:
+    if task == "pope":
+        return ["yes"] * len(questions)
+    if task == "mmbench":
+        return ["A"] * len(questions)
+    train = train_questions or []
+    by_type = prior_answers([q.question_type for q in train], [q.answers for q in train]) if train else {}
+    overall = Counter(normalize_answer(a) for q in train for a in q.answers).most_common(1)
+    fallback = overall[0][0] if overall else "yes"
+    return [by_type.get(q.question_type, fallback) for q in questions]
+
+
+MAIN_COLUMNS = {
+    "vqa": ["vqa_accuracy", "vqa_accuracy[yes/no]", "vqa_accuracy[number]", "vqa_accuracy[other]"],
+    "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
+    "mmbench": ["accuracy", "circular_accuracy", "no_option_share"],
+}
+
+
+def format_task_table(task: str, rows: dict[str, dict]) -> str:
+    cols = [c for c in MAIN_COLUMNS[task] if any(c in r for r in rows.values())]
+    cols += sorted({k for r in rows.values() for k in r if "[" in k and k not in cols and task == "pope"})
+    cols += ["answers changed by swap"] if any("answers changed by swap" in r for r in rows.values()) else []
+    lines = ["| answerer | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, r in rows.items():
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_task(
+    run_dir: str | Path,
+    task: str,
+    question_files: list[str | Path] | None = None,
+    images: str | Path | None = None,
+    blind_run: str | Path | None = None,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Answers, scores and controls for one task; writes OUT/eval_<task>.json and .md and returns the rows."""
+    from ..config import load_config
+    from ..train.checkpoint import load_run
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    files = [Path(f) for f in question_files] if question_files else default_question_files(cfg, task)
+    questions: list[Question] = []
+    for f in files:
+        fmt, qs = read_questions(f, images)
+        if fmt == "pope" and images is not None:
+            for q in qs:
+                q.image = resolve_pope_image(Path(q.image).name, Path(images))
+        if task == "mmbench" and fmt == "aokvqa":  # A-OKVQA as multiple choice: its 4 choices, each rotation
+            qs = _rotated_aokvqa(qs)
+        questions += qs
+    if limit:
+        questions = questions[:limit]
+    if len(questions) < 2:
+        raise ValueError(f"{len(questions)} question(s): the swapped-image control needs at least 2")
+    train_questions = None
+    if task == "vqa" and cfg.data.tasks and (Path(cfg.data.tasks) / "vqa_train_questions.json").exists():
+        train_questions = read_questions(Path(cfg.data.tasks) / "vqa_train_questions.json")[1]
+
+    true_images = [image_of(q) for q in questions]
+    distinct = sorted({str(im) for im in true_images if not hasattr(im, "size")})
+    order = derangement(len(questions), seed=0)
+    swapped = [true_images[order[i]] for i in range(len(questions))]
+    if distinct and len(distinct) > 1:  # swap to another IMAGE, not just another question about the same one
+        shift = {p: distinct[(k + 1) % len(distinct)] for k, p in enumerate(distinct)}
+        swapped = [shift.get(str(im), swapped[i]) for i, im in enumerate(true_images)]
+
+    model = load_run(run_dir)
+    answers = {
+        "model": answer_all(model, task, questions, true_images, desc="true image"),
+        "swapped image": answer_all(model, task, questions, swapped, desc="swapped image"),
+        "no image": answer_all(model, task, questions, [None] * len(questions), desc="no image"),
+    }
+    del model
+    if blind_run is not None:
+        answers["blind model"] = answer_all(load_run(blind_run), task, questions, true_images, desc="blind model")
+    answers["prior"] = prior_predictions(task, questions, train_questions)
+    rows = {name: score(task, questions, a) for name, a in answers.items()}
+    changed = sum(a != b for a, b in zip(answers["model"], answers["swapped image"])) / len(questions)
+    rows["model"]["answers changed by swap"] = changed
+    table = format_task_table(task, rows)
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "task": task,
+        "files": [str(f) for f in files],
+        "questions": len(questions),
+        "rows": rows,
+        "answers": [
+            {"question_id": q.question_id, "question": q.question, **{k: v[i] for k, v in answers.items()}}
+            for i, q in enumerate(questions)
+        ],
+    }
+    (out / f"eval_{task}.json").write_text(json.dumps(record, indent=1))
+    (out / f"eval_{task}.md").write_text(table + "\n")
+    print(f"{task}: {len(questions)} questions from {', '.join(str(f) for f in files)}")
+    print(table)
+    return rows
+
+
+def _rotated_aokvqa(questions: list[Question]) -> list[Question]:
+    from dataclasses import replace
+
+    out = []
+    for q in questions:
+        n = len(q.choices)
+        for k in range(n):
+            rotated = q.choices[k:] + q.choices[:k]
+            out.append(replace(q, choices=rotated, answer_index=(q.answer_index - k) % n, group=q.question_id))
+    return out

@@ -1,0 +1,79 @@
+"""Stages: one `train.stage` key decides what a run trains on, and `train.init_from` chains runs.
+
+LLaVA trains in stages (projector only on captions, then projector + LLM on instructions) and so does
+BLIP-2; here a stage is a row of STAGES, and a chain is runs whose `init_from` is the previous run.
+What trains inside a stage is still set by the ordinary keys (`connector.freeze`, `lm.lora.enabled`),
+so a recipe says it in the open; the shipped chains (configs/chain_*.yaml) follow LLaVA's split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    data: str  # "captions" (data.datasets), or a file name pattern inside data.tasks, {split} = train | val
+    what: str  # one line for people
+
+
+STAGES = {
+    "caption": Stage("captions", "image-caption pairs from data.datasets (alignment; BLIP-2 stage 2 / LLaVA stage 1)"),
+    "instruct": Stage("conversations_{split}.json", "multi-turn conversations from data.tasks (LLaVA stage 2)"),
+    "vqa": Stage("vqa_conversations_{split}.json", "single-turn short answers from data.tasks (VQA fine-tuning)"),
+}
+
+
+def _group(names: list[str]) -> str:
+    """'connector.layers.0.x', 'connector.layers.1.y' -> 'connector.layers.*' (2): a short report."""
+    groups: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:2]) + (".*" if len(parts) > 2 else "")
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(f"{k} ({v})" for k, v in sorted(groups.items()))
+
+
+def initialise_from(model, run_dir: str | Path) -> dict:
+    """Loads every tensor of a finished run whose name and shape match this model's trainable state.
+
+    The source checkpoint is verified first (checkpoint.py). Tensors the new model does not use (e.g. a
+    stage-1 text side) and tensors of the new model the source lacks (e.g. LoRA added in a later stage,
+    left at their initialisation) are reported; a same-named tensor of another shape is an error.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from .checkpoint import TRAINABLE_FILE, find_checkpoint
+
+    run_dir = Path(run_dir)
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"train.init_from = {run_dir}: no checkpoint in it")
+    source = load_file(checkpoint / TRAINABLE_FILE)
+    target = model.trainable_state_dict()
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in source.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"train.init_from = {run_dir}: tensors of another shape: {wrong[:5]}")
+    loaded = {k: v for k, v in source.items() if k in target}
+    state = {**target, **loaded}
+    model.load_trainable_state_dict(state)
+    with torch.no_grad():  # load_trainable_state_dict copies LoRA / encoder blocks; confirm nothing was missed
+        now = model.trainable_state_dict()
+        assert all(torch.equal(now[k], v) for k, v in loaded.items())
+    report = {
+        "loaded": sorted(loaded),
+        "unused": sorted(set(source) - set(target)),
+        "not_in_source": sorted(set(target) - set(source)),
+    }
+    print(f"init_from {run_dir}: loaded {len(loaded)} tensors ({_group(report['loaded'])})")
+    if report["unused"]:
+        print(f"  not used by this model: {_group(report['unused'])}")
+    if report["not_in_source"]:
+        print(f"  not in the source, left at their initialisation: {_group(report['not_in_source'])}")
+    return report
