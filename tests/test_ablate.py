@@ -16,7 +16,7 @@ from vlmlab.config import ConfigError, save_config
 
 
 def test_builtin_suites_load_and_name_the_roles():
-    for name in BUILTIN_SUITES:
+    for name in [n for n in BUILTIN_SUITES if n.startswith("roles")]:  # qformer-stages: test_qformer_stage1.py
         suite = load_suite(name)
         assert {
             "qformer-16",

@@ -19,6 +19,7 @@ ALLOWED = {
     "eval": {"data", "model", "train"},
     "analysis": {"data", "model", "train", "eval"},
     "app": {"data", "model", "train", "eval", "analysis"},
+    "integrations": {"data", "model", "train", "eval", "analysis", "app"},
 }
 
 

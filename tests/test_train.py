@@ -187,13 +187,11 @@ def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gp
 
 def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
     """bf16 autocast reaches the forward pass on the CPU (numbers move a little, training still works);
-    fp16 has no CPU autocast here, so asking for it is refused rather than silently ignored."""
-    from accelerate.state import AcceleratorState
-
+    fp16 has no CPU autocast here, so asking for it is refused rather than silently ignored. The three runs share
+    one process, as an ablation suite's do: accelerate fixes the precision once per process, train() resets it."""
     from vlmlab.config import ConfigError
 
     def losses(name, precision):
-        AcceleratorState._reset_state()  # accelerate fixes the precision once per process; these are 3 runs in one
         cfg = tiny_config(
             tmp_path,
             tiny_clip_dir,
@@ -212,7 +210,6 @@ def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
     assert full != half and half == pytest.approx(full, rel=1e-2)
     with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
         losses("fp16", "fp16")
-    AcceleratorState._reset_state()
 
 
 def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_cache(

@@ -48,6 +48,21 @@ def cmd_eval(args) -> None:
             evaluate_task(args.run_dir, args.task, args.questions, args.images, args.blind, args.limit, args.out_dir)
         return
 
+    from .config import load_config
+
+    run_config = Path(args.run_dir) / "config.yaml"
+    if run_config.is_file() and load_config(run_config).train.stage == "qformer":  # BLIP-2 stage 1 (issue 15)
+        from .eval.retrieval import evaluate_stage1_run
+
+        with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
+            evaluate_stage1_run(args.run_dir, args.split, args.sugarcrepe, args.images, args.limit, args.out_dir)
+        return
+    if args.sugarcrepe:  # the captioner's likelihood on SugarCrepe's hard negatives (issue 15)
+        from .eval.retrieval import evaluate_sugarcrepe_captioner
+
+        with run_lock(args.run_dir):
+            evaluate_sugarcrepe_captioner(args.run_dir, args.sugarcrepe, args.images, args.limit)
+
     kwargs = {
         "num_beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
@@ -214,6 +229,16 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_lmms_tasks(args) -> None:
+    from .integrations.lmms_eval.tasks import write_lmms_tasks
+
+    names = write_lmms_tasks(args.tasks_dir, args.out_dir)
+    print(f"wrote {', '.join(names)} to {args.out_dir}; run e.g.")
+    print(
+        f"  python -m lmms_eval --model vlmlab --model_args run=RUN_DIR --tasks {names[0]} --include_path {args.out_dir}"
+    )
+
+
 def cmd_chain(args) -> None:
     from .analysis.chain import load_chain, run_chain
 
@@ -301,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", help="image folder for --questions (POPE's COCO_val2014_ names map to COCO-2017 ids)")
     p.add_argument("--blind", metavar="RUN_DIR", help="the blind run of the same recipe (connector.type none)")
+    p.add_argument(
+        "--sugarcrepe",
+        metavar="DIR",
+        help="SugarCrepe folder (../shared/data/questions/sugar-crepe): does ITM (stage-1 runs) or the caption "
+        "likelihood prefer the true caption over its hard negative, per category (images: --images, default "
+        "coco2017-val/val2017 beside it; --limit N per category)",
+    )
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.set_defaults(func=cmd_eval)
 
@@ -318,13 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("lmms-tasks", help="lmms-eval task YAMLs over a make-tasks folder (for --include_path)")
+    p.add_argument("tasks_dir", help="a `vlmlab make-tasks` folder")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_lmms_tasks)
+
     p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
     p.add_argument("chain", help="a chain YAML file, or a built-in chain: synthetic, photos")
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
     p.set_defaults(func=cmd_chain)
 
     p = sub.add_parser("ablate", help="train and evaluate every variant of a suite x seeds; tables and plots")
-    p.add_argument("suite", help="a suite YAML file, or a built-in suite: roles (synthetic world), roles-photos")
+    p.add_argument(
+        "suite",
+        help="a suite YAML file, or a built-in suite: roles (synthetic world), roles-photos, "
+        "qformer-stages, qformer-stages-photos, recipe-photos",
+    )
     p.add_argument("--out-dir", default=None, help="default: runs/ablate/<suite name>")
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the suite's, e.g. 0,1,2")
     p.add_argument("--only", default=None, help="comma-separated variants to run (the rest are left as they are)")

@@ -69,6 +69,7 @@ class DataConfig:
     max_eval_images: int | None = None
     synthetic_images: int = 600  # size of the synthetic world when a spec asks for it
     synthetic_max_objects: int = 1  # the demo's world: one shape per picture (the generator does more)
+    batch_by_length: bool = False  # batches of similar caption length (data/batching.py): less padding per step
 
 
 @dataclass
@@ -96,6 +97,16 @@ class TrainConfig:
 
 
 @dataclass
+class QFormerStage1Config:
+    """BLIP-2 stage 1 (train.stage = qformer; model/qformer_stage1.py): which losses train the Q-Former."""
+
+    itc: bool = True  # image-text contrastive (max over queries, learned temperature)
+    itm: bool = True  # image-text matching with hard negatives sampled from the ITC similarities
+    itg: bool = True  # image-grounded caption generation (causal text over the queries)
+    max_text_tokens: int = 32  # caption tokens (with the end token) the text side reads
+
+
+@dataclass
 class GenerateConfig:
     max_new_tokens: int = 30
     num_beams: int = 1
@@ -110,6 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    qformer_stage1: QFormerStage1Config = field(default_factory=QFormerStage1Config)
 
 
 def _check_value(key: str, value, annotation):
@@ -284,6 +296,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.stage {t.stage!r} trains on conversations: set data.tasks to a `vlmlab make-tasks` folder"
         )
+    if t.stage == "qformer":  # BLIP-2 stage 1 (issue 15)
+        if c.type != "qformer":
+            raise ConfigError(f"train.stage 'qformer' pretrains a Q-Former: connector.type is {c.type!r}")
+        q = cfg.qformer_stage1
+        if not (q.itc or q.itm or q.itg):
+            raise ConfigError("qformer_stage1: itc, itm and itg are all false: nothing to train")
+        if q.max_text_tokens < 2:
+            raise ConfigError(f"qformer_stage1.max_text_tokens must be >= 2, got {q.max_text_tokens}")
     if cfg.data.conversation_format not in ("auto", "chatml", "plain", "gpt2"):
         raise ConfigError(
             f"data.conversation_format {cfg.data.conversation_format!r} is unknown; allowed: auto, chatml, plain, gpt2"

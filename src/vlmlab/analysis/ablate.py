@@ -21,7 +21,13 @@ from ..config import Config, ConfigError, apply_settings, load_config
 from ..eval.baselines import finished_step, stale_keys
 from ..eval.captioning import ATTRIBUTE_COLUMNS
 
-BUILTIN_SUITES = {"roles": "roles.yaml", "roles-photos": "roles_photos.yaml"}
+BUILTIN_SUITES = {
+    "roles": "roles.yaml",
+    "roles-photos": "roles_photos.yaml",
+    "qformer-stages": "qformer_stages.yaml",
+    "qformer-stages-photos": "qformer_stages_photos.yaml",
+    "recipe-photos": "recipe_photos.yaml",
+}
 SUITE_DIR = Path(__file__).parent / "suites"
 # (column, key in eval.json's model row, higher is better)
 MAIN_METRICS = [
@@ -32,6 +38,13 @@ MAIN_METRICS = [
     ("changed by swap", "swap_changed_share", True),
 ]
 ATTRIBUTE_METRICS = [(name, key, True) for name, key in ATTRIBUTE_COLUMNS]  # synthetic world only
+# Q-Former runs only (eval.json "attention", issue 15): is the attention selective, are the queries different?
+ATTENTION_METRICS = [
+    ("attn entropy", "attn_entropy", False),
+    ("attn uniform", "attn_entropy_uniform", False),
+    ("attn max weight", "attn_max_weight", True),
+    ("query corr", "attn_query_correlation", False),
+]
 
 
 @dataclass
@@ -51,11 +64,31 @@ class Suite:
         base = None if self.base is None else (self.path.parent / self.base).resolve()
         try:
             cfg = load_config(base, self.overrides)
-            apply_settings(cfg, self.variants[variant] or {})
+            settings = dict(self.variants[variant] or {})
+            pretrain = settings.pop("pretrain", None)
+            apply_settings(cfg, settings)
             apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(out_dir / variant / f"seed{seed}")})
+            if pretrain is not None:  # the run starts from its stage-1 run (a variant's `pretrain:`; issue 15)
+                cfg.train.init_from = str(self.pretrain_config(variant, seed, out_dir).train.output_dir)
         except ConfigError as e:
             raise ConfigError(f"suite {self.name!r}, variant {variant!r}: {e}") from e
         return cfg
+
+    def pretrain_config(self, variant: str, seed: int, out_dir: Path) -> Config | None:
+        """A variant's `pretrain: {dotted.key: value}` -> the BLIP-2 stage-1 run (train.stage qformer) it starts
+        from: the base, the suite's overrides, the variant's connector.* settings, then the pretrain settings."""
+        settings = dict(self.variants[variant] or {})
+        pretrain = settings.pop("pretrain", None)
+        if pretrain is None:
+            return None
+        if not isinstance(pretrain, dict):
+            raise ConfigError(f"suite {self.name!r}, variant {variant!r}: 'pretrain' must map dotted keys to values")
+        base = None if self.base is None else (self.path.parent / self.base).resolve()
+        cfg = load_config(base, self.overrides)
+        apply_settings(cfg, {k: v for k, v in settings.items() if k.startswith(("connector.", "vision.", "data."))})
+        apply_settings(cfg, {"train.stage": "qformer", **pretrain})
+        out = str(out_dir / variant / f"seed{seed}-stage1")
+        return apply_settings(cfg, {"train.seed": seed, "train.output_dir": out})
 
 
 def load_suite(spec: str) -> Suite:
@@ -104,6 +137,14 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
     for variant in variants:
         for seed in suite.seeds:
             cfg = suite.config(variant, seed, out)
+            stage1 = suite.pretrain_config(variant, seed, out)
+            if stage1 is not None:  # BLIP-2 stage 1 first: the run below starts from it (train.init_from)
+                stage1_dir = Path(stage1.train.output_dir)
+                if finished_step(stage1_dir) == stage1.train.max_steps and stale_keys(stage1, stage1_dir) == []:
+                    print(f"[{suite.name}] {variant}, seed {seed}, stage 1: trained already ({stage1_dir})")
+                else:
+                    print(f"[{suite.name}] {variant}, seed {seed}, stage 1: training into {stage1_dir}")
+                    train(stage1, resume=True)
             run_dir = Path(cfg.train.output_dir)
             label = f"[{suite.name}] {variant}, seed {seed}"
             changed = stale_keys(cfg, run_dir)  # None: nothing saved there yet
@@ -138,6 +179,7 @@ def collect(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
             (row,) = [r for name, r in result["rows"].items() if name.startswith("model")]
             info = _model_info(run_dir)
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            metrics.update(result.get("attention") or {})  # Q-Former runs: attention statistics
             records.append({"variant": variant, "seed": seed, **info, **metrics, "val_curve": _val_curve(run_dir)})
     return records
 
@@ -163,7 +205,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def metrics_present(rows: list[dict]) -> list[tuple[str, str, bool]]:
     """The main metrics, plus the attribute scores where the runs have them (synthetic world)."""
-    return MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if any(m[1] in r for r in rows)]
+    present = MAIN_METRICS + [m for m in ATTRIBUTE_METRICS if any(m[1] in r for r in rows)]
+    return present + [m for m in ATTENTION_METRICS if any(r.get(m[1]) not in (None, "") for r in rows)]
 
 
 def metric_cells(rows: list[dict], metrics, separator: str = " +- ") -> list[str]:

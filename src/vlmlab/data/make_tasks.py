@@ -101,9 +101,12 @@ def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
     for split in ("train", "test"):
         summary["files"][f"vqa_{split}_questions.json"] = _vqa_files(short[split], out, split)
 
-    synthetic = all(f.synthetic for f in facts["test"])
+    synthetic = bool(facts["test"]) and all(f.synthetic for f in facts["test"])  # one object each: min 1 category
     for setting in ("random", "popular", "adversarial"):
-        items = pope_questions(facts["test"], setting, seed, min_categories=1 if synthetic else 3)
+        everything = [f for fs in facts.values() for f in fs]
+        items = pope_questions(
+            facts["test"], setting, seed, min_categories=1 if synthetic else 3, population=everything
+        )
         lines = [
             json.dumps({"question_id": i, "image": str(Path(img).resolve()), "text": text, "label": label})
             for i, (img, text, label) in enumerate(items)

@@ -38,7 +38,25 @@ class ImageFacts:
 
     @property
     def counts(self) -> Counter:
+        """Objects per category (a crowd region counts once here: presence holds, its number is unknown)."""
         return Counter(o["name"] for o in self.objects)
+
+    @property
+    def countable(self) -> set[str]:
+        """Categories whose number is known: none of their annotations is a crowd region."""
+        return {o["name"] for o in self.objects} - {o["name"] for o in self.objects if o.get("crowd")}
+
+    def unique_objects(self) -> list[tuple[dict, str]]:
+        """Synthetic objects with a description that fits no other object: (object, 'the circle' / 'the large circle')."""
+        out = []
+        for o in self.objects:
+            same_shape = [x for x in self.objects if x["shape"] == o["shape"]]
+            same_size = [x for x in same_shape if x["size"] == o["size"]]
+            if len(same_shape) == 1:
+                out.append((o, f"the {o['shape']}"))
+            elif len(same_size) == 1:
+                out.append((o, f"the {o['size']} {o['shape']}"))
+        return out
 
 
 @dataclass
@@ -82,11 +100,12 @@ def coco_instances(samples: list[CaptionSample]) -> dict[str, list[dict]]:
         files = {im["id"]: (im["file_name"], im["width"]) for im in data["images"]}
         objects: dict[str, list[dict]] = defaultdict(list)
         for ann in data["annotations"]:
-            if ann.get("iscrowd"):
-                continue
             file_name, width = files[ann["image_id"]]
             x, _, w, _ = ann["bbox"]
-            objects[file_name].append({"name": names[ann["category_id"]], "cx": (x + w / 2) / width})
+            obj = {"name": names[ann["category_id"]], "cx": (x + w / 2) / width}
+            if ann.get("iscrowd"):  # a crowd region: the category is present, its number is not known
+                obj |= {"crowd": True, "cx": None}
+            objects[file_name].append(obj)
         for s in group:
             if s.meta["file_name"] in objects:
                 out[s.image_path] = objects[s.meta["file_name"]]
@@ -120,7 +139,10 @@ def short_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Random
     if absent:
         other = rng.choice(absent)
         qs.append(TaskQuestion(img, f"Is there {article(other)} in the image?", "no", "yes/no", "is there a"))
-    qs.append(TaskQuestion(img, f"How many {plural(name, 2)} are there?", str(counts[name]), "number", "how many"))
+    countable = sorted(facts.countable)
+    if countable:
+        name = name if name in facts.countable else rng.choice(countable)
+        qs.append(TaskQuestion(img, f"How many {plural(name, 2)} are there?", str(counts[name]), "number", "how many"))
     singles = [o for o in facts.objects if counts[o["name"]] == 1 and o.get("cx") is not None]
     pairs = [(a, b) for a in singles for b in singles if a["name"] != b["name"] and abs(a["cx"] - b["cx"]) > 0.1]
     if pairs:
@@ -129,21 +151,25 @@ def short_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Random
         q = f"Is the {a['name']} to the left or to the right of the {b['name']}?"
         qs.append(TaskQuestion(img, q, side, "other", "left or right"))
     if facts.synthetic:
-        o = rng.choice(facts.objects)
-        the = f"the {o['shape']}" if counts[o["shape"]] == 1 else f"the {o['size']} {o['shape']}"
-        qs += [
-            TaskQuestion(img, f"What colour is {the}?", o["colour"], "other", "what color is the"),
-            TaskQuestion(img, f"Is {the} small or large?", o["size"], "other", "what size is the"),
-            TaskQuestion(img, f"Where is {the}?", o["position"], "other", "where is the"),
-            TaskQuestion(img, "What shape is in the image?", rng.choice(present), "other", "what shape"),
-        ]
-        if len(facts.objects) == 1:  # one object: its shape is the only right answer
-            qs[-1].answer = facts.objects[0]["shape"]
+        described = facts.unique_objects()  # only objects a phrase can name unambiguously
+        if described:
+            o, the = rng.choice(described)
+            qs += [
+                TaskQuestion(img, f"What colour is {the}?", o["colour"], "other", "what color is the"),
+                TaskQuestion(img, f"Is {the} small or large?", o["size"], "other", "what size is the"),
+                TaskQuestion(img, f"Where is {the}?", o["position"], "other", "where is the"),
+            ]
+        if len(counts) == 1:  # one kind of shape: its name is the only right answer
+            qs.append(TaskQuestion(img, "What shape is in the image?", present[0], "other", "what shape"))
     return qs
 
 
-def describe_counts(counts: Counter) -> str:
-    parts = [f"{n if n > 1 else 'one'} {plural(name, n)}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+def describe_counts(counts: Counter, countable: set[str] | None = None) -> str:
+    countable = set(counts) if countable is None else countable
+    parts = [
+        (f"{n if n > 1 else 'one'} {plural(name, n)}" if name in countable else f"many {plural(name, 2)}")
+        for name, n in sorted(counts.items(), key=lambda kv: -kv[1])
+    ]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -154,9 +180,10 @@ def conversation(facts: ImageFacts, vocabulary: list[str], rng: random.Random, t
         {"role": "user", "content": "<image>\nDescribe the image briefly."},
         {"role": "assistant", "content": caption[:1].upper() + caption[1:]},
         {"role": "user", "content": "What objects are in the image?"},
-        {"role": "assistant", "content": describe_counts(facts.counts).capitalize() + "."},
+        {"role": "assistant", "content": describe_counts(facts.counts, facts.countable).capitalize() + "."},
     ]
-    for q in rng.sample(short_questions(facts, vocabulary, rng), k=min(turns, 4)):
+    questions = short_questions(facts, vocabulary, rng)
+    for q in rng.sample(questions, k=min(turns, len(questions))):
         msgs += [{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answer.capitalize() + "."}]
     return msgs
 
@@ -171,15 +198,27 @@ def vqa_conversation(q: TaskQuestion) -> list[dict]:
     ]
 
 
-def pope_questions(facts: list[ImageFacts], setting: str, seed: int = 0, per_image: int = 3, min_categories: int = 3):
-    """POPE items [(image, question, label)]: positives, each followed by a negative of the given setting."""
+def pope_questions(
+    facts: list[ImageFacts],
+    setting: str,
+    seed: int = 0,
+    per_image: int = 3,
+    min_categories: int = 3,
+    population: list[ImageFacts] | None = None,
+):
+    """POPE items [(image, question, label)]: positives, each followed by a negative of the given setting.
+
+    Object frequencies (popular) and co-occurrences (adversarial) are counted over `population` (default:
+    `facts`), as the POPE authors count them over the whole annotated set, not the evaluation images alone.
+    """
     if setting not in ("random", "popular", "adversarial"):
         raise ValueError(f"POPE setting {setting!r}: random | popular | adversarial")
     rng = random.Random(f"pope-{setting}-{seed}")
-    frequency = Counter(name for f in facts for name in set(f.counts))
+    population = population or facts
+    frequency = Counter(name for f in population for name in set(f.counts))
     vocabulary = sorted(frequency)
     cooccur: dict[str, Counter] = defaultdict(Counter)
-    for f in facts:
+    for f in population:
         for a in f.counts:
             for b in f.counts:
                 if a != b:
@@ -215,16 +254,20 @@ def choice_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Rando
         options = rng.sample(absent, 3) + [right]
         rng.shuffle(options)
         out.append(("Which of these objects is in the image?", options, options.index(right)))
-    name = rng.choice(sorted(facts.counts))
+    if not facts.countable:
+        return out
+    name = rng.choice(sorted(facts.countable))
     n = facts.counts[name]
     numbers = [str(n)] + [str(x) for x in rng.sample([k for k in range(1, 11) if k != n], 3)]
     rng.shuffle(numbers)
     out.append((f"How many {plural(name, 2)} are there?", numbers, numbers.index(str(n))))
-    if facts.synthetic:
-        o = rng.choice(facts.objects)
-        colours = [o["colour"]] + rng.sample([c for c in COLOURS if c != o["colour"]], 3)
+    described = facts.unique_objects() if facts.synthetic else []
+    if described:
+        o, the = rng.choice(described)
+        others = {x["colour"] for x in facts.objects}  # no distractor is the colour of something in the picture
+        colours = [o["colour"]] + rng.sample([c for c in COLOURS if c not in others], 3)
         rng.shuffle(colours)
-        out.append((f"What colour is the {o['shape']}?", colours, colours.index(o["colour"])))
+        out.append((f"What colour is {the}?", colours, colours.index(o["colour"])))
     return out
 
 

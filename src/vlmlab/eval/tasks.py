@@ -37,6 +37,8 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".tsv":
         return "mmbench"
     text = path.read_text(encoding="utf-8-sig").lstrip()
+    if not text:
+        raise ValueError(f"{path} is empty: no questions")
     if text.startswith("["):
         return "aokvqa"
     try:
@@ -83,12 +85,17 @@ def default_question_files(run_cfg, task: str) -> list[Path]:
 
 
 # ---- asking ----------------------------------------------------------------------------------------
-def prompt_of(task: str, q: Question) -> str:
+def question_text(task: str, q: Question) -> str:
+    """What the user turn says after the image (the lmms-eval plugin's tasks ask exactly this too)."""
     if task == "mmbench":
         options = "\n".join(f"{'ABCDEFGH'[i]}. {c}" for i, c in enumerate(q.choices))
         hint = f"Hint: {q.hint}\n" if q.hint else ""
-        return f"<image>\n{hint}{q.question}\n{options}{MC_SUFFIX}"
-    return f"<image>\n{q.question}{VQA_SUFFIX}"
+        return f"{hint}{q.question}\n{options}{MC_SUFFIX}"
+    return f"{q.question}{VQA_SUFFIX}"
+
+
+def prompt_of(task: str, q: Question) -> str:
+    return "<image>\n" + question_text(task, q)
 
 
 def image_of(q: Question):
@@ -223,7 +230,8 @@ def evaluate_task(
         "questions": len(questions),
         "rows": rows,
         "answers": [
-            {"question_id": q.question_id, "question": q.question, **{k: v[i] for k, v in answers.items()}}
+            {"question_id": q.question_id, "question_type": q.question_type, "question": q.question}
+            | {k: v[i] for k, v in answers.items()}
             for i, q in enumerate(questions)
         ],
     }

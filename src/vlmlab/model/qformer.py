@@ -39,6 +39,66 @@ class QFormerLayer(nn.Module):
         queries = queries + self.ffn(self.norm_ffn(queries))
         return queries, weights
 
+    def forward_with_text(
+        self, queries: torch.Tensor, text: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, text_side: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP-2 stage 1: queries [B, Q, W] and text [B, T, W] share this layer's self-attention under `mask`
+        ([B*heads, Q+T, Q+T], True = may not attend); only the queries read the image; the text passes its
+        own norm + FFN (`text_side`, a TextFFN kept outside the connector so that its names stay those of
+        finished runs, and dropped at stage 2)."""
+        num_queries = queries.shape[1]
+        both = torch.cat([queries, text], dim=1)
+        x = self.norm_self(both)
+        both = both + self.self_attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        queries, text = both[:, :num_queries], both[:, num_queries:]
+        x = self.norm_cross(queries)
+        queries = queries + self.cross_attn(x, image, image, need_weights=False)[0]
+        queries = queries + self.ffn(self.norm_ffn(queries))
+        return queries, text + text_side(text)
+
+
+class TextFFN(nn.Module):
+    """The text positions' own FFN in a Q-Former layer (BLIP-2 gives text and queries separate FFNs: the
+    queries' FFN then learns only from what the queries carry, which is all that stage 2 uses)."""
+
+    def __init__(self, width: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(
+            nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.norm(text))
+
+
+# The three attention patterns of BLIP-2 stage 1 over [queries][text] (LAVIS blip2_qformer.py):
+#   itc: queries see queries, text sees text (two unimodal encoders sharing weights);
+#   itm: everything sees everything (the matching head reads queries that have seen the text);
+#   itg: queries see queries only, text token t sees every query and the text tokens <= t.
+STAGE1_MASKS = ("itc", "itm", "itg")
+
+
+def stage1_mask(mode: str, num_queries: int, text_padding: torch.Tensor) -> torch.Tensor:
+    """-> [B, Q+T, Q+T] bool, True where a position (row) may NOT attend to another (column).
+
+    text_padding [B, T] is True at padded text positions: nobody attends to them (a padded row still sees
+    something: the first text token or the queries, so no row is fully masked)."""
+    if mode not in STAGE1_MASKS:
+        raise ValueError(f"unknown stage-1 mask {mode!r}; allowed: {STAGE1_MASKS}")
+    batch, text_len = text_padding.shape
+    total = num_queries + text_len
+    blocked = torch.zeros(total, total, dtype=torch.bool, device=text_padding.device)
+    q, t = slice(0, num_queries), slice(num_queries, total)
+    if mode in ("itc", "itg"):
+        blocked[q, t] = True  # queries never see the text
+    if mode == "itc":
+        blocked[t, q] = True  # nor the text the queries
+    if mode == "itg":
+        blocked[t, t] = torch.triu(torch.ones(text_len, text_len, dtype=torch.bool, device=blocked.device), 1)
+    pad = torch.cat([torch.zeros(batch, num_queries, dtype=torch.bool, device=blocked.device), text_padding], 1)
+    return blocked.unsqueeze(0) | pad.unsqueeze(1)
+
 
 class QFormerConnector(nn.Module):
     """Learnable queries + cross-attention to image tokens, then a linear projection to the LLM width."""
@@ -87,3 +147,22 @@ class QFormerConnector(nn.Module):
             attention.append(weights)
         visual_tokens = self.projection(self.out_norm(queries))
         return (visual_tokens, attention) if return_attention else visual_tokens
+
+    def encode_with_text(
+        self,
+        image_tokens: torch.Tensor,
+        text: torch.Tensor,
+        text_padding: torch.Tensor,
+        mode: str,
+        text_sides: nn.ModuleList,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1: image tokens [B, N, D] and embedded text [B, T, W] through the layers under one of the
+        STAGE1_MASKS -> (query states [B, Q, W], text states [B, T, W]), both after out_norm (no projection:
+        stage 1 never talks to the LLM)."""
+        image = self.image_in(self.image_norm(image_tokens)) + self.image_pos
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        heads = self.layers[0].self_attn.num_heads
+        mask = stage1_mask(mode, self.num_queries, text_padding).repeat_interleave(heads, dim=0)
+        for layer, text_side in zip(self.layers, text_sides):
+            queries, text = layer.forward_with_text(queries, text, image, mask, text_side)
+        return self.out_norm(queries), self.out_norm(text)

@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
+from ..data.batching import LengthBucketBatchSampler, pair_lengths
 from ..data.features import FeatureCache
 from ..data.pairs import (
     SKIP_LOG,
@@ -156,6 +158,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     unless `resume` (the config must then match the recorded one) or `overwrite`; and nothing in it changes
     until config, data, checkpoint and resume match are known to be good.
     """
+    if cfg.train.stage == "qformer":  # BLIP-2 stage 1: the Q-Former alone, its own loop (issue 15)
+        from .qformer_stage1 import train_stage1
+
+        return train_stage1(cfg, resume, overwrite)
     validate(cfg)
     check_data_paths(cfg)  # before anything loads or is written
     check_model_sources(cfg)  # a mistyped model name: one clear line now, not a minute of hub retries
@@ -229,9 +235,31 @@ def report_cut_captions(s: Session) -> int:
     return len(cut)
 
 
+def training_loader(cfg: Config, train_split: SplitFeatures, tokenizer) -> DataLoader:
+    """Shuffled batches of training pairs; with data.batch_by_length, batches of similar caption length."""
+    t = cfg.train
+    if cfg.data.batch_by_length:  # each epoch's batches depend on (seed, epoch) alone: exact resume holds
+        lengths = pair_lengths(tokenizer, train_split.pairs)
+        sampler = LengthBucketBatchSampler(lengths, t.batch_size, seed=t.seed)
+        return DataLoader(CaptionPairs(train_split), batch_sampler=sampler, collate_fn=collate_pairs)
+    return DataLoader(
+        CaptionPairs(train_split),
+        batch_size=t.batch_size,
+        shuffle=True,
+        collate_fn=collate_pairs,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(t.seed),  # its own RNG: starting an epoch leaves the global one alone
+    )
+
+
 def setup(cfg: Config) -> Session:
     """Accelerator, run folder, model, cached features, loader, optimizer and schedule."""
     t = cfg.train
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one AcceleratorState per process and refuses another mixed_precision later ("has
+        # already been initialized and cannot be changed"): an ablation suite or a chain with a bf16 arm after an
+        # fp32 one died on it. A single-process run owns the process, so each run starts from a fresh state.
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
         mixed_precision=t.mixed_precision,
@@ -278,14 +306,7 @@ def setup(cfg: Config) -> Session:
         )
     val_order = derangement(len(val_split.samples), seed=t.seed) if len(val_split.samples) >= 2 else None
 
-    loader = DataLoader(
-        CaptionPairs(train_split),
-        batch_size=t.batch_size,
-        shuffle=True,
-        collate_fn=collate_pairs,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(t.seed),  # its own RNG: starting an epoch leaves the global one alone
-    )
+    loader = training_loader(cfg, train_split, model.tokenizer)
     if len(loader) < accelerator.num_processes:
         raise ValueError(
             f"train.batch_size {t.batch_size} x {accelerator.num_processes} process(es) exceeds the "

@@ -22,6 +22,8 @@ STAGES = {
     "caption": Stage("captions", "image-caption pairs from data.datasets (alignment; BLIP-2 stage 2 / LLaVA stage 1)"),
     "instruct": Stage("conversations_{split}.json", "multi-turn conversations from data.tasks (LLaVA stage 2)"),
     "vqa": Stage("vqa_conversations_{split}.json", "single-turn short answers from data.tasks (VQA fine-tuning)"),
+    # issue 15: the Q-Former alone with ITC/ITM/ITG (train/qformer_stage1.py); its run is a caption run's init_from
+    "qformer": Stage("captions", "image-caption pairs, Q-Former alone with ITC/ITM/ITG (BLIP-2 stage 1)"),
 }
 
 

@@ -1,0 +1,84 @@
+"""lmms-eval task functions for vlmlab's task files: the prompts and scorers are vlmlab's own.
+
+lmms-eval 0.7.3's POPE computes the yes-ratio from the labels (0.5 by construction) and compares the raw
+prediction with "yes", so "Yes." counts as wrong; its mmbench falls back to a web judge and, offline, to a
+random letter. These tasks use vlmlab's scorers instead: POPE answers parsed as the POPE authors parse them
+and the yes-ratio of the predictions; multiple choice by static extraction with CircularEval.
+"""
+
+from vlmlab.data.questions import Question
+from vlmlab.eval.multiple_choice import choice_scores, extract_choice
+from vlmlab.eval.pope import pope_scores
+from vlmlab.eval.tasks import question_text
+from vlmlab.eval.vqa import vqa_scores
+
+
+def _question(doc) -> Question:
+    return Question(
+        str(doc["question_id"]),
+        doc["image"],
+        doc["question"],
+        answers=list(doc.get("answers") or []),
+        answer_type=doc.get("answer_type", ""),
+        question_type=doc.get("question_type", ""),
+        choices=list(doc.get("options") or []),
+        answer_index=doc.get("answer_index"),
+        hint=doc.get("hint", ""),
+        group=str(doc.get("group", "")),
+    )
+
+
+def doc_to_visual(doc):
+    from vlmlab.data.formats import load_image
+
+    return [load_image(doc["image"])]
+
+
+def vqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return question_text("vqa", _question(doc))
+
+
+def mc_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return question_text("mmbench", _question(doc))
+
+
+def keep(doc, results):
+    """Every metric receives the document and the reply; the aggregations score them all at once."""
+    return {name: {"doc": doc, "reply": results[0]} for name in _METRICS[doc["task_kind"]]}
+
+
+def _split(items):
+    return [i["doc"] for i in items], [i["reply"] for i in items]
+
+
+def pope_metric(name):
+    def aggregate(items):
+        docs, replies = _split(items)
+        return pope_scores(replies, [d["answers"][0] for d in docs])[name]
+
+    return aggregate
+
+
+def vqa_accuracy(items):
+    docs, replies = _split(items)
+    return vqa_scores(replies, [d["answers"] for d in docs])["vqa_accuracy"]
+
+
+def mc_metric(name):
+    def aggregate(items):
+        docs, replies = _split(items)
+        picks = [extract_choice(r, d["options"]) for r, d in zip(replies, docs)]
+        return choice_scores(picks, [d["answer_index"] for d in docs], [d["group"] for d in docs])[name]
+
+    return aggregate
+
+
+pope_accuracy, pope_precision, pope_recall = pope_metric("accuracy"), pope_metric("precision"), pope_metric("recall")
+pope_f1, pope_yes_ratio = pope_metric("f1"), pope_metric("yes_ratio")
+mc_accuracy, mc_circular_accuracy = mc_metric("accuracy"), mc_metric("circular_accuracy")
+
+_METRICS = {
+    "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
+    "vqa": ["vqa_accuracy"],
+    "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
+}

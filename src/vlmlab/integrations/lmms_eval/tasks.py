@@ -1,0 +1,82 @@
+"""Task YAMLs for lmms-eval over the files `vlmlab make-tasks` writes (`dataset_path: json`, offline).
+
+`vlmlab lmms-tasks TASKS_DIR OUT` turns a make-tasks folder into OUT/vlmlab_{vqa,pope,mmbench}.yaml, their
+JSON-lines documents, and the task functions (vlmlab_utils.py); then
+
+    python -m lmms_eval --model vlmlab --model_args run=RUN_DIR --tasks vlmlab_pope --include_path OUT
+
+Data paths are written absolute: lmms-eval expands variables only in its cache directory, not in data_files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ...eval.tasks import read_questions
+
+HERE = Path(__file__).parent / "task_files"
+METRICS = {
+    "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
+    "vqa": ["vqa_accuracy"],
+    "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
+}
+TEXT = {"pope": "vqa_doc_to_text", "vqa": "vqa_doc_to_text", "mmbench": "mc_doc_to_text"}
+SOURCES = {
+    "vqa": ["vqa_test_questions.json"],
+    "pope": ["pope_test_random.json", "pope_test_popular.json", "pope_test_adversarial.json"],
+    "mmbench": ["mmbench_test.tsv"],
+}
+
+
+def _doc(kind: str, q) -> dict:
+    return {
+        "task_kind": kind,
+        "question_id": q.question_id,
+        "image": str(Path(q.image).resolve()),
+        "question": q.question,
+        "answer": q.answers[0] if q.answers else "",
+        "answers": q.answers,
+        "answer_type": q.answer_type,
+        "question_type": q.question_type,
+        "options": q.choices,
+        "answer_index": q.answer_index,
+        "hint": q.hint,
+        "group": q.group or q.question_id,
+    }
+
+
+def _yaml(kind: str, data: Path, max_new_tokens: int) -> str:
+    metrics = "".join(
+        f"  - metric: {m}\n    aggregation: !function vlmlab_utils.{m}\n    higher_is_better: true\n"
+        for m in METRICS[kind]
+    )
+    return (
+        f"task: vlmlab_{kind}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_visual: !function vlmlab_utils.doc_to_visual\n"
+        f"doc_to_text: !function vlmlab_utils.{TEXT[kind]}\n"
+        'doc_to_target: "answer"\n'
+        f"generation_kwargs:\n  max_new_tokens: {max_new_tokens}\n  do_sample: false\n  num_beams: 1\n"
+        "process_results: !function vlmlab_utils.keep\n"
+        f"metric_list:\n{metrics}"
+        "metadata:\n  - version: 0.1\n"
+    )
+
+
+def write_lmms_tasks(tasks_dir: str | Path, out_dir: str | Path, max_new_tokens: int = 10) -> list[str]:
+    tasks_dir, out = Path(tasks_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HERE / "vlmlab_utils.py", out / "vlmlab_utils.py")
+    names = []
+    for kind, files in SOURCES.items():
+        docs = [_doc(kind, q) for f in files for q in read_questions(tasks_dir / f)[1]]
+        data = (out / f"vlmlab_{kind}.jsonl").resolve()
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (out / f"vlmlab_{kind}.yaml").write_text(_yaml(kind, data, max_new_tokens))
+        names.append(f"vlmlab_{kind}")
+    return names

@@ -1,0 +1,292 @@
+"""`vlmlab make-tasks` on a hand-made synthetic world whose every answer is known from its scene list.
+
+The world is written in Karpathy's format with the scenes spelled out here (not sampled), so each
+question read back from the written files can be answered from the scene by hand and compared.
+"""
+
+import json
+import random
+import re
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from vlmlab.cli import main
+from vlmlab.config import load_config
+from vlmlab.data.formats import CaptionSample
+from vlmlab.data.make_tasks import make_tasks, rotated_rows
+from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
+from vlmlab.data.synthetic import POSITIONS, SceneObject, render_scene
+from vlmlab.data.tasks import ImageFacts, pope_questions
+
+O = SceneObject  # noqa: E741 (colour, shape, size, position)
+COLUMN = {p: POSITIONS.index(p) % 3 for p in POSITIONS}
+
+# every shape at most once per scene, so "the circle" always names one object
+TRAIN = [
+    [O("red", "circle", "large", "top left")],
+    [O("blue", "square", "small", "center"), O("green", "triangle", "large", "right")],
+    [O("yellow", "triangle", "small", "bottom")],
+    [O("purple", "circle", "small", "left"), O("orange", "square", "large", "top right")],
+]
+TEST = [
+    [O("red", "square", "large", "left"), O("blue", "circle", "small", "right")],
+    [O("green", "triangle", "small", "top left")],
+    [O("orange", "circle", "large", "bottom right"), O("yellow", "triangle", "small", "bottom left")],
+    [O("purple", "square", "small", "center")],
+]
+
+
+def write_world(root: Path, splits: dict[str, list[list[SceneObject]]]) -> Path:
+    """A Karpathy-format world with the given scenes per split; returns the JSON path."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for split, scenes in splits.items():
+        for objects in scenes:
+            name = f"{len(entries):03d}.png"
+            render_scene(objects, 64, random.Random(len(entries))).save(root / "images" / name)
+            words = " and ".join(f"a {o.size} {o.colour} {o.shape}" for o in objects)
+            entries.append(
+                {
+                    "filename": name,
+                    "filepath": "images",
+                    "split": split,
+                    "sentences": [{"raw": f"{words}."}],
+                    "objects": [asdict(o) for o in objects],
+                }
+            )
+    path = root / "dataset_hand.json"
+    path.write_text(json.dumps({"dataset": "hand", "images": entries}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hand")
+    world = write_world(root / "world", {"train": TRAIN, "val": TRAIN[:1], "test": TEST})
+    out = root / "tasks"
+    summary = make_tasks(load_config(None, [f"data.datasets=[karpathy:{world}]"]), out)
+    scenes = {}
+    for entry in json.loads(world.read_text())["images"]:
+        path = str((world.parent / "images" / entry["filename"]).resolve())
+        scenes[path] = [SceneObject(**o) for o in entry["objects"]]
+    return out, summary, scenes
+
+
+def answer_from_scene(question: str, objects: list[SceneObject]) -> str | None:
+    """The answer a person gives from the scene list, for each question kind make-tasks writes."""
+    shapes = Counter(o.shape for o in objects)
+    by_shape = {o.shape: o for o in objects}
+    if m := re.fullmatch(r"Is there an? (\w+) in the image\?", question):
+        return "yes" if m[1] in shapes else "no"
+    if m := re.fullmatch(r"How many (\w+?)s are there\?", question):
+        return str(shapes[m[1]])
+    if m := re.fullmatch(r"What colou?r is the (\w+)\?", question):
+        return by_shape[m[1]].colour
+    if m := re.fullmatch(r"Is the (\w+) small or large\?", question):
+        return by_shape[m[1]].size
+    if m := re.fullmatch(r"Where is the (\w+)\?", question):
+        return by_shape[m[1]].position
+    if m := re.fullmatch(r"Is the (\w+) to the left or to the right of the (\w+)\?", question):
+        return "left" if COLUMN[by_shape[m[1]].position] < COLUMN[by_shape[m[2]].position] else "right"
+    return None
+
+
+def test_every_vqa_answer_is_what_the_scene_says(tasks):
+    out, summary, scenes = tasks
+    test = read_vqa_v2(out / "vqa_test_questions.json", out / "vqa_test_annotations.json")
+    assert summary["files"]["vqa_test_questions.json"] == len(test) > 0
+    kinds = Counter()
+    for q in test:
+        objects = scenes[str(Path(q.image).resolve())]
+        assert len(q.answers) == 10 and q.answer_type in ("yes/no", "number", "other")
+        if q.question == "What shape is in the image?":
+            assert q.answers[0] in {o.shape for o in objects}, q
+            continue
+        expected = answer_from_scene(q.question, objects)
+        assert expected is not None, f"a question kind this test does not know: {q.question!r}"
+        assert set(q.answers) == {expected}, (q.question, q.answers, objects)
+        kinds[q.question_type] += 1
+    # presence (both answers), counting, left/right, colour, size, position all appear
+    assert {"is there a", "how many", "left or right", "what color is the", "what size is the", "where is the"} <= set(
+        kinds
+    )
+    assert Counter(q.answers[0] for q in test if q.question_type == "is there a").keys() == {"yes", "no"}
+
+
+def test_only_test_images_are_evaluated_and_train_images_are_trained_on(tasks):
+    out, summary, scenes = tasks
+    test_images = {str(Path(p).resolve()) for p in list(scenes)[len(TRAIN) + 1 :]}
+    assert summary["images"] == {"train": len(TRAIN), "val": 1, "test": len(TEST)}
+    evaluated = {q.image for q in read_vqa_v2(out / "vqa_test_questions.json", out / "vqa_test_annotations.json")}
+    evaluated |= {q.image for q in read_mmbench_tsv(out / "mmbench_test.tsv")}
+    for setting in ("random", "popular", "adversarial"):
+        evaluated |= {q.image for q in read_pope(out / f"pope_test_{setting}.json")}
+    trained = {c.image for c in read_llava_conversations(out / "conversations_train.json")}
+    trained |= {c.image for c in read_llava_conversations(out / "vqa_conversations_train.json")}
+    assert {str(Path(p).resolve()) for p in evaluated} == test_images
+    assert not trained & evaluated and len(trained) == len(TRAIN)
+
+
+def test_conversations_are_llava_records_with_one_image_in_the_first_turn(tasks):
+    out, _, scenes = tasks
+    records = read_llava_conversations(out / "conversations_train.json")
+    assert len(records) == len(TRAIN)
+    for c in records:
+        roles = [m["role"] for m in c.messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+        assert [m["content"].count("<image>") for m in c.messages if m["role"] == "user"][0] == 1
+        assert sum(m["content"].count("<image>") for m in c.messages) == 1
+        objects = scenes[c.image]
+        assert c.messages[1]["content"].lower().startswith("a ")  # the caption, capitalised
+        for question, reply in zip(c.messages[4::2], c.messages[5::2]):  # after description + object list
+            expected = answer_from_scene(question["content"], objects)
+            if expected is not None:
+                assert reply["content"] == expected.capitalize() + "."
+    vqa = read_llava_conversations(out / "vqa_conversations_train.json")
+    for c in vqa:
+        question = c.messages[0]["content"].removeprefix("<image>\n").split("\n")[0]
+        expected = answer_from_scene(question, scenes[c.image])
+        assert expected is None or c.messages[1]["content"] == expected
+
+
+def test_mmbench_rows_are_the_four_rotations_and_the_right_option_is_right(tasks):
+    out, summary, scenes = tasks
+    rows = read_mmbench_tsv(out / "mmbench_test.tsv")
+    assert summary["files"]["mmbench_test.tsv"] == len(rows) > 0
+    groups = defaultdict(list)
+    for q in rows:
+        groups[q.group].append(q)
+    for group in groups.values():
+        assert len(group) == 4 and len({q.question for q in group}) == 1
+        first = group[0].choices
+        for k, q in enumerate(group):
+            assert q.choices == first[k:] + first[:k]  # rotation k of the first row
+        right = {q.choices[q.answer_index] for q in group}
+        assert len(right) == 1  # the answer letter moves with its option
+        expected = answer_from_scene(group[0].question, scenes[group[0].image])
+        assert right == {expected}, (group[0].question, right, scenes[group[0].image])
+        assert first.count(expected) == 1  # no distractor is also right
+
+
+def test_rotated_rows_letters_by_hand():
+    rows = rotated_rows(10, "/x.png", "Q?", ["w", "x", "y", "z"], right=2, category="object")
+    assert [r[0] for r in rows] == [10, 11, 12, 13] and {r[1] for r in rows} == {10}
+    assert [r[4:8] for r in rows][1] == ["x", "y", "z", "w"]
+    assert [r[8] for r in rows] == ["C", "B", "A", "D"]  # "y" at index 2, 1, 0, 3
+
+
+def test_pope_on_the_synthetic_world_asks_about_present_and_absent_shapes(tasks):
+    out, summary, scenes = tasks
+    for setting in ("random", "popular", "adversarial"):
+        items = read_pope(out / f"pope_test_{setting}.json")
+        assert summary["files"][f"pope_test_{setting}.json"] == len(items) > 0
+        labels = [q.answers[0] for q in items]
+        assert labels == ["yes", "no"] * (len(items) // 2)  # each positive followed by its negative
+        for q in items:
+            assert answer_from_scene(q.question, scenes[q.image]) == q.answers[0]
+
+
+def _facts(path, names):
+    return ImageFacts(CaptionSample(path, path, ["c"], "test"), [{"name": n, "cx": None} for n in names])
+
+
+def test_popular_negatives_count_frequency_over_the_whole_annotated_set():
+    test = [_facts("/t.jpg", ["dog", "cat", "car"])]
+    train = [_facts(f"/{i}.jpg", ["umbrella", "oven"] if i < 5 else ["oven"]) for i in range(8)]
+    items = pope_questions(test, "popular", population=test + train)
+    negatives = [text for _, text, label in items if label == "no"]
+    # oven is in 8 images, umbrella in 5: the negatives in that order, with "an" before a vowel
+    assert negatives[:2] == ["Is there an oven in the image?", "Is there an umbrella in the image?"]
+    assert len(negatives) == 2  # only two absent categories exist: no third pair
+
+
+def test_an_image_in_both_training_and_evaluation_is_refused(tmp_path):
+    world = write_world(tmp_path / "world", {"train": TRAIN, "test": TEST})
+    images = tmp_path / "world" / "images"
+    shutil.copyfile(images / "000.png", images / f"{len(TRAIN):03d}.png")  # a test file = a train file's bytes
+    cfg = load_config(None, [f"data.datasets=[karpathy:{world}]"])
+    with pytest.raises(ValueError, match="also training images"):
+        make_tasks(cfg, tmp_path / "tasks")
+
+
+def test_the_command_writes_the_files_and_says_what_it_wrote(tmp_path, capsys):
+    world = write_world(tmp_path / "world", {"train": TRAIN, "test": TEST})
+    assert main(["make-tasks", str(tmp_path / "tasks"), "--data", f"karpathy:{world}"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "tasks" / "tasks.json").read_text())
+    for name, count in record["files"].items():
+        assert (tmp_path / "tasks" / name).is_file() and f"{count:>7}  {tmp_path / 'tasks' / name}" in printed
+    assert "SHA-1" in record["split_check"]
+
+
+def _synthetic_facts(objects: list[SceneObject]) -> ImageFacts:
+    sample = CaptionSample("/s.png", "/s.png", ["c"], "test", {"objects": [asdict(o) for o in objects]})
+    from vlmlab.data.tasks import image_facts
+
+    (facts,) = image_facts([sample])
+    return facts
+
+
+TWINS = [  # two circles: one name, two colours
+    [O("red", "circle", "large", "top left"), O("blue", "circle", "large", "right")],
+    [O("red", "circle", "small", "top left"), O("blue", "circle", "large", "right")],
+]
+
+
+@pytest.mark.parametrize("objects", TWINS, ids=["same size", "other size"])
+def test_a_question_about_one_of_two_alike_shapes_names_one_object(objects):
+    """'What colour is the circle?' with a red and a blue circle has two right answers; none may be asked."""
+    from vlmlab.data.tasks import choice_questions, short_questions
+
+    facts = _synthetic_facts(objects)
+    for seed in range(40):
+        rng = random.Random(seed)
+        for q in short_questions(facts, ["circle", "square", "triangle"], rng):
+            if q.question_type in ("what color is the", "what size is the", "where is the"):
+                described = q.question.split(" the ", 1)[1].rstrip("?").split(" small or large")[0].split()
+                matching = [o for o in objects if all(w in (o.size, o.shape) for w in described)]
+                assert len(matching) == 1, (q.question, q.answer)
+        for question, options, _right in choice_questions(facts, ["circle", "square", "triangle"], rng):
+            if "colour" in question:
+                assert sum(o.colour in options for o in objects) == 1, (question, options)
+
+
+def test_every_right_answer_to_what_shape_scores_full_marks(tasks):
+    from vlmlab.eval.vqa import vqa_accuracy
+
+    out, _, scenes = tasks
+    test = read_vqa_v2(out / "vqa_test_questions.json", out / "vqa_test_annotations.json")
+    asked = [q for q in test if q.question == "What shape is in the image?"]
+    assert asked  # asked only where one kind of shape is in the picture: its name is then the one right answer
+    assert all(len({o.shape for o in scenes[q.image]}) == 1 for q in asked)
+    for q in asked:
+        for o in scenes[q.image]:
+            assert vqa_accuracy(o.shape, q.answers) == 1.0, (o.shape, q.answers)
+
+
+def test_no_count_is_asked_of_a_category_annotated_as_a_crowd(tmp_path):
+    from conftest import SHARED_DATA, require
+    from vlmlab.data.tasks import plural
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    crowd = defaultdict(set)
+    for a in data["annotations"]:
+        if a.get("iscrowd"):
+            crowd[files[a["image_id"]]].add(plural(names[a["category_id"]], 2))
+    make_tasks(load_config(None, [f"data.datasets=[coco:{root}]"]), tmp_path)
+    asked = []
+    for split in ("train", "test"):
+        vqa = read_vqa_v2(tmp_path / f"vqa_{split}_questions.json", tmp_path / f"vqa_{split}_annotations.json")
+        asked += [q for q in vqa if q.question_type == "how many"]
+    asked += [q for q in read_mmbench_tsv(tmp_path / "mmbench_test.tsv") if q.question.startswith("How many")]
+    assert asked
+    for q in asked:
+        counted = q.question.removeprefix("How many ").removesuffix(" are there?")
+        assert counted not in crowd[Path(q.image).name], (q.question, q.image)

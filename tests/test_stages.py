@@ -1,0 +1,195 @@
+"""Task building from annotations, stages chained by init_from, and a tiny chain end to end."""
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import SHARED_DATA, require
+from vlmlab.analysis.chain import CHAIN_DIR, load_chain, run_chain
+from vlmlab.config import ConfigError, load_config
+from vlmlab.data.formats import CaptionSample
+from vlmlab.data.make_tasks import make_tasks
+from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
+from vlmlab.data.tasks import ImageFacts, article, plural, pope_questions, short_questions
+from vlmlab.train.checkpoint import TRAINABLE_FILE, load_run
+
+
+def facts(path, names, cxs=None):
+    cxs = cxs or [0.5] * len(names)
+    sample = CaptionSample(path, path, ["a caption"], "test")
+    return ImageFacts(sample, [{"name": n, "cx": c} for n, c in zip(names, cxs)])
+
+
+def test_articles_and_plurals():
+    assert article("apple") == "an apple" and article("dog") == "a dog"
+    assert plural("bus", 2) == "buses" and plural("person", 3) == "people" and plural("cup", 1) == "cup"
+
+
+def test_short_questions_answers_follow_the_boxes():
+    f = facts("/img.jpg", ["dog", "cat", "person", "person"], [0.1, 0.9, 0.5, 0.6])
+    qs = short_questions(f, ["dog", "cat", "person", "car"], random.Random(0))
+    by_type = {q.question_type: q for q in qs}
+    assert by_type["is there a"].answer in ("yes", "no")
+    absent = [q for q in qs if q.answer == "no"]
+    assert absent and "car" in absent[0].question  # the only absent category
+    lr = by_type["left or right"]
+    left = "dog" in lr.question.split(" to the ")[0]
+    assert lr.answer == ("left" if left else "right")  # dog at 0.1 is left of the cat at 0.9
+    count = by_type["how many"]
+    name = count.question.split("How many ")[1].split(" are")[0]
+    assert count.answer == str({"dogs": 1, "cats": 1, "people": 2}[name])
+
+
+def test_pope_is_built_as_its_authors_build_it():
+    images = [facts(f"/{i}.jpg", names) for i, names in enumerate(
+        [["dog", "cat", "car"], ["dog", "cat", "sofa", "tv"], ["car", "bus", "truck"], ["dog", "cat"]]
+    )]  # fmt: skip
+    for setting in ("random", "popular", "adversarial"):
+        items = pope_questions(images, setting, seed=0)
+        per_image = Counter(img for img, _, _ in items)
+        assert set(per_image) == {"/0.jpg", "/1.jpg", "/2.jpg"}  # the image with 2 categories is left out
+        assert all(n == 6 for n in per_image.values())  # 3 positives, each followed by a negative
+        assert [label for _, _, label in items[:6]] == ["yes", "no"] * 3
+        present = {f.sample.image_path: set(f.counts) for f in images}
+        for img, question, label in items:
+            name = question.removeprefix("Is there ").removesuffix(" in the image?").split(" ", 1)[1]
+            assert (name in present[img]) == (label == "yes")
+    # adversarial: the negative for a dog+cat+car image is what co-occurs with them most: sofa / tv (with dog, cat)
+    adversarial = pope_questions(images, "adversarial", seed=0)
+    negatives_0 = [q for img, q, label in adversarial if img == "/0.jpg" and label == "no"]
+    assert {q.split(" ")[3] for q in negatives_0} <= {"sofa", "tv", "bus", "truck"}
+    assert "sofa" in negatives_0[0] or "tv" in negatives_0[0]
+
+
+def test_make_tasks_on_coco_writes_readable_files_and_keeps_splits_apart(tmp_path):
+    root = require(SHARED_DATA / "coco2017-mini")
+    cfg = load_config(None, [f"data.datasets=[coco:{root}]"])
+    summary = make_tasks(cfg, tmp_path)
+    assert summary["images"]["test"] > 5 and summary["files"]["pope_test_random.json"] % 6 == 0
+    train = read_llava_conversations(tmp_path / "conversations_train.json")
+    test_vqa = read_vqa_v2(tmp_path / "vqa_test_questions.json", tmp_path / "vqa_test_annotations.json")
+    pope = read_pope(tmp_path / "pope_test_adversarial.json")
+    mc = read_mmbench_tsv(tmp_path / "mmbench_test.tsv")
+    assert all(len(q.answers) == 10 for q in test_vqa) and {q.answer_type for q in test_vqa} == {
+        "yes/no",
+        "number",
+        "other",
+    }
+    train_images = {c.image for c in train}
+    assert not train_images & {q.image for q in test_vqa + pope + mc}  # no image in both
+    groups = Counter(q.group for q in mc)
+    assert set(groups.values()) == {4}  # every question in its 4 rotations
+    first = [q for q in mc if q.group == mc[0].group]
+    assert len({q.choices[q.answer_index] for q in first}) == 1  # the right answer travels with its text
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
+    tmp = tmp_path_factory.mktemp("chain")
+    chain = {
+        "name": "tiny",
+        "base": None,
+        "overrides": [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            f"data.datasets=[synthetic:{tmp / 'world'}]",
+            "data.synthetic_images=40",
+            "train.batch_size=4",
+            "train.eval_every=3",
+            "train.save_every=3",
+            "train.max_steps=3",
+            "connector.num_queries=4",
+        ],
+        "tasks": str(tmp / "tasks"),
+        "stages": {"caption": {}, "instruct": {"train.lr": 1e-4}},
+        "blind": True,
+        "evaluate": ["pope", "mmbench"],
+    }
+    (tmp / "chain.yaml").write_text(yaml.safe_dump(chain))
+    return tmp, run_chain(load_chain(str(tmp / "chain.yaml")), tmp / "out")
+
+
+@pytest.mark.slow
+def test_a_tiny_chain_trains_each_stage_from_the_previous_and_scores_with_controls(tiny_chain):
+    tmp, summary = tiny_chain
+    out = tmp / "out"
+    assert set(summary["runs"]["model"]) == {"caption", "instruct"} and summary["runs"]["blind"]
+    instruct_cfg = load_config(out / "instruct" / "config.yaml")
+    assert instruct_cfg.train.stage == "instruct" and instruct_cfg.train.init_from == str(out / "caption")
+    assert load_config(out / "blind" / "instruct" / "config.yaml").connector.type == "none"
+    for task in ("pope", "mmbench"):
+        rows = summary["tables"][task]
+        assert {"model", "swapped image", "no image", "blind model", "prior"} <= set(rows)
+        assert "answers changed by swap" in rows["model"]
+    assert rows["prior"]["accuracy"] == pytest.approx(0.25)  # always "A" over 4 rotations
+    assert summary["tables"]["pope"]["prior"]["yes_ratio"] == 1.0
+    assert set(summary["forgetting"]) == {"caption", "instruct"}
+    assert (out / "chain.md").read_text().startswith("## pope")
+
+
+@pytest.mark.slow
+def test_init_from_starts_the_next_stage_from_exactly_the_trained_weights(tiny_chain):
+    tmp, _ = tiny_chain
+    out = tmp / "out"
+    from safetensors.torch import load_file
+
+    from vlmlab.model.vlm import build_vlm
+    from vlmlab.train.stages import initialise_from
+
+    fresh = build_vlm(load_config(out / "instruct" / "config.yaml"))
+    report = initialise_from(fresh, out / "caption")
+    source = load_file(out / "caption" / "checkpoint" / TRAINABLE_FILE)
+    now = fresh.trainable_state_dict()
+    assert report["loaded"] and not report["unused"]
+    assert all(torch.equal(now[k], source[k]) for k in report["loaded"])
+    # and the instruct run then moved away from them: it trained
+    trained = load_run(out / "instruct").trainable_state_dict()
+    assert any(not torch.equal(trained[k], source[k]) for k in report["loaded"])
+
+
+@pytest.mark.slow
+def test_init_from_refuses_a_tensor_of_another_shape(tiny_chain, tiny_clip_dir, tiny_gpt2_dir):
+    from vlmlab.model.vlm import build_vlm
+    from vlmlab.train.stages import initialise_from
+
+    tmp, _ = tiny_chain
+    other = build_vlm(
+        load_config(None, [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}", "connector.num_queries=8"])
+    )
+    with pytest.raises(ValueError, match="connector.queries"):
+        initialise_from(other, tmp / "out" / "caption")
+
+
+def test_conversation_stages_need_their_task_files(tmp_path):
+    with pytest.raises(ConfigError, match="data.tasks"):
+        load_config(None, ["train.stage=instruct"])
+    from vlmlab.config import check_data_paths
+
+    cfg = load_config(None, ["train.stage=vqa", f"data.tasks={tmp_path}"])
+    with pytest.raises(ConfigError, match="vqa_conversations_train.json does not exist"):
+        check_data_paths(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(CHAIN_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_chain_loads(path):
+    chain = load_chain(str(path))
+    assert list(chain.stages)[0] == "caption" and chain.tasks
+
+
+def test_eval_tasks_reads_the_real_pope_and_aokvqa_files():
+    from vlmlab.eval.tasks import read_questions, resolve_pope_image
+
+    root = require(SHARED_DATA / "questions")
+    images = SHARED_DATA / "coco2017-val" / "val2017"
+    fmt, qs = read_questions(root / "pope" / "coco_pope_random.json")
+    assert fmt == "pope" and Path(resolve_pope_image(Path(qs[0].image).name, images)).exists()
+    fmt, qs = read_questions(root / "aokvqa" / "aokvqa_v1p0_val.json", images)
+    assert (
+        fmt == "aokvqa"
+        and json.loads((root / "aokvqa" / "aokvqa_v1p0_val.json").read_text())[0]["question"] == qs[0].question
+    )
