@@ -61,6 +61,12 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
     def lmms(task, metric):
         return next(v for k, v in results[task].items() if k.split(",")[0] == metric)
 
+    from vlmlab.eval.captioning import evaluate_run
+
+    captions = evaluate_run(run, baselines=False, contact_images=0, out_dir=tmp_path / "ours")
+    ours_caption = next(iter(captions["rows"].values()))  # the model row comes first
+    assert lmms("vlmlab_caption", "caption_cider_d") == pytest.approx(ours_caption["CIDEr-D"])
+    assert lmms("vlmlab_caption", "caption_bleu_4") == pytest.approx(ours_caption["BLEU-4"])
     ours = {task: evaluate_task(run, task, out_dir=tmp_path / "ours")["model"] for task in ("vqa", "pope", "mmbench")}
     assert lmms("vlmlab_vqa", "vqa_accuracy") == pytest.approx(ours["vqa"]["vqa_accuracy"])
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):

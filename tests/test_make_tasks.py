@@ -20,7 +20,7 @@ from vlmlab.data.formats import CaptionSample
 from vlmlab.data.make_tasks import make_tasks, rotated_rows
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
 from vlmlab.data.synthetic import POSITIONS, SceneObject, render_scene
-from vlmlab.data.tasks import ImageFacts, pope_questions
+from vlmlab.data.tasks import MC_SUFFIX, ImageFacts, pope_questions
 
 O = SceneObject  # noqa: E741 (colour, shape, size, position)
 COLUMN = {p: POSITIONS.index(p) % 3 for p in POSITIONS}
@@ -147,10 +147,19 @@ def test_conversations_are_llava_records_with_one_image_in_the_first_turn(tasks)
             if expected is not None:
                 assert reply["content"] == expected.capitalize() + "."
     vqa = read_llava_conversations(out / "vqa_conversations_train.json")
+    lettered = 0
     for c in vqa:
-        question = c.messages[0]["content"].removeprefix("<image>\n").split("\n")[0]
+        question, *rest = c.messages[0]["content"].removeprefix("<image>\n").split("\n")
         expected = answer_from_scene(question, scenes[c.image])
-        assert expected is None or c.messages[1]["content"] == expected
+        reply = c.messages[1]["content"]
+        if rest and rest[-1] == MC_SUFFIX.strip():  # lettered options: the letter names the right option
+            lettered += 1
+            options = {line[0]: line[3:] for line in rest[:-1]}
+            assert list(options) == list("ABCD")[: len(options)] and reply in options
+            assert expected is None or options[reply] == expected
+        else:
+            assert expected is None or reply == expected
+    assert 0 < lettered < len(vqa)  # the vqa stage also learns the multiple-choice format
 
 
 def test_mmbench_rows_are_the_four_rotations_and_the_right_option_is_right(tasks):

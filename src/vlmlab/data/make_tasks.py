@@ -3,11 +3,12 @@
 The files are in their authors' formats, so the same readers (questions.py) read these and the real sets:
 
     OUT/conversations_{train,val,test}.json        LLaVA conversations (stage 2: instruct)
-    OUT/vqa_conversations_{train,val}.json         single-turn short-answer conversations (stage 3: vqa)
+    OUT/vqa_conversations_{train,val}.json         single-turn short answers and lettered multiple choice (stage 3: vqa)
     OUT/vqa_{train,test}_questions.json            VQA v2 questions ...
     OUT/vqa_{train,test}_annotations.json          ... and annotations (10 answers each; train: the prior)
     OUT/pope_test_{random,popular,adversarial}.json   POPE JSON lines
     OUT/mmbench_test.tsv                           4 options, every rotation (CircularEval), image as a path
+    OUT/captions_test.json                         the test images and their reference captions (lmms-eval captioning)
     OUT/tasks.json                                 what was written, from which data, and the split check
 
 Images are split as the caption data splits them (by image); no image file is in both the training
@@ -25,6 +26,7 @@ from ..config import Config
 from .features import file_digest
 from .pairs import load_samples
 from .tasks import (
+    choice_conversation,
     choice_questions,
     conversation,
     image_facts,
@@ -94,10 +96,14 @@ def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
             _llava([(f.sample.image_path, conversation(f, vocabulary, rng)) for f in facts[split]], out),
         )
     short = {split: [q for f in facts[split] for q in short_questions(f, vocabulary, rng)] for split in facts}
-    for split in ("train", "val"):
-        write_json(
-            f"vqa_conversations_{split}.json", _llava([(q.image, vqa_conversation(q)) for q in short[split]], out)
-        )
+    for split in ("train", "val"):  # short answers, then lettered options (LLaVA-1.5 mixes in A-OKVQA's)
+        records = [(q.image, vqa_conversation(q)) for q in short[split]]
+        records += [
+            (f.sample.image_path, choice_conversation(*question))
+            for f in facts[split]
+            for question in choice_questions(f, vocabulary, rng)
+        ]
+        write_json(f"vqa_conversations_{split}.json", _llava(records, out))
     for split in ("train", "test"):
         summary["files"][f"vqa_{split}_questions.json"] = _vqa_files(short[split], out, split)
 
@@ -124,6 +130,11 @@ def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
         writer.writerow(["index", "group", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
         writer.writerows(rows)
     summary["files"]["mmbench_test.tsv"] = len(rows)
+
+    write_json(
+        "captions_test.json",
+        [{"image": str(Path(s.image_path).resolve()), "captions": s.captions} for s in samples["test"]],
+    )
 
     train_digests = {file_digest(f.sample.image_path) for split in ("train", "val") for f in facts[split]}
     leaked = [f.sample.image_path for f in facts["test"] if file_digest(f.sample.image_path) in train_digests]

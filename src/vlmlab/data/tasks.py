@@ -189,12 +189,22 @@ def conversation(facts: ImageFacts, vocabulary: list[str], rng: random.Random, t
 
 
 VQA_SUFFIX = "\nAnswer the question using a single word or number."  # LLaVA-1.5's short-answer prompt
+MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench prompt
 
 
 def vqa_conversation(q: TaskQuestion) -> list[dict]:
     return [
         {"role": "user", "content": "<image>\n" + q.question + VQA_SUFFIX},
         {"role": "assistant", "content": q.answer},
+    ]
+
+
+def choice_conversation(question: str, options: list[str], right: int) -> list[dict]:
+    """A multiple-choice question as LLaVA-1.5 trains on A-OKVQA's: lettered options, the letter as the answer."""
+    lettered = "\n".join(f"{'ABCDEFGH'[i]}. {option}" for i, option in enumerate(options))
+    return [
+        {"role": "user", "content": f"<image>\n{question}\n{lettered}{MC_SUFFIX}"},
+        {"role": "assistant", "content": "ABCDEFGH"[right]},
     ]
 
 

@@ -21,14 +21,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
-from ..data.tasks import VQA_SUFFIX
+from ..data.tasks import MC_SUFFIX, VQA_SUFFIX
 from .multiple_choice import choice_scores, extract_choice
 from .pope import pope_scores, pope_scores_by_setting
 from .probes import derangement
 from .vqa import normalize_answer, prior_answers, vqa_scores
 
 TASKS = ("vqa", "pope", "mmbench")
-MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench prompt
 
 
 # ---- reading the questions -----------------------------------------------------------------------

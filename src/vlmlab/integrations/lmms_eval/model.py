@@ -1,7 +1,8 @@
 """A vlmlab run as an lmms-eval model: generate_until, loglikelihood and generate_until_multi_round.
 
 The prompt is exactly what `vlmlab eval --task` asks (`<image>` + the task's text, as one user turn in the run's
-chat format) and generation is greedy with the same token budget, so both give the same answers.
+chat format) and generation is greedy with the same token budget, so both give the same answers. An empty
+context asks for a caption: the run's own caption prompt and generate settings, as `vlmlab eval` captions.
 """
 
 from __future__ import annotations
@@ -42,8 +43,19 @@ class VlmlabLMM(lmms):
             chunk = [r.args for r in requests[start : start + self.batch_size]]
             images = [self._visual(v, d, t, s) for _, _, v, d, t, s in chunk]
             max_new = {int(g.get("max_new_tokens", self.max_new_tokens)) for _, g, *_ in chunk}
-            convs = [self._messages(context, im) for (context, *_), im in zip(chunk, images)]
-            out += self.model.chat_batch(images, convs, max_new_tokens=min(max_new))
+            replies: list[str | None] = [None] * len(chunk)
+            captions = [i for i, (context, *_) in enumerate(chunk) if not context.strip()]
+            if any(images[i] is None for i in captions):
+                raise ValueError("a caption request (empty context) needs an image")
+            for i, caption in zip(captions, self.model.caption([images[i] for i in captions]) if captions else []):
+                replies[i] = caption
+            asks = [i for i in range(len(chunk)) if replies[i] is None]
+            if asks:
+                convs = [self._messages(chunk[i][0], images[i]) for i in asks]
+                answers = self.model.chat_batch([images[i] for i in asks], convs, max_new_tokens=min(max_new))
+                for i, answer in zip(asks, answers):
+                    replies[i] = answer
+            out += replies
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

@@ -1,6 +1,6 @@
 """Task YAMLs for lmms-eval over the files `vlmlab make-tasks` writes (`dataset_path: json`, offline).
 
-`vlmlab lmms-tasks TASKS_DIR OUT` turns a make-tasks folder into OUT/vlmlab_{vqa,pope,mmbench}.yaml, their
+`vlmlab lmms-tasks TASKS_DIR OUT` turns a make-tasks folder into OUT/vlmlab_{caption,vqa,pope,mmbench}.yaml, their
 JSON-lines documents, and the task functions (vlmlab_utils.py); then
 
     python -m lmms_eval --model vlmlab --model_args run=RUN_DIR --tasks vlmlab_pope --include_path OUT
@@ -18,12 +18,19 @@ from ...eval.tasks import read_questions
 
 HERE = Path(__file__).parent / "task_files"
 METRICS = {
+    "caption": ["caption_cider_d", "caption_bleu_4"],
     "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
     "vqa": ["vqa_accuracy"],
     "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
 }
-TEXT = {"pope": "vqa_doc_to_text", "vqa": "vqa_doc_to_text", "mmbench": "mc_doc_to_text"}
+TEXT = {
+    "caption": "caption_doc_to_text",
+    "pope": "vqa_doc_to_text",
+    "vqa": "vqa_doc_to_text",
+    "mmbench": "mc_doc_to_text",
+}
 SOURCES = {
+    "caption": ["captions_test.json"],
     "vqa": ["vqa_test_questions.json"],
     "pope": ["pope_test_random.json", "pope_test_popular.json", "pope_test_adversarial.json"],
     "mmbench": ["mmbench_test.tsv"],
@@ -44,6 +51,16 @@ def _doc(kind: str, q) -> dict:
         "answer_index": q.answer_index,
         "hint": q.hint,
         "group": q.group or q.question_id,
+    }
+
+
+def _caption_doc(index: int, record: dict) -> dict:
+    return {
+        "task_kind": "caption",
+        "question_id": index,
+        "image": record["image"],
+        "answer": record["captions"][0],
+        "answers": record["captions"],
     }
 
 
@@ -74,7 +91,10 @@ def write_lmms_tasks(tasks_dir: str | Path, out_dir: str | Path, max_new_tokens:
     shutil.copy(HERE / "vlmlab_utils.py", out / "vlmlab_utils.py")
     names = []
     for kind, files in SOURCES.items():
-        docs = [_doc(kind, q) for f in files for q in read_questions(tasks_dir / f)[1]]
+        if kind == "caption":
+            docs = [_caption_doc(i, r) for f in files for i, r in enumerate(json.loads((tasks_dir / f).read_text()))]
+        else:
+            docs = [_doc(kind, q) for f in files for q in read_questions(tasks_dir / f)[1]]
         data = (out / f"vlmlab_{kind}.jsonl").resolve()
         data.write_text("".join(json.dumps(d) + "\n" for d in docs))
         (out / f"vlmlab_{kind}.yaml").write_text(_yaml(kind, data, max_new_tokens))

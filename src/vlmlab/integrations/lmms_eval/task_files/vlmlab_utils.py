@@ -3,7 +3,8 @@
 lmms-eval 0.7.3's POPE computes the yes-ratio from the labels (0.5 by construction) and compares the raw
 prediction with "yes", so "Yes." counts as wrong; its mmbench falls back to a web judge and, offline, to a
 random letter. These tasks use vlmlab's scorers instead: POPE answers parsed as the POPE authors parse them
-and the yes-ratio of the predictions; multiple choice by static extraction with CircularEval.
+and the yes-ratio of the predictions; multiple choice by static extraction with CircularEval; captions with
+vlmlab's caption metrics (pycocoevalcap CIDEr-D, PTB tokenizer when Java is present), as `vlmlab eval` does.
 """
 
 from vlmlab.data.questions import Question
@@ -36,6 +37,11 @@ def doc_to_visual(doc):
 
 def vqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return question_text("vqa", _question(doc))
+
+
+def caption_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """An empty prompt: the vlmlab model then writes the run's own caption (its prompt and generate settings)."""
+    return ""
 
 
 def mc_doc_to_text(doc, lmms_eval_specific_kwargs=None):
@@ -73,11 +79,25 @@ def mc_metric(name):
     return aggregate
 
 
+def caption_metric(name):
+    def aggregate(items):
+        from vlmlab.eval.metrics import caption_metrics
+
+        docs, replies = _split(items)
+        refs = {str(i): d["answers"] for i, d in enumerate(docs)}
+        cands = {str(i): r for i, r in enumerate(replies)}
+        return caption_metrics(refs, cands, meteor=False)[name]
+
+    return aggregate
+
+
+caption_cider_d, caption_bleu_4 = caption_metric("CIDEr-D"), caption_metric("BLEU-4")
 pope_accuracy, pope_precision, pope_recall = pope_metric("accuracy"), pope_metric("precision"), pope_metric("recall")
 pope_f1, pope_yes_ratio = pope_metric("f1"), pope_metric("yes_ratio")
 mc_accuracy, mc_circular_accuracy = mc_metric("accuracy"), mc_metric("circular_accuracy")
 
 _METRICS = {
+    "caption": ["caption_cider_d", "caption_bleu_4"],
     "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
     "vqa": ["vqa_accuracy"],
     "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
