@@ -256,3 +256,30 @@ def test_vlmlab_serve_command_answers_the_page(served):
     assert f"at http://127.0.0.1:{port}/" in output[-1], "".join(output)[-3000:]
     assert f"vlmlab: {run_dir.name}" in page  # the page title
     assert "fonts.googleapis" not in page and "fonts.gstatic" not in page
+
+
+def test_serve_without_a_run_trains_the_demo_run_first_with_a_progress_bar_then_reuses_it(
+    tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, capsys
+):
+    """`vlmlab serve` with no RUN_DIR serves the demo run: absent, it is trained first (progress bar on stderr);
+    finished, it is reused as it is. The embedded defaults are swapped for a tiny config of the same shape."""
+    import vlmlab.config
+    from vlmlab.app.web import demo_run_dir
+
+    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
+    tiny = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=4")
+    monkeypatch.setattr(vlmlab.config, "load_config", lambda *args, **kwargs: tiny)
+
+    run = demo_run_dir()
+    first = capsys.readouterr()
+    assert run == Path(tiny.train.output_dir) and (run / "checkpoint").is_dir()
+    assert "no demo run" in first.out and "training it first" in first.out
+    assert "training" in first.err and "4/4" in first.err  # tqdm's bar reached the last step
+    weights = sorted(p.stat().st_mtime_ns for p in (run / "checkpoint").rglob("*") if p.is_file())
+    metrics = (run / "metrics.jsonl").read_text()
+
+    assert demo_run_dir() == run
+    assert "training it first" not in capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_text() == metrics  # not one more step
+    assert sorted(p.stat().st_mtime_ns for p in (run / "checkpoint").rglob("*") if p.is_file()) == weights
+    assert load_run(run).caption([load_samples(tiny)["test"][0].image_path])[0]  # it captions
