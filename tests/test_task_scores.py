@@ -144,3 +144,27 @@ def test_real_aokvqa_answers_score_as_their_own_annotators():
             item["correct_choice_idx"],
             None,  # a choice whose text contains another choice's text can be ambiguous; never a wrong pick
         )
+
+
+def test_unseen_only_leaves_out_exactly_the_questions_about_training_photos():
+    """A-OKVQA asks about COCO val2017 photos; a run trained on coco2017-mini has captioned some of them (the
+    mini's folder differs, the photo is the same: matched by COCO id)."""
+    from vlmlab.config import load_config
+    from vlmlab.data.formats import hash_split
+    from vlmlab.eval.tasks import drop_trained_photos, photo_key, read_questions
+
+    assert photo_key("a/000000000139.jpg") == photo_key("b/COCO_val2014_000000000139.jpg") == "coco:139"
+    assert photo_key("x/dog.jpg") == "dog.jpg"
+    mini = require(SHARED_DATA / "coco2017-mini")
+    path = require(SHARED_DATA / "questions" / "aokvqa" / "aokvqa_v1p0_val.json")
+    cfg = load_config(None, [f"data.datasets=[coco:{mini}]"])
+    _, questions = read_questions(path, SHARED_DATA / "coco2017-val" / "val2017")
+    kept, dropped = drop_trained_photos(questions, cfg)
+    mini_ids = {int(p.stem) for p in (mini / "val2017").glob("*.jpg")}
+
+    def trained(q):
+        image_id = int(photo_key(q.image).split(":")[1])
+        return image_id in mini_ids and hash_split(0, f"coco:{image_id}", 0.1, 0.1) == "train"
+
+    assert dropped > 0 and len(kept) + dropped == len(questions)
+    assert [q.question_id for q in kept] == [q.question_id for q in questions if not trained(q)]

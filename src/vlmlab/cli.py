@@ -45,7 +45,16 @@ def cmd_eval(args) -> None:
         from .eval.tasks import evaluate_task
 
         with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
-            evaluate_task(args.run_dir, args.task, args.questions, args.images, args.blind, args.limit, args.out_dir)
+            evaluate_task(
+                args.run_dir,
+                args.task,
+                args.questions,
+                args.images,
+                args.blind,
+                args.limit,
+                args.out_dir,
+                unseen_only=args.unseen_only,
+            )
         return
 
     from .config import load_config
@@ -326,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", help="image folder for --questions (POPE's COCO_val2014_ names map to COCO-2017 ids)")
     p.add_argument("--blind", metavar="RUN_DIR", help="the blind run of the same recipe (connector.type none)")
+    p.add_argument(
+        "--unseen-only",
+        action="store_true",
+        help="questions: leave out those about photos in the run's training split (COCO photos matched by id)",
+    )
     p.add_argument(
         "--sugarcrepe",
         metavar="DIR",

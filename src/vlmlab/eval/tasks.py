@@ -83,6 +83,30 @@ def default_question_files(run_cfg, task: str) -> list[Path]:
     return files
 
 
+def photo_key(path) -> str:
+    """One photo's name across folders: COCO by its id (`000000123.jpg`, `COCO_val2014_000000123.jpg` and
+    `123.jpg` are one photo), anything else by file name."""
+    name = Path(str(path)).name
+    stem = Path(name).stem.rsplit("_", 1)[-1]
+    return f"coco:{int(stem)}" if stem.isdigit() else name
+
+
+def trained_photo_keys(cfg) -> set[str]:
+    """Photos in the run's training split. make-tasks builds a run's conversations and questions from the
+    same split of the same annotations, so this is every photo the run (and the stages before it) trained on."""
+    from ..data.formats import SkipReport
+    from ..data.pairs import load_samples
+
+    return {photo_key(s.image_path) for s in load_samples(cfg, SkipReport())["train"]}
+
+
+def drop_trained_photos(questions: list[Question], cfg) -> tuple[list[Question], int]:
+    """Questions whose photo the run never trained on, and how many were dropped."""
+    seen = trained_photo_keys(cfg)
+    kept = [q for q in questions if q.image is None or photo_key(q.image) not in seen]
+    return kept, len(questions) - len(kept)
+
+
 # ---- asking ----------------------------------------------------------------------------------------
 def question_text(task: str, q: Question) -> str:
     """What the user turn says after the image (the lmms-eval plugin's tasks ask exactly this too)."""
@@ -172,8 +196,12 @@ def evaluate_task(
     blind_run: str | Path | None = None,
     limit: int | None = None,
     out_dir: str | Path | None = None,
+    unseen_only: bool = False,
 ) -> dict:
-    """Answers, scores and controls for one task; writes OUT/eval_<task>.json and .md and returns the rows."""
+    """Answers, scores and controls for one task; writes OUT/eval_<task>.json and .md and returns the rows.
+
+    unseen_only: drop questions about photos in the run's training split (real question sets such as A-OKVQA
+    are asked about COCO photos a run may have captioned in training)."""
     from ..config import load_config
     from ..train.checkpoint import load_run
 
@@ -191,6 +219,9 @@ def evaluate_task(
         if task == "mmbench" and fmt == "aokvqa":  # A-OKVQA as multiple choice: its 4 choices, each rotation
             qs = _rotated_aokvqa(qs)
         questions += qs
+    dropped = 0
+    if unseen_only:
+        questions, dropped = drop_trained_photos(questions, cfg)
     if limit:
         questions = questions[:limit]
     if len(questions) < 2:
@@ -227,6 +258,7 @@ def evaluate_task(
         "task": task,
         "files": [str(f) for f in files],
         "questions": len(questions),
+        "dropped_trained_photos": dropped if unseen_only else None,
         "rows": rows,
         "answers": [
             {"question_id": q.question_id, "question_type": q.question_type, "question": q.question}
@@ -237,6 +269,8 @@ def evaluate_task(
     (out / f"eval_{task}.json").write_text(json.dumps(record, indent=1))
     (out / f"eval_{task}.md").write_text(table + "\n")
     print(f"{task}: {len(questions)} questions from {', '.join(str(f) for f in files)}")
+    if unseen_only:
+        print(f"left out {dropped} questions about photos the run trained on")
     print(table)
     return rows
 
