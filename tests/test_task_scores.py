@@ -168,3 +168,18 @@ def test_unseen_only_leaves_out_exactly_the_questions_about_training_photos():
 
     assert dropped > 0 and len(kept) + dropped == len(questions)
     assert [q.question_id for q in kept] == [q.question_id for q in questions if not trained(q)]
+
+
+def test_vqa_accuracy_by_question_type_per_answerer():
+    from vlmlab.data.questions import Question
+    from vlmlab.eval.tasks import by_question_type
+
+    qs = [
+        Question("1", "a.jpg", "What color is the circle?", ["red"] * 10, "other", "what color is the"),
+        Question("2", "a.jpg", "What color is the square?", ["blue"] * 10, "other", "what color is the"),
+        Question("3", "b.jpg", "Where is the circle?", ["left"] * 10, "other", "where is the"),
+    ]
+    table = by_question_type(qs, {"model": ["red", "blue", "right"], "blind model": ["red", "red", "left"]})
+    assert table.splitlines()[0] == "| question type | questions | model | blind model |"
+    assert "| what color is the | 2 | 1.000 | 0.500 |" in table
+    assert "| where is the | 1 | 0.000 | 1.000 |" in table

@@ -70,6 +70,7 @@ class DataConfig:
     synthetic_images: int = 600  # size of the synthetic world when a spec asks for it
     synthetic_max_objects: int = 1  # the demo's world: one shape per picture (the generator does more)
     batch_by_length: bool = False  # batches of similar caption length (data/batching.py): less padding per step
+    retrieved_captions: int = 0  # SmallCap: captions of the k nearest training images in the prompt (0: off)
 
 
 @dataclass
@@ -245,6 +246,7 @@ _RANGES = {
     "train.vision_lr": ([0.0], None),
     "train.seed": (0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
     "data.split_seed": (0, None),
+    "data.retrieved_captions": (0, None),
 }
 
 
@@ -304,6 +306,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("qformer_stage1: itc, itm and itg are all false: nothing to train")
         if q.max_text_tokens < 2:
             raise ConfigError(f"qformer_stage1.max_text_tokens must be >= 2, got {q.max_text_tokens}")
+    if cfg.data.retrieved_captions and t.stage != "caption":
+        raise ConfigError(
+            f"data.retrieved_captions (SmallCap prompts) works in the caption stage; train.stage is {t.stage!r}"
+        )
+    if cfg.data.retrieved_captions and cfg.vision.unfreeze_last:
+        raise ConfigError("data.retrieved_captions retrieves with cached features: vision.unfreeze_last must be 0")
     if cfg.data.conversation_format not in ("auto", "chatml", "plain", "gpt2"):
         raise ConfigError(
             f"data.conversation_format {cfg.data.conversation_format!r} is unknown; allowed: auto, chatml, plain, gpt2"

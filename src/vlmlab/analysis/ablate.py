@@ -176,7 +176,7 @@ def collect(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
             if not (run_dir / "eval.json").exists():
                 continue
             result = json.loads((run_dir / "eval.json").read_text())
-            (row,) = [r for name, r in result["rows"].items() if name.startswith("model")]
+            row = next(iter(result["rows"].values()))  # the run's own row comes first, then controls / baselines
             info = _model_info(run_dir)
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             metrics.update(result.get("attention") or {})  # Q-Former runs: attention statistics

@@ -244,7 +244,7 @@ def _attention_maps(run: Path, count: int) -> list[Path]:
     if load_config(run / "config.yaml").connector.type != "qformer":
         return []
     result = json.loads((run / "eval.json").read_text())
-    (row,) = [r for name, r in result["rows"].items() if name.startswith("model")]
+    row = next(iter(result["rows"].values()))  # the run's own row comes first, then controls / baselines
     images = [e["image"] for e in row["examples"][:count]]
     done = [run / "inspect" / f"{Path(i).stem}.png" for i in images]
     missing = [i for i, p in zip(images, done) if not p.exists()]

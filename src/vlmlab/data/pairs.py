@@ -91,7 +91,12 @@ def preprocessed_pixels(encoder, paths: list[str], report: SkipReport) -> tuple[
 
 
 def load_split_features(
-    cfg, cache, splits=SPLITS, log_dir: str | Path | None = None, pixels: bool = False
+    cfg,
+    cache,
+    splits=SPLITS,
+    log_dir: str | Path | None = None,
+    pixels: bool = False,
+    skipped: SkipReport | None = None,
 ) -> dict[str, SplitFeatures]:
     """Samples -> cached image tokens -> caption pairs, per split. Unreadable images drop out here.
 
@@ -99,9 +104,10 @@ def load_split_features(
     cached output, for runs that train encoder blocks (the model then runs the encoder every step).
 
     Whatever was left out (broken or missing images, empty captions, captions of unlisted images) is
-    counted in one warning line and listed with reasons in LOG_DIR/skipped_inputs.log.
+    counted in one warning line and listed with reasons in LOG_DIR/skipped_inputs.log; given a `skipped`
+    report, it is filled instead and the caller writes it (training: only once the run is known valid).
     """
-    report = SkipReport()
+    report = skipped if skipped is not None else SkipReport()
     samples = load_samples(cfg, skipped=report)
     out = {}
     for split in splits:
@@ -118,8 +124,9 @@ def load_split_features(
     if len(report):
         where = ""
         if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            report.write(Path(log_dir) / SKIP_LOG)
+            if skipped is None:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                report.write(Path(log_dir) / SKIP_LOG)
             where = f"; each listed in {Path(log_dir) / SKIP_LOG}"
         warnings.warn(f"{' + '.join(cfg.data.datasets)}: {report.summary()}{where}", stacklevel=2)
     return out

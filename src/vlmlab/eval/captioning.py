@@ -52,6 +52,11 @@ TABLE_COLUMNS = [
     ("changed by swap", "swap_changed_share"),
 ]
 ATTRIBUTE_COLUMNS = [(f"{a} correct", f"attr_{a}") for a in ATTRIBUTES]  # synthetic world only
+RETRIEVED_TEXT_COLUMNS = [  # runs with retrieved captions in the prompt only (retrieved_captions.py)
+    ("NLL swapped retrieved text", "nll_swapped_text"),
+    ("text gain (nats/tok)", "retrieved_text_gain"),
+    ("changed by text swap", "text_swap_changed_share"),
+]
 RETRIEVAL_KS = (1, 3, 5, 10, 20)
 BASELINE_LABELS = {"blind": "blind LM", "frozen_connector": "frozen connector"}
 
@@ -173,7 +178,8 @@ def choose_retrieval_k(train: SplitFeatures, val: SplitFeatures, ks=RETRIEVAL_KS
 
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table: one row per evaluated captioner, the columns of TABLE_COLUMNS."""
-    columns = TABLE_COLUMNS + [c for c in ATTRIBUTE_COLUMNS if any(c[1] in r for r in rows.values())]
+    optional = ATTRIBUTE_COLUMNS + RETRIEVED_TEXT_COLUMNS
+    columns = TABLE_COLUMNS + [c for c in optional if any(c[1] in r for r in rows.values())]
     header = "| run | " + " | ".join(name for name, _ in columns) + " | most repeated caption (images) |"
     lines = [header, "|" + " --- |" * (len(columns) + 2)]
     for run, r in rows.items():
@@ -239,8 +245,22 @@ def evaluate_run(
     split_data = load_split_features(eval_cfg, cache, splits=(split,), log_dir=out_dir)[split]
     batch, seed = run_cfg.train.batch_size, run_cfg.train.seed
     main = f"model ({run_dir.name})"
-    rows = {main: evaluate_split(model, split_data, batch, seed, use_java, **generate_kwargs)}
     notes = []
+    own = None  # the run's own train / val splits: the retrieval datastore
+    if run_cfg.data.retrieved_captions:  # SmallCap: image and retrieved text, each swapped on its own
+        from .retrieved_captions import evaluate_split_with_retrieved_captions
+
+        own = load_split_features(run_cfg, cache, splits=("train", "val"))
+        rows = evaluate_split_with_retrieved_captions(
+            model, split_data, own["train"], main, batch, seed, use_java, **generate_kwargs
+        )
+        notes.append(
+            f"retrieved captions in the prompt: the first caption of each of the {run_cfg.data.retrieved_captions} "
+            "nearest training images (pooled features, cosine); the rows under the model swap the image or the "
+            "retrieved captions (a fixed derangement) or drop the image"
+        )
+    else:
+        rows = {main: evaluate_split(model, split_data, batch, seed, use_java, **generate_kwargs)}
     attention = None
     if hasattr(model.connector, "queries"):  # a Q-Former: is its attention selective? (issue 15)
         attention = attention_stats(model, split_data.features)
@@ -264,7 +284,7 @@ def evaluate_run(
             notes.append(f"{BASELINE_LABELS[name]}: {TRAINED_BASELINES[name]} ({baseline_dir})")
             del baseline
             gc.collect()
-        own = load_split_features(run_cfg, cache, splits=("train", "val"))
+        own = own or load_split_features(run_cfg, cache, splits=("train", "val"))
         k_scores = {}
         if retrieval_k is None:
             retrieval_k, k_scores = choose_retrieval_k(own["train"], own["val"])

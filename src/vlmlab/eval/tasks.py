@@ -170,6 +170,21 @@ def prior_predictions(task: str, questions: list[Question], train_questions: lis
     return [by_type.get(q.question_type, fallback) for q in questions]
 
 
+def by_question_type(questions: list[Question], answers: dict[str, list[str]]) -> str:
+    """VQA accuracy per question type (rows) for every answerer (columns): which questions the image answers.
+    An answer-type split can hide it: 'other' mixes colour (read from the image) with position (guessed)."""
+    from .vqa import vqa_accuracy
+
+    types = sorted({q.question_type for q in questions if q.answers})
+    names = list(answers)
+    lines = ["| question type | questions | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    for t in types:
+        idx = [i for i, q in enumerate(questions) if q.question_type == t and q.answers]
+        cells = [f"{sum(vqa_accuracy(answers[n][i], questions[i].answers) for i in idx) / len(idx):.3f}" for n in names]
+        lines.append(f"| {t or '(none)'} | {len(idx)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 MAIN_COLUMNS = {
     "vqa": ["vqa_accuracy", "vqa_accuracy[yes/no]", "vqa_accuracy[number]", "vqa_accuracy[other]"],
     "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
@@ -267,6 +282,8 @@ def evaluate_task(
         ],
     }
     (out / f"eval_{task}.json").write_text(json.dumps(record, indent=1))
+    if task == "vqa" and len({q.question_type for q in questions}) > 1:
+        table += "\n\nVQA accuracy by question type:\n\n" + by_question_type(questions, answers)
     (out / f"eval_{task}.md").write_text(table + "\n")
     print(f"{task}: {len(questions)} questions from {', '.join(str(f) for f in files)}")
     if unseen_only:

@@ -168,6 +168,11 @@ class VLM(nn.Module):
         repetition_penalty: float | None = None,
     ) -> list[str]:
         """Captions from image tokens. The LLM sees only [visual tokens][prompt]: no caption, no END."""
+        if self.cfg.data.retrieved_captions:  # it never learned to caption from the plain prompt
+            raise ValueError(
+                "this run captions from retrieved captions in its prompt (data.retrieved_captions): "
+                "`vlmlab eval` retrieves them from the run's training split; plain captioning does not"
+            )
         batch = image_tokens.shape[0] if image_tokens is not None else (batch_size or 1)
         text = build_generation_batch([self.prompt_ids] * batch, self.specials.pad_id)
         return self._generate(
@@ -265,6 +270,15 @@ class VLM(nn.Module):
         """The next assistant reply for each (image, conversation); an image may be None (no visual tokens)."""
         image_tokens = None if self.blind else self._image_tokens_of(images)
         present = [im is not None and not self.blind for im in images]
+        return self._chat(image_tokens, present, conversations, **generate_kwargs)
+
+    @torch.no_grad()
+    def chat_from_tokens(self, image_tokens: torch.Tensor | None, conversations: list[list[dict]], **generate_kwargs):
+        """chat_batch from cached image tokens [B, N, D] (None: no visual tokens), as evaluation holds them."""
+        present = [image_tokens is not None and not self.blind] * len(conversations)
+        return self._chat(None if self.blind else image_tokens, present, conversations, **generate_kwargs)
+
+    def _chat(self, image_tokens, present: list[bool], conversations, **generate_kwargs) -> list[str]:
         encoded = [self.encode_messages(m, generation=True, image=has) for m, has in zip(conversations, present)]
         text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
         return self._generate(image_tokens, text, self.turn_end_id, **generate_kwargs)

@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
 from ..data.batching import LengthBucketBatchSampler, pair_lengths
 from ..data.features import FeatureCache
+from ..data.formats import SkipReport
 from ..data.pairs import (
     SKIP_LOG,
     CaptionPairs,
@@ -36,6 +37,7 @@ from ..data.pairs import (
     load_conversation_features,
     load_split_features,
 )
+from ..data.retrieval_prompt import CaptionDatastore, with_retrieved_captions
 from ..eval.probes import derangement, validation_loss
 from ..model.language_model import cache_dir
 from ..model.vlm import VLM, build_vlm, format_parameter_table
@@ -125,6 +127,7 @@ class Session:
     val_split: SplitFeatures
     val_order: list[int] | None  # a derangement of the validation images: the shuffled-image probe
     running_loss: tuple[float, int] = (0.0, 0)  # (sum, steps) of the train-loss log window; restored on resume
+    skipped: SkipReport = field(default_factory=SkipReport)  # inputs left out; written by record_start
 
     @property
     def main(self) -> bool:
@@ -176,7 +179,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
                 f"train.max_steps = {cfg.train.max_steps} is below the step of {checkpoint} ({saved_step}): "
                 "a run cannot be resumed backwards"
             )
-        set_up_at = time.time()
         s = setup(cfg)
         step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
         if checkpoint is not None:
@@ -186,23 +188,25 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         elif resume and s.main:
             print(f"--resume: no checkpoint in {s.run_dir}, starting from scratch")
         if s.main:
-            record_start(s, overwrite, set_up_at)
+            record_start(s, overwrite)
         fit(s, step, consumed)
     return s.run_dir
 
 
-def record_start(s: Session, overwrite: bool, set_up_at: float = 0.0) -> None:
-    """Writes what the run is (config.yaml, model_info.json), once it is known to be valid; --overwrite first
-    removes the previous run's artefacts."""
+def record_start(s: Session, overwrite: bool) -> None:
+    """Writes what the run is (config.yaml, model_info.json, skipped_inputs.log), once it is known to be valid;
+    --overwrite first removes the previous run's artefacts."""
+    skip_log = s.run_dir / SKIP_LOG
     if overwrite:
         removed = remove_previous_run(s.run_dir)
-        skip_log = s.run_dir / SKIP_LOG
-        if skip_log.exists() and skip_log.stat().st_mtime < set_up_at:  # the old run's, not rewritten by this one
+        if skip_log.exists():
             skip_log.unlink()
             removed.append(SKIP_LOG)
         if removed:
             print(f"--overwrite: removed the previous run's {', '.join(removed)} from {s.run_dir}")
     s.run_dir.mkdir(parents=True, exist_ok=True)
+    if len(s.skipped):
+        s.skipped.write(skip_log)
     report_cut_captions(s)
     save_config(s.cfg, s.run_dir / "config.yaml")
     (s.run_dir / "model_info.json").write_text(json.dumps(s.vlm.model_info()))
@@ -280,6 +284,7 @@ def setup(cfg: Config) -> Session:
     if main:
         print(format_parameter_table(model.parameter_table()))
     cache = FeatureCache(cache_dir() / "features", model.vision)
+    skipped = SkipReport()  # what the data left out: the run folder gets it only once the run is valid
     with accelerator.main_process_first():  # rank 0 fills the cache; the others then only read it
         stage = STAGES[cfg.train.stage]
         if stage.data != "captions":  # instruct / vqa: the stage's conversations from data.tasks
@@ -295,7 +300,12 @@ def setup(cfg: Config) -> Session:
                 splits=("train", "val"),
                 log_dir=run_dir if main else None,
                 pixels=cfg.vision.unfreeze_last > 0,  # tuned blocks: no cached features
+                skipped=skipped,
             )
+    if cfg.data.retrieved_captions:  # SmallCap: the nearest training images' captions in the prompt
+        store = CaptionDatastore(data["train"])
+        k = cfg.data.retrieved_captions
+        data = {name: with_retrieved_captions(split, store.retrieve(split, k)) for name, split in data.items()}
     train_split, val_split = data["train"], data["val"]
     if not train_split.pairs:
         raise ValueError(f"no training pairs in {cfg.data.datasets}")
@@ -327,6 +337,7 @@ def setup(cfg: Config) -> Session:
         train_split,
         val_split,
         val_order,
+        skipped=skipped,
     )
 
 
