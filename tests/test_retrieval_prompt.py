@@ -108,10 +108,28 @@ def test_a_retrieval_run_trains_and_its_eval_swaps_image_and_text_separately(tmp
     assert "text gain (nats/tok)" in table and "swapped retrieved captions" in table
 
 
-def test_plain_captioning_of_a_retrieval_run_is_refused_not_silently_wrong(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+@pytest.mark.usefixtures("isolated_cache")
+def test_captioning_a_new_photo_retrieves_from_the_runs_training_split(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    from vlmlab.data.features import FeatureCache
+    from vlmlab.data.pairs import load_split_features
+    from vlmlab.model.language_model import cache_dir
     from vlmlab.model.vlm import build_vlm
 
     cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "data.retrieved_captions=2")
     model = build_vlm(cfg)
-    with pytest.raises(ValueError, match="captions from retrieved captions"):
-        model.generate_from_tokens(torch.zeros(1, 4, model.vision.out_dim))
+    splits = load_split_features(cfg, FeatureCache(cache_dir() / "features", model.vision), splits=("train", "test"))
+    tokens = splits["test"].features.float()
+    asked, chat = [], model.chat_from_tokens  # a spy: the real method runs, the conversations are recorded
+    model.chat_from_tokens = lambda t, conversations, **kw: asked.append(conversations) or chat(t, conversations, **kw)
+    captions = model.generate_from_tokens(tokens, max_new_tokens=6)  # vlmlab caption / serve / lmms-eval go here
+    # the prompt holds the first captions of the 2 nearest training images, as in training
+    retrieved = CaptionDatastore(splits["train"]).retrieve(splits["test"], 2)
+    assert asked == [[retrieval_messages(r) for r in retrieved]] and len(captions) == len(tokens)
+    assert all(len(r) == 2 and r[0] != r[1] for r in retrieved) and model.caption_datastore is not None
+    with pytest.raises(ValueError, match="cannot caption without one"):
+        model.generate_from_tokens(None, batch_size=1)
+
+    model.caption_datastore = None
+    model.cfg.data.datasets = [f"coco:{tmp_path / 'no-such-folder'}"]  # the run's data is not on this machine
+    with pytest.raises(ValueError, match="needs its training data"):  # not a silent plain-prompt caption
+        model.generate_from_tokens(tokens)

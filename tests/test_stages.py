@@ -153,6 +153,29 @@ def test_init_from_starts_the_next_stage_from_exactly_the_trained_weights(tiny_c
 
 
 @pytest.mark.slow
+def test_a_chain_can_start_from_a_pretrained_caption_run(tiny_chain):
+    tmp, _ = tiny_chain
+    pretrained = tmp / "out" / "caption"
+    spec = yaml.safe_load((tmp / "chain.yaml").read_text())
+    spec |= {"stages": {"instruct": {"train.max_steps": 2}}, "pretrained": str(pretrained), "evaluate": ["pope"]}
+    (tmp / "from_pretrained.yaml").write_text(yaml.safe_dump(spec))
+    summary = run_chain(load_chain(str(tmp / "from_pretrained.yaml")), tmp / "from")
+    for arm in ("instruct", "blind/instruct"):  # both arms start from it; the blind one leaves its connector out
+        assert load_config(tmp / "from" / arm / "config.yaml").train.init_from == str(pretrained)
+    assert list(summary["forgetting"]) == ["pretrained", "instruct"]
+    caption_only = json.loads((tmp / "out" / "chain.json").read_text())["forgetting"]["caption"]
+    assert summary["forgetting"]["pretrained"]["CIDEr-D"] == pytest.approx(caption_only["CIDEr-D"])
+
+    (tmp / "bad.yaml").write_text(yaml.safe_dump(spec | {"stages": {"caption": {}}}))
+    with pytest.raises(ConfigError, match="instruct or vqa"):
+        load_chain(str(tmp / "bad.yaml"))
+    (tmp / "missing.yaml").write_text(yaml.safe_dump(spec | {"pretrained": str(tmp / "no-such-run")}))
+    with pytest.raises(ConfigError, match="train it first"):
+        run_chain(load_chain(str(tmp / "missing.yaml")), tmp / "never")
+    assert not (tmp / "never").exists()
+
+
+@pytest.mark.slow
 def test_init_from_refuses_a_tensor_of_another_shape(tiny_chain, tiny_clip_dir, tiny_gpt2_dir):
     from vlmlab.model.vlm import build_vlm
     from vlmlab.train.stages import initialise_from
@@ -178,7 +201,7 @@ def test_conversation_stages_need_their_task_files(tmp_path):
 @pytest.mark.parametrize("path", sorted(CHAIN_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_chain_loads(path):
     chain = load_chain(str(path))
-    assert list(chain.stages)[0] == "caption" and chain.tasks
+    assert (list(chain.stages)[0] == "caption" or chain.pretrained) and chain.tasks
 
 
 def test_eval_tasks_reads_the_real_pope_and_aokvqa_files():

@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lmms_tasks)
 
     p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
-    p.add_argument("chain", help="a chain YAML file, or a built-in chain: synthetic, photos")
+    p.add_argument("chain", help="a chain YAML file, or a built-in chain: synthetic, photos, photos-recipe")
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
     p.set_defaults(func=cmd_chain)
 

@@ -14,8 +14,12 @@ A chain file:
       vqa: {train.max_steps: 100}
     blind: true                     # also train the same chain with connector.type: none (the blind control)
     evaluate: [vqa, pope, mmbench]
+    pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
+                                    # pretrained_checkpoint), e.g. the photo recipe's run before instruct -> vqa
 
-Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md.
+Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md. With `pretrained`, the blind chain
+starts from it too: its LoRA is loaded and its connector left out (the blind model has none), so the two arms
+differ only in whether stages 2-3 see the image.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Chain:
     blind: bool = True
     evaluate: list[str] = field(default_factory=lambda: ["vqa", "pope", "mmbench"])
     forgetting_split: str = "test"
+    pretrained: str | None = None
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
         base = None if self.base is None else (self.path.parent / self.base).resolve()
@@ -69,7 +74,7 @@ def load_chain(spec: str) -> Chain:
             f"no chain {spec!r}: give a chain YAML file or one of {sorted(p.stem for p in CHAIN_DIR.glob('*.yaml'))}"
         )
     tree = yaml.safe_load(path.read_text()) or {}
-    allowed = {"name", "base", "overrides", "tasks", "stages", "blind", "evaluate", "forgetting_split"}
+    allowed = {"name", "base", "overrides", "tasks", "stages", "blind", "evaluate", "forgetting_split", "pretrained"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     stages = tree.get("stages")
@@ -80,7 +85,11 @@ def load_chain(spec: str) -> Chain:
         chain.tasks = str(Path(chain.tasks))
     if any(STAGES[s].data != "captions" for s in stages) and not chain.tasks:
         raise ConfigError(f"{path}: stages that train on conversations need 'tasks' (a make-tasks folder)")
-    previous = None
+    if chain.pretrained is not None and STAGES[next(iter(stages))].data == "captions":
+        raise ConfigError(
+            f"{path}: 'pretrained' is a finished caption run; the stages after it start at instruct or vqa"
+        )
+    previous = None if chain.pretrained is None else Path(chain.pretrained)
     for stage in stages:  # every stage's config is checked before anything trains
         chain.config(stage, Path("runs/check") / stage, previous, blind=False)
         previous = Path("runs/check") / stage
@@ -95,6 +104,9 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..train.loop import train
 
     out = Path(out_dir or Path("runs") / "chain" / chain.name)
+    pretrained = None if chain.pretrained is None else Path(chain.pretrained)
+    if pretrained is not None and find_checkpoint(pretrained) is None:
+        raise ConfigError(f"pretrained: {pretrained} has no finished checkpoint; train it first (vlmlab train ...)")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     first = next(iter(chain.stages))
@@ -104,7 +116,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for arm in ("model", "blind") if chain.blind else ("model",):
-        previous = None
+        previous = pretrained
         for stage in chain.stages:
             run_dir = out / stage if arm == "model" else out / "blind" / stage
             if find_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
@@ -120,12 +132,13 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         timings[f"eval {task}"] = time.time() - started
         tables[task] = rows
     forgetting = {}
-    caption_stages = [s for s in chain.stages if STAGES[s].data == "captions"]
-    if caption_stages:
-        for stage in chain.stages:
+    scored = {"pretrained": pretrained} if pretrained is not None else {}
+    scored |= runs["model"]
+    if pretrained is not None or any(STAGES[s].data == "captions" for s in chain.stages):
+        for stage, run_dir in scored.items():
             started = time.time()
             result = evaluate_run(
-                runs["model"][stage], split=chain.forgetting_split, baselines=False, out_dir=out / "forgetting" / stage,
+                run_dir, split=chain.forgetting_split, baselines=False, out_dir=out / "forgetting" / stage,
                 contact_images=0,
             )  # fmt: skip
             timings[f"captions {stage}"] = time.time() - started

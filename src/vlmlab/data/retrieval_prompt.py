@@ -45,20 +45,42 @@ class CaptionDatastore:
     def retrieve(self, split: SplitFeatures, k: int, batch_size: int = 256) -> list[list[str]]:
         """For each image of a split, the captions of its k nearest training images, nearest first; an image
         never retrieves itself (same image id)."""
+        return self.nearest(split.features, k, [s.image_id for s in split.samples], batch_size)
+
+    def nearest(
+        self, image_tokens: torch.Tensor, k: int, image_ids: list | None = None, batch_size: int = 256
+    ) -> list[list[str]]:
+        """Image tokens [M, N, D] -> the captions of each one's k nearest training images. `image_ids` that the
+        datastore holds are left out of their own neighbours; None (a new photo) leaves nothing out."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if k > len(self.image_ids) - 1:
             raise ValueError(f"k = {k} but the datastore holds {len(self.image_ids)} images")
         row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
         out = []
-        for start in range(0, len(split.samples), batch_size):
-            queries = F.normalize(split.features[start : start + batch_size].float().mean(dim=1), dim=-1)
+        for start in range(0, len(image_tokens), batch_size):
+            queries = F.normalize(image_tokens[start : start + batch_size].float().mean(dim=1), dim=-1)
             similarity = queries @ self.keys.T
-            for i, sample in enumerate(split.samples[start : start + batch_size]):
-                if sample.image_id in row_of:
-                    similarity[i, row_of[sample.image_id]] = -torch.inf
+            for i, image_id in enumerate((image_ids or [])[start : start + batch_size]):
+                if image_id in row_of:
+                    similarity[i, row_of[image_id]] = -torch.inf
             out += [[self.captions[j] for j in row] for row in similarity.topk(k, dim=1).indices.tolist()]
         return out
+
+
+def training_datastore(cfg, cache) -> CaptionDatastore:
+    """A run's own training split as the datastore (through the feature cache): what captioning a new photo
+    retrieves from. The run's training data must be readable here; if not, the error says so."""
+    from .pairs import load_split_features
+
+    try:
+        train = load_split_features(cfg, cache, splits=("train",))["train"]
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(
+            f"this run writes captions from the captions of its nearest training images (data.retrieved_captions), "
+            f"so it needs its training data {cfg.data.datasets} readable here: {e}"
+        ) from e
+    return CaptionDatastore(train)
 
 
 def with_retrieved_captions(split: SplitFeatures, retrieved: list[list[str]]) -> SplitFeatures:

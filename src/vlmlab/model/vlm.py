@@ -42,6 +42,7 @@ class VLM(nn.Module):
         self.tokenizer = tokenizer
         self.specials = choose_end_token(tokenizer, cfg.lm.chat_format, cfg.lm.end_token)
         self.prompt_ids = prompt_token_ids(tokenizer, cfg.data.prompt, cfg.lm.chat_format)
+        self.caption_datastore = None  # runs with data.retrieved_captions: their training split, built on first use
 
     # ---- building blocks -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -169,10 +170,7 @@ class VLM(nn.Module):
     ) -> list[str]:
         """Captions from image tokens. The LLM sees only [visual tokens][prompt]: no caption, no END."""
         if self.cfg.data.retrieved_captions:  # it never learned to caption from the plain prompt
-            raise ValueError(
-                "this run captions from retrieved captions in its prompt (data.retrieved_captions): "
-                "`vlmlab eval` retrieves them from the run's training split; plain captioning does not"
-            )
+            return self._caption_with_retrieved(image_tokens, max_new_tokens, num_beams, repetition_penalty)
         batch = image_tokens.shape[0] if image_tokens is not None else (batch_size or 1)
         text = build_generation_batch([self.prompt_ids] * batch, self.specials.pad_id)
         return self._generate(
@@ -184,6 +182,22 @@ class VLM(nn.Module):
             repetition_penalty,
             visual_first_pad=True,
         )
+
+    def _caption_with_retrieved(self, image_tokens, *generate_args) -> list[str]:
+        """SmallCap runs: the first caption of each of the k nearest training images goes into the prompt, as in
+        training (data/retrieval_prompt.py); the datastore is the run's training split, built on first use."""
+        from ..data.features import FeatureCache
+        from ..data.retrieval_prompt import retrieval_messages, training_datastore
+        from .language_model import cache_dir
+
+        if image_tokens is None or self.blind:
+            raise ValueError("a run with retrieved captions retrieves by image: it cannot caption without one")
+        if self.caption_datastore is None:
+            self.caption_datastore = training_datastore(self.cfg, FeatureCache(cache_dir() / "features", self.vision))
+        retrieved = self.caption_datastore.nearest(image_tokens, self.cfg.data.retrieved_captions)
+        keys = ("max_new_tokens", "num_beams", "repetition_penalty")
+        settings = {k: v for k, v in zip(keys, generate_args) if v is not None}
+        return self.chat_from_tokens(image_tokens, [retrieval_messages(r) for r in retrieved], **settings)
 
     def _generate(
         self,
