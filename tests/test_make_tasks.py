@@ -299,3 +299,43 @@ def test_no_count_is_asked_of_a_category_annotated_as_a_crowd(tmp_path):
     for q in asked:
         counted = q.question.removeprefix("How many ").removesuffix(" are there?")
         assert counted not in crowd[Path(q.image).name], (q.question, q.image)
+
+
+def test_objects_from_captions_add_training_photos_and_leave_the_test_files_on_boxes(tmp_path):
+    from conftest import SHARED_DATA, require
+    from vlmlab.data.caption_objects import objects_from_captions
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    cfg = load_config(None, [f"data.datasets=[coco:{root}]"])
+    boxed = make_tasks(cfg, tmp_path / "boxes")
+    summary = make_tasks(cfg, tmp_path / "captions", objects_from_captions=True)
+    added = summary["objects_from_captions"]
+    assert added["train"] > 0 and added["test"] == 0
+    assert summary["images"]["train"] == boxed["images"]["train"] + added["train"]
+    assert summary["images"]["test"] == boxed["images"]["test"]
+    for setting in ("random", "popular", "adversarial"):  # POPE counts over annotated photos only: unchanged
+        name = f"pope_test_{setting}.json"
+        assert (tmp_path / "captions" / name).read_text() == (tmp_path / "boxes" / name).read_text()
+    test_images = {
+        q.image
+        for q in read_vqa_v2(*(tmp_path / "captions" / f"vqa_test_{k}.json" for k in ("questions", "annotations")))
+    }
+    assert test_images == {
+        q.image for q in read_vqa_v2(*(tmp_path / "boxes" / f"vqa_test_{k}.json" for k in ("questions", "annotations")))
+    }
+    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    with_boxes = {
+        {im["id"]: im["file_name"] for im in instances["images"]}[a["image_id"]] for a in instances["annotations"]
+    }
+    captions = defaultdict(list)
+    for a in json.loads((root / "annotations" / "captions_val2017.json").read_text())["annotations"]:
+        captions[f"{a['image_id']:012d}.jpg"].append(a["caption"])
+    train = read_vqa_v2(
+        tmp_path / "captions" / "vqa_train_questions.json", tmp_path / "captions" / "vqa_train_annotations.json"
+    )
+    from_captions = [q for q in train if Path(q.image).name not in with_boxes]
+    assert from_captions and {q.question_type for q in from_captions} == {"is there a"}  # no count, no side
+    for q in from_captions:  # a "yes" is an object two captions name, a "no" one that none names
+        named = objects_from_captions(captions[Path(q.image).name])
+        asked = q.question.split(" ", 3)[-1].removesuffix(" in the image?")
+        assert (asked in named) == (q.answers[0] == "yes"), (q.question, named)

@@ -216,3 +216,36 @@ def test_eval_tasks_reads_the_real_pope_and_aokvqa_files():
         fmt == "aokvqa"
         and json.loads((root / "aokvqa" / "aokvqa_v1p0_val.json").read_text())[0]["question"] == qs[0].question
     )
+
+
+@pytest.mark.slow
+def test_a_chain_can_score_on_another_task_folder_leaving_out_photos_it_trained_on(tiny_chain):
+    import shutil
+
+    tmp, _ = tiny_chain
+    eval_tasks = tmp / "eval_tasks"
+    shutil.copytree(tmp / "tasks", eval_tasks)
+    trained = json.loads((tmp / "tasks" / "conversations_train.json").read_text())[0]["image"]
+    for setting in ("random", "popular", "adversarial"):  # 4 test questions + 1 about a training photo each
+        path = eval_tasks / f"pope_test_{setting}.json"
+        lines = path.read_text().splitlines()[:4]
+        lines.append(json.dumps({"question_id": 99, "image": trained, "text": "Is there a circle?", "label": "yes"}))
+        path.write_text("\n".join(lines) + "\n")
+    spec = yaml.safe_load((tmp / "chain.yaml").read_text())
+    spec |= {
+        "stages": {"instruct": {"train.max_steps": 2}},
+        "pretrained": str(tmp / "out" / "caption"),
+        "evaluate": ["pope"],
+        "eval_tasks": str(eval_tasks),
+        "forgetting_split": None,
+    }
+    (tmp / "other_eval.yaml").write_text(yaml.safe_dump(spec))
+    summary = run_chain(load_chain(str(tmp / "other_eval.yaml")), tmp / "other")
+    record = json.loads((tmp / "other" / "eval" / "eval_pope.json").read_text())
+    assert all(f.startswith(str(eval_tasks)) for f in record["files"])
+    assert record["questions"] == 12 and record["dropped_trained_photos"] == 3
+    assert summary["forgetting"] == {}  # forgetting_split: null scores no captions
+
+    (tmp / "no_eval.yaml").write_text(yaml.safe_dump(spec | {"eval_tasks": str(tmp / "nothing")}))
+    with pytest.raises(ConfigError, match="write it first"):
+        run_chain(load_chain(str(tmp / "no_eval.yaml")), tmp / "never2")

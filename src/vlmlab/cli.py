@@ -201,10 +201,12 @@ def cmd_make_tasks(args) -> None:
         from .config import apply_settings
 
         apply_settings(cfg, {"data.datasets": args.data})
-    summary = make_tasks(cfg, args.out_dir)
+    summary = make_tasks(cfg, args.out_dir, objects_from_captions=args.objects_from_captions)
     for name, count in summary["files"].items():
         print(f"{count:>7}  {Path(args.out_dir) / name}")
     print(f"images: {summary['images']}; {summary['split_check']}")
+    if args.objects_from_captions:
+        print(f"of which objects named by captions only: {summary['objects_from_captions']}")
 
 
 def cmd_chat(args) -> int:
@@ -354,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     with_config(p, required=False)
     p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the config's data)")
+    p.add_argument(
+        "--objects-from-captions",
+        action="store_true",
+        help="training photos without boxes: questions about the COCO objects their captions name (test: boxes only)",
+    )
     p.set_defaults(func=cmd_make_tasks)
 
     p = sub.add_parser("chat", help="ask a run about an image (one question, or interactive without one)")
@@ -370,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lmms_tasks)
 
     p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
-    p.add_argument("chain", help="a chain YAML file, or a built-in chain: synthetic, photos, photos-recipe")
+    p.add_argument(
+        "chain", help="a chain YAML file, or a built-in chain: synthetic, photos, photos-recipe, photos-recipe-captions"
+    )
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
     p.set_defaults(func=cmd_chain)
 

@@ -14,6 +14,9 @@ A chain file:
       vqa: {train.max_steps: 100}
     blind: true                     # also train the same chain with connector.type: none (the blind control)
     evaluate: [vqa, pope, mmbench]
+    objects_from_captions: false    # make-tasks --objects-from-captions, when the chain writes `tasks`
+    eval_tasks: null                # another make-tasks folder whose test files score the chain (default: tasks);
+                                    # questions about photos the run trained on are then left out, and counted
     pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
                                     # pretrained_checkpoint), e.g. the photo recipe's run before instruct -> vqa
 
@@ -47,8 +50,10 @@ class Chain:
     tasks: str | None = None
     blind: bool = True
     evaluate: list[str] = field(default_factory=lambda: ["vqa", "pope", "mmbench"])
-    forgetting_split: str = "test"
+    forgetting_split: str | None = "test"  # null: no caption scoring after each stage (it can cost most of a chain)
     pretrained: str | None = None
+    eval_tasks: str | None = None
+    objects_from_captions: bool = False  # when the chain writes `tasks` (make-tasks --objects-from-captions)
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
         base = None if self.base is None else (self.path.parent / self.base).resolve()
@@ -74,7 +79,8 @@ def load_chain(spec: str) -> Chain:
             f"no chain {spec!r}: give a chain YAML file or one of {sorted(p.stem for p in CHAIN_DIR.glob('*.yaml'))}"
         )
     tree = yaml.safe_load(path.read_text()) or {}
-    allowed = {"name", "base", "overrides", "tasks", "stages", "blind", "evaluate", "forgetting_split", "pretrained"}
+    allowed = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate"}
+    allowed |= {"forgetting_split", "pretrained", "objects_from_captions"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     stages = tree.get("stages")
@@ -99,7 +105,7 @@ def load_chain(spec: str) -> Chain:
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
-    from ..eval.tasks import evaluate_task
+    from ..eval.tasks import default_question_files, evaluate_task
     from ..train.checkpoint import find_checkpoint
     from ..train.loop import train
 
@@ -107,12 +113,15 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     pretrained = None if chain.pretrained is None else Path(chain.pretrained)
     if pretrained is not None and find_checkpoint(pretrained) is None:
         raise ConfigError(f"pretrained: {pretrained} has no finished checkpoint; train it first (vlmlab train ...)")
+    if chain.eval_tasks and not (Path(chain.eval_tasks) / "tasks.json").exists():
+        raise ConfigError(f"eval_tasks: {chain.eval_tasks} is no make-tasks folder; write it first (vlmlab make-tasks)")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     first = next(iter(chain.stages))
     if chain.tasks and not (Path(chain.tasks) / "tasks.json").exists():
         started = time.time()
-        make_tasks(chain.config(first, out / first, None, blind=False), chain.tasks)
+        cfg = chain.config(first, out / first, None, blind=False)
+        make_tasks(cfg, chain.tasks, objects_from_captions=chain.objects_from_captions)
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for arm in ("model", "blind") if chain.blind else ("model",):
@@ -128,13 +137,23 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     tables = {}
     for task in chain.evaluate:
         started = time.time()
-        rows = evaluate_task(runs["model"][last], task, blind_run=runs["blind"].get(last), out_dir=out / "eval")
+        files = None
+        if chain.eval_tasks:  # the test files of another folder; photos the run trained on are left out
+            files = default_question_files(apply_settings(load_config(), {"data.tasks": chain.eval_tasks}), task)
+        rows = evaluate_task(
+            runs["model"][last],
+            task,
+            question_files=files,
+            blind_run=runs["blind"].get(last),
+            out_dir=out / "eval",
+            unseen_only=bool(chain.eval_tasks),
+        )
         timings[f"eval {task}"] = time.time() - started
         tables[task] = rows
     forgetting = {}
     scored = {"pretrained": pretrained} if pretrained is not None else {}
     scored |= runs["model"]
-    if pretrained is not None or any(STAGES[s].data == "captions" for s in chain.stages):
+    if chain.forgetting_split and (pretrained is not None or any(STAGES[s].data == "captions" for s in chain.stages)):
         for stage, run_dir in scored.items():
             started = time.time()
             result = evaluate_run(

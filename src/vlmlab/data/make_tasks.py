@@ -11,6 +11,7 @@ The files are in their authors' formats, so the same readers (questions.py) read
     OUT/captions_test.json                         the test images and their reference captions (lmms-eval captioning)
     OUT/tasks.json                                 what was written, from which data, and the split check
 
+With `--objects-from-captions`, training photos without boxes get the objects their captions name.
 Images are split as the caption data splits them (by image); no image file is in both the training
 files and the evaluation files, checked by the SHA-1 of the file bytes.
 """
@@ -74,12 +75,19 @@ def rotated_rows(start: int, image: str, question: str, options: list[str], righ
     return rows
 
 
-def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
-    """Writes every task file for the config's data (cfg.data.datasets and its split) into out_dir."""
+def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0, objects_from_captions: bool = False) -> dict:
+    """Writes every task file for the config's data (cfg.data.datasets and its split) into out_dir.
+
+    objects_from_captions: training and validation photos without boxes get the objects their captions name
+    (data/caption_objects.py), for presence questions and conversations; test questions stay on annotated
+    photos only, and POPE's popular / adversarial negatives are counted over annotated photos only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(cfg)
-    facts = {split: image_facts(samples[split]) for split in samples}
+    facts = {
+        split: image_facts(samples[split], objects_from_captions=objects_from_captions and split != "test")
+        for split in samples
+    }
     vocabulary = vocabulary_of([f for fs in facts.values() for f in fs])
     if not vocabulary:
         raise ValueError(f"{cfg.data.datasets}: no image has annotated objects (COCO instances or a synthetic world)")
@@ -109,7 +117,7 @@ def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
 
     synthetic = bool(facts["test"]) and all(f.synthetic for f in facts["test"])  # one object each: min 1 category
     for setting in ("random", "popular", "adversarial"):
-        everything = [f for fs in facts.values() for f in fs]
+        everything = [f for fs in facts.values() for f in fs if not f.from_captions]
         items = pope_questions(
             facts["test"], setting, seed, min_categories=1 if synthetic else 3, population=everything
         )
@@ -141,6 +149,7 @@ def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0) -> dict:
     if leaked:
         raise ValueError(f"{len(leaked)} evaluation images are also training images (same bytes), e.g. {leaked[0]}")
     summary["images"] = {split: len(facts[split]) for split in facts}
+    summary["objects_from_captions"] = {split: sum(f.from_captions for f in facts[split]) for split in facts}
     summary["split_check"] = "no evaluation image file equals a training or validation image file (SHA-1)"
     (out / "tasks.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .caption_objects import objects_from_captions as named_objects
 from .formats import CaptionSample
 from .synthetic import COLOURS, POSITIONS, SHAPES
 
@@ -35,6 +36,7 @@ class ImageFacts:
     sample: CaptionSample
     objects: list[dict]  # {"name": str, "cx": float in [0, 1] or None, plus synthetic attributes}
     synthetic: bool = False
+    from_captions: bool = False  # named by the captions (caption_objects.py): presence only, no number or box
 
     @property
     def counts(self) -> Counter:
@@ -112,8 +114,11 @@ def coco_instances(samples: list[CaptionSample]) -> dict[str, list[dict]]:
     return out
 
 
-def image_facts(samples: list[CaptionSample]) -> list[ImageFacts]:
-    """Facts for the samples whose objects are annotated (synthetic world: all; COCO: those in instances)."""
+def image_facts(samples: list[CaptionSample], objects_from_captions: bool = False) -> list[ImageFacts]:
+    """Facts for the samples whose objects are annotated (synthetic world: all; COCO: those in instances).
+
+    objects_from_captions: a photo without annotations gets the COCO categories its captions name (at least two
+    of them), as objects whose number and place are unknown; photos whose captions name none are left out."""
     coco = coco_instances(samples)
     out = []
     for s in samples:
@@ -125,6 +130,8 @@ def image_facts(samples: list[CaptionSample]) -> list[ImageFacts]:
             out.append(ImageFacts(s, objects, synthetic=True))
         elif s.image_path in coco:
             out.append(ImageFacts(s, coco[s.image_path]))
+        elif objects_from_captions and (named := named_objects(s.captions)):
+            out.append(ImageFacts(s, [{"name": n, "cx": None, "crowd": True} for n in named], from_captions=True))
     return out
 
 
@@ -173,6 +180,14 @@ def describe_counts(counts: Counter, countable: set[str] | None = None) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def describe_objects(facts: ImageFacts) -> str:
+    """The objects with their counts; objects named by captions (number unknown) each with an article."""
+    if not facts.from_captions:
+        return describe_counts(facts.counts, facts.countable)
+    names = [article(n) for n in sorted(facts.counts)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def conversation(facts: ImageFacts, vocabulary: list[str], rng: random.Random, turns: int = 3) -> list[dict]:
     """A LLaVA-style conversation: a brief description, the objects with counts, then short questions."""
     caption = rng.choice(facts.sample.captions)
@@ -180,7 +195,7 @@ def conversation(facts: ImageFacts, vocabulary: list[str], rng: random.Random, t
         {"role": "user", "content": "<image>\nDescribe the image briefly."},
         {"role": "assistant", "content": caption[:1].upper() + caption[1:]},
         {"role": "user", "content": "What objects are in the image?"},
-        {"role": "assistant", "content": describe_counts(facts.counts, facts.countable).capitalize() + "."},
+        {"role": "assistant", "content": describe_objects(facts).capitalize() + "."},
     ]
     questions = short_questions(facts, vocabulary, rng)
     for q in rng.sample(questions, k=min(turns, len(questions))):
