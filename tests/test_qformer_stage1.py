@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -146,7 +147,6 @@ def stage1_run(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
 
 @pytest.mark.slow
 def test_stage1_run_logs_each_loss_and_hands_exactly_its_qformer_to_stage2(stage1_run):
-    import json
 
     from safetensors.torch import load_file
 
@@ -264,3 +264,9 @@ def test_a_suite_trains_the_stage1_run_before_the_caption_run_that_starts_from_i
     assert {r["variant"] for r in rows} == {"scratch", "stage1"}
     assert all(float(r["attn_entropy"]) <= float(r["attn_entropy_uniform"]) + 1e-6 for r in rows)
     assert "query corr" in (out / "results.md").read_text()
+    # the stage-1 run is evaluated on its own too (retrieval vs chance, ITM), in a table of its own
+    stage1_eval = json.loads((stage1 / "eval.json").read_text())
+    assert stage1_eval["split"] == "val" and 0 <= stage1_eval["itm_accuracy"] <= 1
+    table = (out / "results.md").read_text().split("## Stage 1 alone")[1]
+    assert "| stage1 | 1 |" in table and "| scratch |" not in table
+    assert f"{stage1_eval['retrieval']['i2t_r@1']:.3f} +- 0.000" in table

@@ -115,6 +115,7 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
     from accelerate.state import AcceleratorState
 
     from ..eval.captioning import evaluate_run
+    from ..eval.retrieval import evaluate_stage1_run
     from ..train.loop import train
 
     out = Path(out_dir or Path("runs") / "ablate" / suite.name)
@@ -145,6 +146,12 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
                 else:
                     print(f"[{suite.name}] {variant}, seed {seed}, stage 1: training into {stage1_dir}")
                     train(stage1, resume=True)
+                stage1_eval = stage1_dir / "eval.json"
+                if (
+                    not stage1_eval.exists()
+                    or stage1_eval.stat().st_mtime < (stage1_dir / "checkpoint").stat().st_mtime
+                ):
+                    evaluate_stage1_run(stage1_dir, split=suite.split)  # what stage 1 learned, on its own
             run_dir = Path(cfg.train.output_dir)
             label = f"[{suite.name}] {variant}, seed {seed}"
             changed = stale_keys(cfg, run_dir)  # None: nothing saved there yet
@@ -253,10 +260,49 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
             else f"| {variant} | {len(rows)} | n/a | n/a | "
         )
         lines[-1] += " | ".join(cells) + " |"
+    lines += stage1_table(suite, out, variants)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(records, metrics, variants, out)
     print("\n".join(lines))
     return records
+
+
+STAGE1_METRICS = [  # (column, key in a stage-1 run's eval.json, flattened)
+    ("image->text R@1", "i2t_r@1"),
+    ("chance", "i2t_r@1_chance"),
+    ("text->image R@1", "t2i_r@1"),
+    ("image->text R@5", "i2t_r@5"),
+    ("ITM accuracy", "itm_accuracy"),
+    ("attn entropy", "attn_entropy"),
+    ("attn max weight", "attn_max_weight"),
+    ("query corr", "attn_query_correlation"),
+]
+
+
+def stage1_table(suite: Suite, out: Path, variants: list[str]) -> list[str]:
+    """Markdown lines: what each variant's stage-1 run learned before the LLM saw it (mean +- std over seeds)."""
+    rows = {}
+    for variant in variants:
+        for seed in suite.seeds:
+            path = out / variant / f"seed{seed}-stage1" / "eval.json"
+            if path.exists():
+                result = json.loads(path.read_text())
+                flat = {**result["retrieval"], **result.get("attention", {})}
+                flat |= {k: v for k, v in result.items() if k.startswith("itm_accuracy")}
+                rows.setdefault(variant, []).append(flat)
+    if not rows:
+        return []
+    metrics = [(name, key, False) for name, key in STAGE1_METRICS]
+    lines = [
+        "",
+        f"## Stage 1 alone (the Q-Former before the LLM sees it), {suite.split} split",
+        "",
+        "| variant | seeds | " + " | ".join(name for name, _ in STAGE1_METRICS) + " |",
+        "|" + " --- |" * (len(STAGE1_METRICS) + 2),
+    ]
+    for variant, runs in rows.items():
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(metric_cells(runs, metrics)) + " |")
+    return lines
 
 
 def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -> None:
