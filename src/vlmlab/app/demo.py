@@ -7,11 +7,10 @@ columns would agree.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-from ..config import Config, apply_settings
+from ..config import Config
 from ..data.features import FeatureCache
 from ..data.pairs import load_split_features
 from ..eval.probes import derangement, validation_loss
@@ -85,32 +84,8 @@ def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8
     return report
 
 
-# BLIP-2 stage 1 with ITC alone, the Q-Former recipe that did best in `vlmlab ablate qformer-stages` (README:
-# CIDEr-D 3.02 +- 1.40 and colour 0.40 over 3 seeds, against 1.79 and 0.19 from scratch), at ~1.5 min of CPU.
-DEMO_STAGE1 = {
-    "train.stage": "qformer",
-    "train.max_steps": 300,
-    "train.batch_size": 32,
-    "train.lr": 5.0e-4,
-    "train.warmup_steps": 20,
-    "qformer_stage1.itm": False,
-    "qformer_stage1.itg": False,
-}
-
-
-def train_demo_run(cfg: Config) -> Path:
-    """The demo's recipe: a Q-Former caption run that starts from nothing first gets BLIP-2 stage 1 (ITC only,
-    into OUTPUT_DIR-stage1), then the caption run starts from it. Finished runs are reused as they are."""
-    if cfg.connector.type == "qformer" and cfg.train.stage == "caption" and not cfg.train.init_from:
-        stage1 = copy.deepcopy(cfg)
-        apply_settings(stage1, {**DEMO_STAGE1, "train.output_dir": f"{cfg.train.output_dir}-stage1"})
-        train(stage1, resume=True)
-        cfg = apply_settings(copy.deepcopy(cfg), {"train.init_from": stage1.train.output_dir})
-    return Path(train(cfg, resume=True))  # a finished run is reused; one with another config is refused
-
-
 def run_demo(cfg: Config, num_images: int = 8) -> Path:
     """Train on the embedded defaults, then reload the run from disk and show its held-out captions."""
-    run_dir = train_demo_run(cfg)
+    run_dir = train(cfg, resume=True)  # a finished demo run is reused; one with another config is refused
     caption_report(run_dir, "test", num_images)
     return run_dir

@@ -269,13 +269,13 @@ def build_app(session: RunSession):
 def demo_run_dir() -> Path:
     """The demo run (embedded defaults), trained first if it is absent or unfinished (tqdm shows the progress);
     a finished one is reused, as `vlmlab demo` does."""
-    from .. import config
-    from .demo import train_demo_run
+    from ..config import load_config
+    from ..train.loop import train
 
-    cfg = config.load_config(None)
+    cfg = load_config(None)
     if not (Path(cfg.train.output_dir) / "config.yaml").exists():
         print(f"vlmlab serve: no demo run at {cfg.train.output_dir}; training it first (minutes on a CPU)")
-    return train_demo_run(cfg)
+    return Path(train(cfg, resume=True))
 
 
 def serve(run_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
