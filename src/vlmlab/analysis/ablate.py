@@ -279,17 +279,23 @@ STAGE1_METRICS = [  # (column, key in a stage-1 run's eval.json, flattened)
 ]
 
 
-def stage1_table(suite: Suite, out: Path, variants: list[str]) -> list[str]:
-    """Markdown lines: what each variant's stage-1 run learned before the LLM saw it (mean +- std over seeds)."""
-    rows = {}
+def stage1_rows(out: Path, variants: list[str], seeds) -> dict[str, list[dict]]:
+    """Per variant with stage-1 runs: each seed's stage-1 eval.json, flattened (retrieval, ITM, attention)."""
+    rows: dict[str, list[dict]] = {}
     for variant in variants:
-        for seed in suite.seeds:
+        for seed in seeds:
             path = out / variant / f"seed{seed}-stage1" / "eval.json"
             if path.exists():
                 result = json.loads(path.read_text())
                 flat = {**result["retrieval"], **result.get("attention", {})}
                 flat |= {k: v for k, v in result.items() if k.startswith("itm_accuracy")}
                 rows.setdefault(variant, []).append(flat)
+    return rows
+
+
+def stage1_table(suite: Suite, out: Path, variants: list[str]) -> list[str]:
+    """Markdown lines: what each variant's stage-1 run learned before the LLM saw it (mean +- std over seeds)."""
+    rows = stage1_rows(out, variants, suite.seeds)
     if not rows:
         return []
     metrics = [(name, key, False) for name, key in STAGE1_METRICS]

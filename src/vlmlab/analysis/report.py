@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from .ablate import _mean_std, metric_cells, metrics_present
+from .ablate import STAGE1_METRICS, _mean_std, metric_cells, metrics_present, stage1_rows
 
 PARTS = [
     (
@@ -46,6 +46,11 @@ METRIC_MEANING = {
     "NLL true": "caption negative log-likelihood per token with the true image; lower is better",
     "visual gain": "NLL with another image minus NLL with the true one: nats per token the image is worth",
     "changed by swap": "share of captions that change when the image is swapped for another",
+    "attn entropy": "Q-Former: mean entropy of the last layer's cross-attention over the image grid (nats); "
+    "lower = more selective",
+    "attn uniform": "the entropy of uniform attention over the grid: the value of a Q-Former that looks everywhere",
+    "attn max weight": "Q-Former: mean largest attention weight of a query; uniform is 1 / grid cells",
+    "query corr": "Q-Former: mean correlation between the queries' attention maps; 1 = all queries look alike",
 }
 
 
@@ -132,6 +137,7 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
     )
 
     parts.extend(_readout(rows, variants, suite.get("variants", {}), metrics))
+    parts.extend(_stage1_section(runs_dir, variants, seeds))
 
     parts.append("<h2>Plots</h2><div class='grid'>")
     for _, key, _ in metrics:
@@ -226,6 +232,27 @@ def _encoder_summary(run_dir: Path) -> str:
         return f"{cfg.vision.name}: vectors of {encoder.out_dim} numbers"
     h, w = encoder.grid_size
     return f"{cfg.vision.name}: {h}x{w} = {h * w} vectors of {encoder.out_dim} numbers"
+
+
+def _stage1_section(runs_dir: Path, variants: list[str], seeds: list[str]) -> list[str]:
+    """What each variant's BLIP-2 stage-1 run learned on its own (retrieval vs chance, ITM, attention)."""
+    runs = stage1_rows(runs_dir, variants, seeds)
+    if not runs:
+        return []
+    metrics = [(name, key, False) for name, key in STAGE1_METRICS]
+    out = [
+        "<h2>Stage 1 alone: the Q-Former before the LLM sees it</h2><p>Image-text retrieval by the stage-1 "
+        "similarity (max over queries) on the same split, with its chance level, and the matching head's accuracy "
+        "on true vs swapped pairs (chance 0.5).</p><table><tr><th>variant</th><th>runs</th>"
+        + "".join(f"<th>{html.escape(n)}</th>" for n, _ in STAGE1_METRICS)
+        + "</tr>"
+    ]
+    for v, r in runs.items():
+        cells = metric_cells(r, metrics, " &plusmn; ")
+        out.append(f"<tr><td>{html.escape(v)}</td><td>{len(r)}</td>" + "".join(f"<td>{c}</td>" for c in cells))
+        out.append("</tr>")
+    out.append("</table>")
+    return out
 
 
 def _metric_legend(metrics) -> list[tuple[str, str]]:
