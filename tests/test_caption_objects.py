@@ -16,6 +16,7 @@ def test_whole_words_plurals_and_longer_names_win():
     assert categories_named("An orange cat") == {"cat"}  # the colour is no fruit
     assert categories_named("A bowl of oranges") == {"bowl", "orange"}
     assert categories_named("A catalogue of doggerel") == set()  # parts of words are not words
+    assert categories_named("Two giraffes and a knife") == {"giraffe", "knife"}  # -fe plurals are regular
 
 
 def test_an_object_counts_when_two_captions_name_it():

@@ -130,18 +130,20 @@ SYNONYMS: dict[str, list[str]] = {
 }
 
 
+def regular_plural(word: str) -> str:
+    """English plural by the regular rules (bus -> buses, lady -> ladies, dog -> dogs); irregular words are
+    listed where they matter (here in SYNONYMS, in data/tasks.py as IRREGULAR_PLURALS)."""
+    if word.endswith(("s", "sh", "ch", "x")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
 def _forms(phrase: str) -> list[str]:
     """The phrase and its plural (on the last word), as caption words: 'dog' -> 'dog', 'dogs'."""
     *head, last = phrase.split()
-    if last.endswith(("s", "sh", "ch", "x")):
-        plural = last + "es"
-    elif last.endswith("y") and last[-2:-1] not in "aeiou":
-        plural = last[:-1] + "ies"
-    elif last.endswith("fe"):
-        plural = last[:-2] + "ves"
-    else:
-        plural = last + "s"
-    return [phrase, " ".join([*head, plural])]
+    return [phrase, " ".join([*head, regular_plural(last)])]
 
 
 def _pattern(phrases: list[str]) -> re.Pattern:

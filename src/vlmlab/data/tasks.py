@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .caption_objects import objects_from_captions as named_objects
+from .caption_objects import regular_plural
 from .formats import CaptionSample
 from .synthetic import COLOURS, POSITIONS, SHAPES
 
@@ -77,13 +78,7 @@ def article(word: str) -> str:
 def plural(word: str, n: int) -> str:
     if n == 1:
         return word
-    if word in IRREGULAR_PLURALS:
-        return IRREGULAR_PLURALS[word]
-    if word.endswith(("s", "sh", "ch", "x")):
-        return word + "es"
-    if word.endswith("y") and word[-2:-1] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
+    return IRREGULAR_PLURALS.get(word) or regular_plural(word)
 
 
 def coco_instances(samples: list[CaptionSample]) -> dict[str, list[dict]]:
