@@ -146,11 +146,7 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
                 else:
                     print(f"[{suite.name}] {variant}, seed {seed}, stage 1: training into {stage1_dir}")
                     train(stage1, resume=True)
-                stage1_eval = stage1_dir / "eval.json"
-                if (
-                    not stage1_eval.exists()
-                    or stage1_eval.stat().st_mtime < (stage1_dir / "checkpoint").stat().st_mtime
-                ):
+                if not _evaluated(stage1_dir):
                     evaluate_stage1_run(stage1_dir, split=suite.split)  # what stage 1 learned, on its own
             run_dir = Path(cfg.train.output_dir)
             label = f"[{suite.name}] {variant}, seed {seed}"
@@ -166,12 +162,17 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
                 print(f"{label}: training into {run_dir}")
                 AcceleratorState._reset_state()  # each run builds its own Accelerator
                 train(cfg, resume=True)
-            evaluated = run_dir / "eval.json"
-            if not evaluated.exists() or evaluated.stat().st_mtime < (run_dir / "checkpoint").stat().st_mtime:
+            if not _evaluated(run_dir):
                 evaluate_run(run_dir, split=suite.split, baselines=False, contact_images=suite.contact_images)
             gc.collect()
     write_results(suite, out, variants)
     return out
+
+
+def _evaluated(run_dir: Path) -> bool:
+    """The run's eval.json exists and is newer than its checkpoint."""
+    evaluated = run_dir / "eval.json"
+    return evaluated.exists() and evaluated.stat().st_mtime >= (run_dir / "checkpoint").stat().st_mtime
 
 
 def collect(suite: Suite, out: Path, variants: list[str]) -> list[dict]:

@@ -105,7 +105,7 @@ def load_chain(spec: str) -> Chain:
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
-    from ..eval.tasks import default_question_files, evaluate_task
+    from ..eval.tasks import evaluate_task, task_test_files
     from ..train.checkpoint import find_checkpoint
     from ..train.loop import train
 
@@ -139,7 +139,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         started = time.time()
         files = None
         if chain.eval_tasks:  # the test files of another folder; photos the run trained on are left out
-            files = default_question_files(apply_settings(load_config(), {"data.tasks": chain.eval_tasks}), task)
+            files = task_test_files(chain.eval_tasks, task)
         rows = evaluate_task(
             runs["model"][last],
             task,

@@ -172,6 +172,11 @@ def describe_counts(counts: Counter, countable: set[str] | None = None) -> str:
         (f"{n if n > 1 else 'one'} {plural(name, n)}" if name in countable else f"many {plural(name, 2)}")
         for name, n in sorted(counts.items(), key=lambda kv: -kv[1])
     ]
+    return listed(parts)
+
+
+def listed(parts: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -179,8 +184,7 @@ def describe_objects(facts: ImageFacts) -> str:
     """The objects with their counts; objects named by captions (number unknown) each with an article."""
     if not facts.from_captions:
         return describe_counts(facts.counts, facts.countable)
-    names = [article(n) for n in sorted(facts.counts)]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return listed([article(n) for n in sorted(facts.counts)])
 
 
 def conversation(facts: ImageFacts, vocabulary: list[str], rng: random.Random, turns: int = 3) -> list[dict]:

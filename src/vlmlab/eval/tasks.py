@@ -71,7 +71,12 @@ def resolve_pope_image(name: str, images: Path) -> str:
 def default_question_files(run_cfg, task: str) -> list[Path]:
     if not run_cfg.data.tasks:
         raise ValueError("this run has no data.tasks folder: give --questions FILE (and --images DIR)")
-    root = Path(run_cfg.data.tasks)
+    return task_test_files(run_cfg.data.tasks, task)
+
+
+def task_test_files(tasks_dir: str | Path, task: str) -> list[Path]:
+    """The test question files `vlmlab make-tasks` wrote into tasks_dir for one task."""
+    root = Path(tasks_dir)
     files = {
         "vqa": [root / "vqa_test_questions.json"],
         "pope": [root / f"pope_test_{s}.json" for s in ("random", "popular", "adversarial")],

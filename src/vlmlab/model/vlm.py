@@ -170,7 +170,8 @@ class VLM(nn.Module):
     ) -> list[str]:
         """Captions from image tokens. The LLM sees only [visual tokens][prompt]: no caption, no END."""
         if self.cfg.data.retrieved_captions:  # it never learned to caption from the plain prompt
-            return self._caption_with_retrieved(image_tokens, max_new_tokens, num_beams, repetition_penalty)
+            settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, repetition_penalty=repetition_penalty)
+            return self._caption_with_retrieved(image_tokens, {k: v for k, v in settings.items() if v is not None})
         batch = image_tokens.shape[0] if image_tokens is not None else (batch_size or 1)
         text = build_generation_batch([self.prompt_ids] * batch, self.specials.pad_id)
         return self._generate(
@@ -183,7 +184,7 @@ class VLM(nn.Module):
             visual_first_pad=True,
         )
 
-    def _caption_with_retrieved(self, image_tokens, *generate_args) -> list[str]:
+    def _caption_with_retrieved(self, image_tokens, settings: dict) -> list[str]:
         """SmallCap runs: the first caption of each of the k nearest training images goes into the prompt, as in
         training (data/retrieval_prompt.py); the datastore is the run's training split, built on first use."""
         from ..data.features import FeatureCache
@@ -195,8 +196,6 @@ class VLM(nn.Module):
         if self.caption_datastore is None:
             self.caption_datastore = training_datastore(self.cfg, FeatureCache(cache_dir() / "features", self.vision))
         retrieved = self.caption_datastore.nearest(image_tokens, self.cfg.data.retrieved_captions)
-        keys = ("max_new_tokens", "num_beams", "repetition_penalty")
-        settings = {k: v for k, v in zip(keys, generate_args) if v is not None}
         return self.chat_from_tokens(image_tokens, [retrieval_messages(r) for r in retrieved], **settings)
 
     def _generate(
