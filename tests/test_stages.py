@@ -249,3 +249,39 @@ def test_a_chain_can_score_on_another_task_folder_leaving_out_photos_it_trained_
     (tmp / "no_eval.yaml").write_text(yaml.safe_dump(spec | {"eval_tasks": str(tmp / "nothing")}))
     with pytest.raises(ConfigError, match="write it first"):
         run_chain(load_chain(str(tmp / "no_eval.yaml")), tmp / "never2")
+
+
+@pytest.mark.slow
+def test_a_chain_scores_real_question_files_and_says_when_none_is_left(tiny_chain):
+    tmp, _ = tiny_chain
+    tasks = tmp / "tasks"
+    trained = json.loads((tasks / "conversations_train.json").read_text())[0]["image"]
+    only_trained = tmp / "pope_trained_only.json"  # a real set whose every photo the run trained on
+    only_trained.write_text(
+        json.dumps({"question_id": 1, "image": trained, "text": "Is there a circle?", "label": "yes"})
+    )
+    spec = yaml.safe_load((tmp / "chain.yaml").read_text())
+    spec |= {
+        "stages": {"instruct": {"train.max_steps": 2}},
+        "pretrained": str(tmp / "out" / "caption"),
+        "evaluate": [],
+        "forgetting_split": None,
+        "questions": [
+            {"task": "pope", "file": str(tasks / "pope_test_random.json")},
+            {"task": "pope", "file": str(only_trained)},
+        ],
+    }
+    (tmp / "real.yaml").write_text(yaml.safe_dump(spec))
+    summary = run_chain(load_chain(str(tmp / "real.yaml")), tmp / "real")
+    rows = summary["tables"]["pope: pope_test_random.json"]
+    assert {"model", "swapped image", "blind model", "prior"} <= set(rows)
+    assert "1 about photos the run trained on left out" in summary["not_scored"]["pope: pope_trained_only.json"]
+    assert "Not scored: 0 question(s)" in (tmp / "real" / "chain.md").read_text()
+
+    for bad, match in (({"task": "captions", "file": str(only_trained)}, "not one of"), ({"task": "pope"}, "each of")):
+        (tmp / "bad_q.yaml").write_text(yaml.safe_dump(spec | {"questions": [bad]}))
+        with pytest.raises(ConfigError, match=match):
+            load_chain(str(tmp / "bad_q.yaml"))
+    (tmp / "gone.yaml").write_text(yaml.safe_dump(spec | {"questions": [{"task": "pope", "file": str(tmp / "no")}]}))
+    with pytest.raises(ConfigError, match="do not exist"):
+        run_chain(load_chain(str(tmp / "gone.yaml")), tmp / "never3")

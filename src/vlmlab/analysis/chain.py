@@ -19,6 +19,8 @@ A chain file:
                                     # questions about photos the run trained on are then left out, and counted
     pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
                                     # pretrained_checkpoint), e.g. the photo recipe's run before instruct -> vqa
+    questions:                      # real question sets, scored too (photos the run trained on left out)
+      - {task: vqa, file: ../shared/data/questions/aokvqa/aokvqa_v1p0_val.json, images: ../shared/data/coco2017-val/val2017}
 
 Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md. With `pretrained`, the blind chain
 starts from it too: its LoRA is loaded and its connector left out (the blind model has none), so the two arms
@@ -35,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, apply_settings, load_config
+from ..eval.tasks import TASKS
 from ..train.stages import STAGES
 
 CHAIN_DIR = Path(__file__).parent / "chains"
@@ -54,6 +57,7 @@ class Chain:
     pretrained: str | None = None
     eval_tasks: str | None = None
     objects_from_captions: bool = False  # when the chain writes `tasks` (make-tasks --objects-from-captions)
+    questions: list[dict] = field(default_factory=list)  # {task, file, images}: real sets, e.g. A-OKVQA
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
         base = None if self.base is None else (self.path.parent / self.base).resolve()
@@ -80,7 +84,7 @@ def load_chain(spec: str) -> Chain:
         )
     tree = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate"}
-    allowed |= {"forgetting_split", "pretrained", "objects_from_captions"}
+    allowed |= {"forgetting_split", "pretrained", "objects_from_captions", "questions"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     stages = tree.get("stages")
@@ -95,6 +99,11 @@ def load_chain(spec: str) -> Chain:
         raise ConfigError(
             f"{path}: 'pretrained' is a finished caption run; the stages after it start at instruct or vqa"
         )
+    for q in chain.questions:
+        if not isinstance(q, dict) or set(q) - {"task", "file", "images"} or "file" not in q:
+            raise ConfigError(f"{path}: each of 'questions' is {{task, file, images}}; got {q!r}")
+        if q.get("task") not in TASKS:
+            raise ConfigError(f"{path}: questions {q['file']}: task {q.get('task')!r} is not one of {list(TASKS)}")
     previous = None if chain.pretrained is None else Path(chain.pretrained)
     for stage in stages:  # every stage's config is checked before anything trains
         chain.config(stage, Path("runs/check") / stage, previous, blind=False)
@@ -105,7 +114,7 @@ def load_chain(spec: str) -> Chain:
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
-    from ..eval.tasks import evaluate_task, task_test_files
+    from ..eval.tasks import TooFewQuestions, evaluate_task, task_test_files
     from ..train.checkpoint import find_checkpoint
     from ..train.loop import train
 
@@ -115,6 +124,9 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         raise ConfigError(f"pretrained: {pretrained} has no finished checkpoint; train it first (vlmlab train ...)")
     if chain.eval_tasks and not (Path(chain.eval_tasks) / "tasks.json").exists():
         raise ConfigError(f"eval_tasks: {chain.eval_tasks} is no make-tasks folder; write it first (vlmlab make-tasks)")
+    missing = [q[k] for q in chain.questions for k in ("file", "images") if q.get(k) and not Path(q[k]).exists()]
+    if missing:
+        raise ConfigError(f"questions: {missing} do not exist")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     first = next(iter(chain.stages))
@@ -134,7 +146,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
                 timings[f"train {arm} {stage}"] = time.time() - started
             runs[arm][stage] = previous = run_dir
     last = list(chain.stages)[-1]
-    tables = {}
+    tables, not_scored = {}, {}
     for task in chain.evaluate:
         started = time.time()
         files = None
@@ -150,6 +162,21 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         )
         timings[f"eval {task}"] = time.time() - started
         tables[task] = rows
+    for q in chain.questions:  # real sets ask about photos a run may have trained on: those are left out
+        started, label = time.time(), f"{q['task']}: {Path(q['file']).name}"
+        try:
+            tables[label] = evaluate_task(
+                runs["model"][last],
+                q["task"],
+                question_files=[q["file"]],
+                images=q.get("images"),
+                blind_run=runs["blind"].get(last),
+                out_dir=out / "eval" / Path(q["file"]).stem,
+                unseen_only=True,
+            )
+        except TooFewQuestions as e:  # e.g. every photo of the set was in training: say so, keep the other tables
+            not_scored[label] = str(e)
+        timings[f"eval {label}"] = time.time() - started
     forgetting = {}
     scored = {"pretrained": pretrained} if pretrained is not None else {}
     scored |= runs["model"]
@@ -164,7 +191,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
             row = next(iter(result["rows"].values()))  # the run's own row (no baselines asked for)
             forgetting[stage] = {k: row[k] for k in ("CIDEr-D", "BLEU-4", "nll_true") if k in row}
     summary = {"runs": {a: {s: str(p) for s, p in r.items()} for a, r in runs.items()}, "tables": tables,
-               "forgetting": forgetting, "seconds": timings}  # fmt: skip
+               "not_scored": not_scored, "forgetting": forgetting, "seconds": timings}  # fmt: skip
     (out / "chain.json").write_text(json.dumps(summary, indent=1))
     (out / "chain.md").write_text(format_chain(summary))
     print(format_chain(summary))
@@ -175,8 +202,10 @@ def format_chain(summary: dict) -> str:
     from ..eval.tasks import format_task_table
 
     parts = []
-    for task, rows in summary["tables"].items():
-        parts += [f"## {task}", "", format_task_table(task, rows), ""]
+    for label, rows in summary["tables"].items():  # a task, or "task: file" for a real question set
+        parts += [f"## {label}", "", format_task_table(label.split(":")[0], rows), ""]
+    for label, why in summary.get("not_scored", {}).items():
+        parts += [f"## {label}", "", f"Not scored: {why}", ""]
     if summary["forgetting"]:
         keys = sorted({k for r in summary["forgetting"].values() for k in r})
         parts += ["## Captions after each stage (does stage 2 forget stage 1?)", ""]

@@ -30,6 +30,10 @@ from .vqa import normalize_answer, prior_answers, vqa_scores
 TASKS = ("vqa", "pope", "mmbench")
 
 
+class TooFewQuestions(ValueError):
+    """Fewer than 2 questions left (e.g. every photo of a real set was in the run's training split)."""
+
+
 # ---- reading the questions -----------------------------------------------------------------------
 def detect_format(path: Path) -> str:
     """vqa_v2 | aokvqa | pope | mmbench, from the file itself."""
@@ -245,7 +249,8 @@ def evaluate_task(
     if limit:
         questions = questions[:limit]
     if len(questions) < 2:
-        raise ValueError(f"{len(questions)} question(s): the swapped-image control needs at least 2")
+        left_out = f" ({dropped} about photos the run trained on left out)" if unseen_only else ""
+        raise TooFewQuestions(f"{len(questions)} question(s){left_out}: the swapped-image control needs at least 2")
     train_questions = None
     if task == "vqa" and cfg.data.tasks and (Path(cfg.data.tasks) / "vqa_train_questions.json").exists():
         train_questions = read_questions(Path(cfg.data.tasks) / "vqa_train_questions.json")[1]
