@@ -147,36 +147,23 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
             runs[arm][stage] = previous = run_dir
     last = list(chain.stages)[-1]
     tables, not_scored = {}, {}
-    for task in chain.evaluate:
+
+    def score(label: str, task: str, **which) -> None:  # the last stage's model beside the blind one, timed
         started = time.time()
-        files = None
-        if chain.eval_tasks:  # the test files of another folder; photos the run trained on are left out
-            files = task_test_files(chain.eval_tasks, task)
-        rows = evaluate_task(
-            runs["model"][last],
-            task,
-            question_files=files,
-            blind_run=runs["blind"].get(last),
-            out_dir=out / "eval",
-            unseen_only=bool(chain.eval_tasks),
-        )
-        timings[f"eval {task}"] = time.time() - started
-        tables[task] = rows
-    for q in chain.questions:  # real sets ask about photos a run may have trained on: those are left out
-        started, label = time.time(), f"{q['task']}: {Path(q['file']).name}"
         try:
-            tables[label] = evaluate_task(
-                runs["model"][last],
-                q["task"],
-                question_files=[q["file"]],
-                images=q.get("images"),
-                blind_run=runs["blind"].get(last),
-                out_dir=out / "eval" / Path(q["file"]).stem,
-                unseen_only=True,
-            )
+            tables[label] = evaluate_task(runs["model"][last], task, blind_run=runs["blind"].get(last), **which)
+        finally:
+            timings[f"eval {label}"] = time.time() - started
+
+    for task in chain.evaluate:  # with eval_tasks: another folder's test files, photos the run trained on left out
+        files = task_test_files(chain.eval_tasks, task) if chain.eval_tasks else None
+        score(task, task, question_files=files, out_dir=out / "eval", unseen_only=bool(chain.eval_tasks))
+    for q in chain.questions:  # real sets ask about photos a run may have trained on: those are left out
+        label, where = f"{q['task']}: {Path(q['file']).name}", out / "eval" / Path(q["file"]).stem
+        try:
+            score(label, q["task"], question_files=[q["file"]], images=q.get("images"), out_dir=where, unseen_only=True)
         except TooFewQuestions as e:  # e.g. every photo of the set was in training: say so, keep the other tables
             not_scored[label] = str(e)
-        timings[f"eval {label}"] = time.time() - started
     forgetting = {}
     scored = {"pretrained": pretrained} if pretrained is not None else {}
     scored |= runs["model"]
