@@ -72,6 +72,10 @@ def cmd_eval(args) -> None:
         with run_lock(args.run_dir):
             evaluate_sugarcrepe_captioner(args.run_dir, args.sugarcrepe, args.images, args.limit)
 
+    if args.rerank:  # bad settings fail before a lock or a model
+        from .eval.reranking import check_rerank
+
+        check_rerank(args.rerank, args.candidates)
     kwargs = {
         "num_beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
@@ -87,6 +91,8 @@ def cmd_eval(args) -> None:
             retrieval_k=args.retrieval_k,
             contact_images=args.contact_images,
             out_dir=args.out_dir,
+            rerank=args.rerank,
+            num_candidates=args.candidates,
             **{k: v for k, v in kwargs.items() if v},
         )
 
@@ -320,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)",
     )
     p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
+    p.add_argument(
+        "--rerank",
+        choices=["mbr", "neighbours"],
+        help="choose each caption among --candidates beams: 'mbr' by agreement with the other candidates, "
+        "'neighbours' by agreement with the nearest training images' captions (eval/reranking.py)",
+    )
+    p.add_argument("--candidates", type=int, default=5, help="beam candidates per image for --rerank (default 5)")
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
     p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
     p.add_argument(

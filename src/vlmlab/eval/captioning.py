@@ -35,6 +35,7 @@ from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner, applicable_
 from .contact_sheet import contact_sheet
 from .metrics import caption_metrics
 from .probes import derangement, validation_loss
+from .reranking import Reranker, check_rerank, format_selection_table, selection_table
 
 TABLE_COLUMNS = [
     ("BLEU-1", "BLEU-1"),
@@ -134,19 +135,41 @@ def generation_settings(model, **overrides) -> dict:
 
 
 def evaluate_split(
-    model, split: SplitFeatures, batch_size: int = 16, seed: int = 0, use_java: bool | None = None, **generate_kwargs
+    model,
+    split: SplitFeatures,
+    batch_size: int = 16,
+    seed: int = 0,
+    use_java: bool | None = None,
+    reranker: Reranker | None = None,
+    **generate_kwargs,
 ) -> dict:
-    """All metrics and probes of a model on one split; generation settings default to the run's config."""
+    """All metrics and probes of a model on one split; generation settings default to the run's config.
+    With a reranker, each caption (swapped-image ones too) is chosen among beam candidates (reranking.py), and
+    the result holds every selection rule's scores on the same candidates."""
     n = len(split.samples)
     if n < 2:
         raise ValueError(f"evaluation needs at least 2 readable images, got {n}")
     order = derangement(n, seed)
     settings = generation_settings(model, **generate_kwargs)
-    captions = generate_all(model, split.features, batch_size, "captioning", **settings)
-    swapped = generate_all(model, split.features[order], batch_size, "captioning swapped images", **settings)
+    if reranker is None:
+        captions = generate_all(model, split.features, batch_size, "captioning", **settings)
+        swapped = generate_all(model, split.features[order], batch_size, "captioning swapped images", **settings)
+    else:
+        candidates = reranker.candidates(model, split.features, batch_size, "candidate captions", **settings)
+        swapped_candidates = reranker.candidates(
+            model, split.features[order], batch_size, "candidate captions, swapped images", **settings
+        )
+        captions = reranker.choose(candidates, split.features)
+        swapped = reranker.choose(swapped_candidates, split.features[order])
     result = score_captions(split, captions, swapped, order, use_java)
     result.update(nll_probes(model, split, batch_size, order))
     result["generation"] = settings
+    if reranker is not None:
+        result["generation"] = settings | reranker.settings(settings["num_beams"])
+        references = [s.captions for s in split.samples]
+        result["selection"] = selection_table(reranker, candidates, split.features, references)
+        for example, cands in zip(result["examples"], candidates):
+            example["candidates"] = cands
     return result
 
 
@@ -174,6 +197,14 @@ def choose_retrieval_k(train: SplitFeatures, val: SplitFeatures, ks=RETRIEVAL_KS
             warnings.simplefilter("ignore")
             scores[k] = caption_metrics(refs, cands, use_java=False, meteor=False)["CIDEr-D"]
     return max(scores, key=scores.get), scores
+
+
+def retrieval_baseline(own: dict[str, SplitFeatures], k: int | None) -> tuple[NearestNeighbourCaptioner, dict]:
+    """The k-NN captioner over the run's training split; k tuned on its validation split unless given."""
+    k_scores = {}
+    if k is None:
+        k, k_scores = choose_retrieval_k(own["train"], own["val"])
+    return NearestNeighbourCaptioner(own["train"], k), k_scores
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -225,6 +256,8 @@ def evaluate_run(
     contact_images: int = 16,
     use_java: bool | None = None,
     out_dir: str | Path | None = None,
+    rerank: str | None = None,
+    num_candidates: int = 5,
     **generate_kwargs,
 ) -> dict:
     """Evaluates a run and its baselines on a split; writes eval.json, eval.md and contact_sheet.png.
@@ -232,11 +265,17 @@ def evaluate_run(
     data: FORMAT:PATH specs to evaluate on (default: the run's own data); the baselines always train
     on, and retrieval always searches, the run's own training split.
     out_dir: where the three files go (default: the run dir), e.g. to keep evaluations with other settings apart.
+    rerank: 'mbr' or 'neighbours' (reranking.py): every trained row's captions are chosen among
+    `num_candidates` beams by that rule; the neighbours are the retrieval baseline's (k tuned on val).
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rerank is not None:  # checked before anything loads
+        check_rerank(rerank, num_candidates)
     model = load_run(run_dir)
+    if rerank is not None and model.cfg.data.retrieved_captions:
+        raise ValueError("--rerank is not built for runs with retrieved captions in the prompt (SmallCap)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = copy.deepcopy(model.cfg)
     eval_cfg = copy.deepcopy(model.cfg)
     if data:
@@ -247,6 +286,20 @@ def evaluate_run(
     main = f"model ({run_dir.name})"
     notes = []
     own = None  # the run's own train / val splits: the retrieval datastore
+    retriever, k_scores, reranker = None, {}, None
+    if rerank is not None:
+        own = load_split_features(run_cfg, cache, splits=("train", "val"))  # neighbours for the rule and its table
+        retriever, k_scores = retrieval_baseline(own, retrieval_k)
+        reranker = Reranker(rerank, num_candidates, retriever)
+        how = {
+            "mbr": "CIDEr-D against the other candidates: minimum Bayes risk, the model alone",
+            "neighbours": f"CIDEr-D against the captions of the k={retriever.k} nearest "
+            "training images: the model's own candidates, chosen with the retrieval baseline's neighbours",
+        }[rerank]
+        notes.append(
+            f"captions chosen among {num_candidates} beam candidates by '{rerank}' ({how}); every trained row "
+            "uses the same rule"
+        )
     if run_cfg.data.retrieved_captions:  # SmallCap: image and retrieved text, each swapped on its own
         from .retrieved_captions import evaluate_split_with_retrieved_captions
 
@@ -260,7 +313,7 @@ def evaluate_run(
             "retrieved captions (a fixed derangement) or drop the image"
         )
     else:
-        rows = {main: evaluate_split(model, split_data, batch, seed, use_java, **generate_kwargs)}
+        rows = {main: evaluate_split(model, split_data, batch, seed, use_java, reranker, **generate_kwargs)}
     attention = None
     if hasattr(model.connector, "queries"):  # a Q-Former: is its attention selective? (issue 15)
         attention = attention_stats(model, split_data.features)
@@ -280,15 +333,15 @@ def evaluate_run(
                 notes.append(f"{BASELINE_LABELS[name]}: not trained yet (run without --no-train-baselines)")
                 continue
             baseline = load_run(baseline_dir)
-            rows[BASELINE_LABELS[name]] = evaluate_split(baseline, split_data, batch, seed, use_java, **generate_kwargs)
+            rows[BASELINE_LABELS[name]] = evaluate_split(
+                baseline, split_data, batch, seed, use_java, reranker, **generate_kwargs
+            )
             notes.append(f"{BASELINE_LABELS[name]}: {TRAINED_BASELINES[name]} ({baseline_dir})")
             del baseline
             gc.collect()
         own = own or load_split_features(run_cfg, cache, splits=("train", "val"))
-        k_scores = {}
-        if retrieval_k is None:
-            retrieval_k, k_scores = choose_retrieval_k(own["train"], own["val"])
-        retriever = NearestNeighbourCaptioner(own["train"], retrieval_k)
+        if retriever is None:
+            retriever, k_scores = retrieval_baseline(own, retrieval_k)
         label = f"retrieval k-NN (k={retriever.k})"
         rows[label] = evaluate_retrieval(retriever, split_data, seed, use_java)
         tuned = f"; k tuned on val CIDEr-D { ({k: round(v, 3) for k, v in k_scores.items()}) }" if k_scores else ""
@@ -317,6 +370,8 @@ def evaluate_run(
         + f"; generation: {first['generation']}\n"
         + "".join(f"- {note}\n" for note in notes)
     )
+    if "selection" in first:
+        text += "\n" + format_selection_table(first["selection"], num_candidates) + "\n"
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     (out_dir / "eval.md").write_text(text)
     if contact_images > 0:

@@ -184,6 +184,35 @@ class VLM(nn.Module):
             visual_first_pad=True,
         )
 
+    @torch.no_grad()
+    def candidates_from_tokens(
+        self,
+        image_tokens: torch.Tensor,
+        num_candidates: int,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        repetition_penalty: float | None = None,
+    ) -> list[list[str]]:
+        """The `num_candidates` best beams per image, best first (beam width at least `num_candidates`): the
+        hypotheses a reranker chooses from (eval/reranking.py). Candidate 0 is what plain beam search returns."""
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if self.cfg.data.retrieved_captions:
+            raise ValueError("candidate captions for reranking are not built for runs with retrieved captions")
+        text = build_generation_batch([self.prompt_ids] * image_tokens.shape[0], self.specials.pad_id)
+        beams = max(num_candidates, num_beams or self.cfg.generate.num_beams)
+        flat = self._generate(
+            image_tokens,
+            text,
+            self.specials.end_id,
+            max_new_tokens,
+            beams,
+            repetition_penalty,
+            visual_first_pad=True,
+            num_return_sequences=num_candidates,
+        )
+        return [flat[i : i + num_candidates] for i in range(0, len(flat), num_candidates)]
+
     def _caption_with_retrieved(self, image_tokens, settings: dict) -> list[str]:
         """SmallCap runs: the first caption of each of the k nearest training images goes into the prompt, as in
         training (data/retrieval_prompt.py); the datastore is the run's training split, built on first use."""
@@ -207,6 +236,7 @@ class VLM(nn.Module):
         num_beams: int | None = None,
         repetition_penalty: float | None = None,
         visual_first_pad: bool = False,
+        num_return_sequences: int = 1,
     ) -> list[str]:
         g = self.cfg.generate
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
@@ -220,6 +250,7 @@ class VLM(nn.Module):
             num_beams=num_beams or g.num_beams,
             repetition_penalty=repetition_penalty or g.repetition_penalty,
             do_sample=False,
+            num_return_sequences=num_return_sequences,
             eos_token_id=end_id,
             pad_token_id=self.specials.pad_id,
         )
