@@ -141,9 +141,11 @@ class NearestNeighbourCaptioner:
         similarity = pooled(image_tokens) @ self.keys.T
         return similarity.topk(self.k, dim=1).indices
 
+    def neighbour_captions(self, image_tokens: torch.Tensor) -> list[list[str]]:
+        """All training captions of each image's k nearest training images, nearest first."""
+        return [
+            [c for i in row for c in self.train.samples[i].captions] for row in self.neighbours(image_tokens).tolist()
+        ]
+
     def caption(self, image_tokens: torch.Tensor) -> list[str]:
-        out = []
-        for row in self.neighbours(image_tokens).tolist():
-            candidates = [c for i in row for c in self.train.samples[i].captions]
-            out.append(consensus_caption(candidates))
-        return out
+        return [consensus_caption(candidates) for candidates in self.neighbour_captions(image_tokens)]

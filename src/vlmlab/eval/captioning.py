@@ -63,10 +63,17 @@ BASELINE_LABELS = {"blind": "blind LM", "frozen_connector": "frozen connector"}
 
 
 @torch.no_grad()
-def generate_all(model, features: torch.Tensor, batch_size: int, desc: str, **generate_kwargs) -> list[str]:
+def generate_all(
+    model, features: torch.Tensor, batch_size: int, desc: str, num_candidates: int = 0, **generate_kwargs
+) -> list:
+    """A caption per image; with num_candidates, a list of that many beam candidates per image instead."""
     captions = []
     for start in tqdm(range(0, len(features), batch_size), desc=desc, unit="batch"):
-        captions += model.generate_from_tokens(features[start : start + batch_size].float(), **generate_kwargs)
+        batch = features[start : start + batch_size].float()
+        if num_candidates:
+            captions += model.candidates_from_tokens(batch, num_candidates, **generate_kwargs)
+        else:
+            captions += model.generate_from_tokens(batch, **generate_kwargs)
     return captions
 
 
@@ -155,19 +162,19 @@ def evaluate_split(
         captions = generate_all(model, split.features, batch_size, "captioning", **settings)
         swapped = generate_all(model, split.features[order], batch_size, "captioning swapped images", **settings)
     else:
-        candidates = reranker.candidates(model, split.features, batch_size, "candidate captions", **settings)
-        swapped_candidates = reranker.candidates(
-            model, split.features[order], batch_size, "candidate captions, swapped images", **settings
+        n_cands = reranker.num_candidates
+        candidates = generate_all(model, split.features, batch_size, "candidate captions", n_cands, **settings)
+        swapped_candidates = generate_all(
+            model, split.features[order], batch_size, "candidate captions, swapped images", n_cands, **settings
         )
-        captions = reranker.choose(candidates, split.features)
+        choices = reranker.choices(candidates, split.features)  # every rule, computed once
+        captions = choices[reranker.rule]
         swapped = reranker.choose(swapped_candidates, split.features[order])
     result = score_captions(split, captions, swapped, order, use_java)
     result.update(nll_probes(model, split, batch_size, order))
-    result["generation"] = settings
+    result["generation"] = settings if reranker is None else settings | reranker.settings(settings["num_beams"])
     if reranker is not None:
-        result["generation"] = settings | reranker.settings(settings["num_beams"])
-        references = [s.captions for s in split.samples]
-        result["selection"] = selection_table(reranker, candidates, split.features, references)
+        result["selection"] = selection_table(choices, candidates, [s.captions for s in split.samples])
         for example, cands in zip(result["examples"], candidates):
             example["candidates"] = cands
     return result

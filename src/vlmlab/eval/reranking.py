@@ -21,7 +21,6 @@ import warnings
 
 import torch
 from pycocoevalcap.cider.cider import Cider
-from tqdm.auto import tqdm
 
 from .baselines import NearestNeighbourCaptioner
 from .metrics import caption_metrics, plain_tokenize
@@ -36,7 +35,7 @@ def consensus_scores(candidates: list[list[str]], pseudo_references: list[list[s
         raise ValueError(f"{len(candidates)} candidate lists but {len(pseudo_references)} pseudo-reference lists")
     gts, res, keys = {}, {}, []
     for i, (cands, refs) in enumerate(zip(candidates, pseudo_references)):
-        refs = [plain_tokenize(r) for r in refs if plain_tokenize(r)]
+        refs = [t for t in map(plain_tokenize, refs) if t]
         if not cands:
             raise ValueError(f"image {i} has no candidate captions")
         for j, c in enumerate(cands):
@@ -59,17 +58,8 @@ def mbr_choice(candidates: list[list[str]]) -> list[str]:
     """Per image, the candidate with the highest CIDEr-D against the image's other candidates."""
     others = [[c for k, c in enumerate(cands) if k != j] for cands in candidates for j in range(len(cands))]
     flat = [[c] for cands in candidates for c in cands]
-    per_candidate = consensus_scores(flat, others)  # each candidate scored alone against its siblings
-    scores, start = [], 0
-    for cands in candidates:
-        scores.append([per_candidate[start + j][0] for j in range(len(cands))])
-        start += len(cands)
-    return pick(candidates, scores)
-
-
-def neighbour_captions(retriever: NearestNeighbourCaptioner, image_tokens: torch.Tensor) -> list[list[str]]:
-    """All training captions of each image's k nearest training images (the retrieval baseline's pool)."""
-    return [[c for i in row for c in retriever.train.samples[i].captions] for row in retriever.neighbours(image_tokens)]
+    flat_scores = iter(s for (s,) in consensus_scores(flat, others))  # each candidate alone against its siblings
+    return pick(candidates, [[next(flat_scores) for _ in cands] for cands in candidates])
 
 
 def neighbour_choice(candidates: list[list[str]], neighbours: list[list[str]]) -> list[str]:
@@ -86,7 +76,7 @@ def check_rerank(rule: str, num_candidates: int) -> None:
 
 
 class Reranker:
-    """Generates `num_candidates` beams per image and keeps the one `rule` prefers (RERANK_RULES)."""
+    """Keeps, among `num_candidates` beams per image, the one `rule` prefers (RERANK_RULES)."""
 
     def __init__(self, rule: str, num_candidates: int = 5, retriever: NearestNeighbourCaptioner | None = None):
         check_rerank(rule, num_candidates)
@@ -101,21 +91,18 @@ class Reranker:
             out["rerank_neighbours_k"] = self.retriever.k
         return out
 
-    @torch.no_grad()
-    def candidates(self, model, features: torch.Tensor, batch_size: int, desc: str, **settings) -> list[list[str]]:
-        out = []
-        for start in tqdm(range(0, len(features), batch_size), desc=desc, unit="batch"):
-            batch = features[start : start + batch_size].float()
-            out += model.candidates_from_tokens(batch, self.num_candidates, **settings)
-        return out
-
-    def choose(self, candidates: list[list[str]], features: torch.Tensor, rule: str | None = None) -> list[str]:
-        rule = rule or self.rule
-        if rule == "mbr":
+    def choose(self, candidates: list[list[str]], features: torch.Tensor) -> list[str]:
+        """This reranker's rule: per image, the candidate it prefers."""
+        if self.rule == "mbr":
             return mbr_choice(candidates)
-        if self.retriever is None:
-            raise ValueError("the 'neighbours' rule needs the training split's nearest-neighbour retriever")
-        return neighbour_choice(candidates, neighbour_captions(self.retriever, features))
+        return neighbour_choice(candidates, self.retriever.neighbour_captions(features))
+
+    def choices(self, candidates: list[list[str]], features: torch.Tensor) -> dict[str, list[str]]:
+        """Plain beam search's top-1 and every rule this reranker can apply, on the same candidates."""
+        out = {"beam top-1": [c[0] for c in candidates], "mbr": mbr_choice(candidates)}
+        if self.retriever is not None:
+            out["neighbours"] = neighbour_choice(candidates, self.retriever.neighbour_captions(features))
+        return out
 
 
 def oracle_choice(candidates: list[list[str]], references: list[list[str]]) -> list[str]:
@@ -124,14 +111,11 @@ def oracle_choice(candidates: list[list[str]], references: list[list[str]]) -> l
 
 
 def selection_table(
-    reranker: Reranker, candidates: list[list[str]], features: torch.Tensor, references: list[list[str]]
+    choices: dict[str, list[str]], candidates: list[list[str]], references: list[list[str]]
 ) -> dict[str, dict]:
-    """Every selection rule on the same candidates: CIDEr-D / BLEU-4 (plain tokenizer, fast) and the distinct
-    share. 'beam top-1' is plain beam search at this width; 'oracle' picks by the true references."""
-    chosen = {"beam top-1": [c[0] for c in candidates], "mbr": reranker.choose(candidates, features, "mbr")}
-    if reranker.retriever is not None:
-        chosen["neighbours"] = reranker.choose(candidates, features, "neighbours")
-    chosen["oracle (true references)"] = oracle_choice(candidates, references)
+    """Every selection rule's captions (Reranker.choices) and the oracle's, scored: CIDEr-D / BLEU-4 (plain
+    tokenizer, fast) and the distinct share. 'oracle' picks by the true references."""
+    chosen = choices | {"oracle (true references)": oracle_choice(candidates, references)}
     refs = {str(i): r for i, r in enumerate(references)}
     table = {}
     for name, captions in chosen.items():

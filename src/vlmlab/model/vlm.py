@@ -173,6 +173,10 @@ class VLM(nn.Module):
             settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, repetition_penalty=repetition_penalty)
             return self._caption_with_retrieved(image_tokens, {k: v for k, v in settings.items() if v is not None})
         batch = image_tokens.shape[0] if image_tokens is not None else (batch_size or 1)
+        return self._caption_batch(image_tokens, batch, max_new_tokens, num_beams, repetition_penalty)
+
+    def _caption_batch(self, image_tokens, batch: int, max_new_tokens, num_beams, repetition_penalty, returned=1):
+        """[visual tokens][prompt] -> `returned` captions per image (the best beams, best first)."""
         text = build_generation_batch([self.prompt_ids] * batch, self.specials.pad_id)
         return self._generate(
             image_tokens,
@@ -182,6 +186,7 @@ class VLM(nn.Module):
             num_beams,
             repetition_penalty,
             visual_first_pad=True,
+            num_return_sequences=returned,
         )
 
     @torch.no_grad()
@@ -199,18 +204,9 @@ class VLM(nn.Module):
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         if self.cfg.data.retrieved_captions:
             raise ValueError("candidate captions for reranking are not built for runs with retrieved captions")
-        text = build_generation_batch([self.prompt_ids] * image_tokens.shape[0], self.specials.pad_id)
         beams = max(num_candidates, num_beams or self.cfg.generate.num_beams)
-        flat = self._generate(
-            image_tokens,
-            text,
-            self.specials.end_id,
-            max_new_tokens,
-            beams,
-            repetition_penalty,
-            visual_first_pad=True,
-            num_return_sequences=num_candidates,
-        )
+        batch = image_tokens.shape[0]
+        flat = self._caption_batch(image_tokens, batch, max_new_tokens, beams, repetition_penalty, num_candidates)
         return [flat[i : i + num_candidates] for i in range(0, len(flat), num_candidates)]
 
     def _caption_with_retrieved(self, image_tokens, settings: dict) -> list[str]:
