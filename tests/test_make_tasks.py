@@ -339,3 +339,34 @@ def test_objects_from_captions_add_training_photos_and_leave_the_test_files_on_b
         named = objects_from_captions(captions[Path(q.image).name])
         asked = q.question.split(" ", 3)[-1].removesuffix(" in the image?")
         assert (asked in named) == (q.answers[0] == "yes"), (q.question, named)
+
+
+def test_one_naming_caption_is_enough_when_asked_and_the_labels_follow_it(tmp_path):
+    """--objects-min-captions 1 (issue 14's recall lever): every photo two captions ground is still in, more
+    join, a "yes" is an object at least one caption names and a "no" one that none names."""
+    from conftest import SHARED_DATA, require
+    from vlmlab.data.caption_objects import objects_from_captions
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    cfg = load_config(None, [f"data.datasets=[coco:{root}]"])
+    two = make_tasks(cfg, tmp_path / "two", objects_from_captions=True)
+    one = make_tasks(cfg, tmp_path / "one", objects_from_captions=True, min_captions=1)
+    assert one["objects_min_captions"] == 1 and two["objects_min_captions"] == 2
+    assert one["objects_from_captions"]["train"] > two["objects_from_captions"]["train"]
+    assert one["images"]["test"] == two["images"]["test"]
+    captions = defaultdict(list)
+    for a in json.loads((root / "annotations" / "captions_val2017.json").read_text())["annotations"]:
+        captions[f"{a['image_id']:012d}.jpg"].append(a["caption"])
+    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    files = {im["id"]: im["file_name"] for im in instances["images"]}
+    with_boxes = {files[a["image_id"]] for a in instances["annotations"]}
+    train = read_vqa_v2(tmp_path / "one" / "vqa_train_questions.json", tmp_path / "one" / "vqa_train_annotations.json")
+    single = 0
+    for q in (q for q in train if Path(q.image).name not in with_boxes):
+        asked = q.question.split(" ", 3)[-1].removesuffix(" in the image?")
+        named = objects_from_captions(captions[Path(q.image).name], min_captions=1)
+        assert (asked in named) == (q.answers[0] == "yes"), (q.question, named)
+        single += q.answers[0] == "yes" and asked not in objects_from_captions(captions[Path(q.image).name])
+    assert single > 0  # some "yes" rests on one caption alone
+    with pytest.raises(ValueError, match="at least 1"):
+        make_tasks(cfg, tmp_path / "zero", objects_from_captions=True, min_captions=0)

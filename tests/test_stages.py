@@ -169,6 +169,9 @@ def test_a_chain_can_start_from_a_pretrained_caption_run(tiny_chain):
     (tmp / "bad.yaml").write_text(yaml.safe_dump(spec | {"stages": {"caption": {}}}))
     with pytest.raises(ConfigError, match="instruct or vqa"):
         load_chain(str(tmp / "bad.yaml"))
+    (tmp / "zero.yaml").write_text(yaml.safe_dump(spec | {"objects_min_captions": 0}))
+    with pytest.raises(ConfigError, match="objects_min_captions"):
+        load_chain(str(tmp / "zero.yaml"))
     (tmp / "missing.yaml").write_text(yaml.safe_dump(spec | {"pretrained": str(tmp / "no-such-run")}))
     with pytest.raises(ConfigError, match="train it first"):
         run_chain(load_chain(str(tmp / "missing.yaml")), tmp / "never")

@@ -207,7 +207,12 @@ def cmd_make_tasks(args) -> None:
         from .config import apply_settings
 
         apply_settings(cfg, {"data.datasets": args.data})
-    summary = make_tasks(cfg, args.out_dir, objects_from_captions=args.objects_from_captions)
+    if args.objects_min_captions != 2 and not args.objects_from_captions:
+        from .config import ConfigError
+
+        raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
+    summary = make_tasks(cfg, args.out_dir, objects_from_captions=args.objects_from_captions,
+                         min_captions=args.objects_min_captions)  # fmt: skip
     for name, count in summary["files"].items():
         print(f"{count:>7}  {Path(args.out_dir) / name}")
     print(f"images: {summary['images']}; {summary['split_check']}")
@@ -374,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="training photos without boxes: questions about the COCO objects their captions name (test: boxes only)",
     )
+    p.add_argument(
+        "--objects-min-captions",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --objects-from-captions: an object counts as present when N of the captions name it (default 2)",
+    )
     p.set_defaults(func=cmd_make_tasks)
 
     p = sub.add_parser("chat", help="ask a run about an image (one question, or interactive without one)")
@@ -391,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
     p.add_argument(
-        "chain", help="a chain YAML file, or a built-in chain: synthetic, photos, photos-recipe, photos-recipe-captions"
+        "chain",
+        help="a chain YAML file, or a built-in chain (analysis/chains/): synthetic, photos, photos-recipe, "
+        "photos-recipe-captions, photos-recipe-one-caption",
     )
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
     p.set_defaults(func=cmd_chain)

@@ -15,6 +15,7 @@ A chain file:
     blind: true                     # also train the same chain with connector.type: none (the blind control)
     evaluate: [vqa, pope, mmbench]
     objects_from_captions: false    # make-tasks --objects-from-captions, when the chain writes `tasks`
+    objects_min_captions: 2         # make-tasks --objects-min-captions: how many captions must name an object
     eval_tasks: null                # another make-tasks folder whose test files score the chain (default: tasks);
                                     # questions about photos the run trained on are then left out, and counted
     pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
@@ -57,6 +58,7 @@ class Chain:
     pretrained: str | None = None
     eval_tasks: str | None = None
     objects_from_captions: bool = False  # when the chain writes `tasks` (make-tasks --objects-from-captions)
+    objects_min_captions: int = 2  # make-tasks --objects-min-captions
     questions: list[dict] = field(default_factory=list)  # {task, file, images}: real sets, e.g. A-OKVQA
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
@@ -84,7 +86,7 @@ def load_chain(spec: str) -> Chain:
         )
     tree = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate"}
-    allowed |= {"forgetting_split", "pretrained", "objects_from_captions", "questions"}
+    allowed |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     stages = tree.get("stages")
@@ -99,6 +101,8 @@ def load_chain(spec: str) -> Chain:
         raise ConfigError(
             f"{path}: 'pretrained' is a finished caption run; the stages after it start at instruct or vqa"
         )
+    if not isinstance(chain.objects_min_captions, int) or chain.objects_min_captions < 1:
+        raise ConfigError(f"{path}: objects_min_captions is how many captions must name an object (1 or more)")
     for q in chain.questions:
         if not isinstance(q, dict) or set(q) - {"task", "file", "images"} or "file" not in q:
             raise ConfigError(f"{path}: each of 'questions' is {{task, file, images}}; got {q!r}")
@@ -133,7 +137,8 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     if chain.tasks and not (Path(chain.tasks) / "tasks.json").exists():
         started = time.time()
         cfg = chain.config(first, out / first, None, blind=False)
-        make_tasks(cfg, chain.tasks, objects_from_captions=chain.objects_from_captions)
+        make_tasks(cfg, chain.tasks, objects_from_captions=chain.objects_from_captions,
+                   min_captions=chain.objects_min_captions)  # fmt: skip
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for arm in ("model", "blind") if chain.blind else ("model",):

@@ -75,18 +75,22 @@ def rotated_rows(start: int, image: str, question: str, options: list[str], righ
     return rows
 
 
-def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0, objects_from_captions: bool = False) -> dict:
+def make_tasks(
+    cfg: Config, out_dir: str | Path, seed: int = 0, objects_from_captions: bool = False, min_captions: int = 2
+) -> dict:
     """Writes every task file for the config's data (cfg.data.datasets and its split) into out_dir.
 
-    objects_from_captions: training and validation photos without boxes get the objects their captions name
-    (data/caption_objects.py), for presence questions and conversations; test questions stay on annotated
-    photos only, and POPE's popular / adversarial negatives are counted over annotated photos only."""
+    objects_from_captions: training and validation photos without boxes get the objects that at least
+    `min_captions` of their captions name (data/caption_objects.py), for presence questions and conversations;
+    test questions stay on annotated photos only, and POPE's popular / adversarial negatives are counted over
+    annotated photos only."""
+    if min_captions < 1:
+        raise ValueError(f"min_captions is how many captions must name an object: at least 1, got {min_captions}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_samples(cfg)
     facts = {
-        split: image_facts(samples[split], objects_from_captions=objects_from_captions and split != "test")
-        for split in samples
+        split: image_facts(samples[split], objects_from_captions and split != "test", min_captions) for split in samples
     }
     vocabulary = vocabulary_of([f for fs in facts.values() for f in fs])
     if not vocabulary:
@@ -150,6 +154,8 @@ def make_tasks(cfg: Config, out_dir: str | Path, seed: int = 0, objects_from_cap
         raise ValueError(f"{len(leaked)} evaluation images are also training images (same bytes), e.g. {leaked[0]}")
     summary["images"] = {split: len(facts[split]) for split in facts}
     summary["objects_from_captions"] = {split: sum(f.from_captions for f in facts[split]) for split in facts}
+    if objects_from_captions:
+        summary["objects_min_captions"] = min_captions
     summary["split_check"] = "no evaluation image file equals a training or validation image file (SHA-1)"
     (out / "tasks.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -109,11 +109,14 @@ def coco_instances(samples: list[CaptionSample]) -> dict[str, list[dict]]:
     return out
 
 
-def image_facts(samples: list[CaptionSample], objects_from_captions: bool = False) -> list[ImageFacts]:
+def image_facts(
+    samples: list[CaptionSample], objects_from_captions: bool = False, min_captions: int = 2
+) -> list[ImageFacts]:
     """Facts for the samples whose objects are annotated (synthetic world: all; COCO: those in instances).
 
-    objects_from_captions: a photo without annotations gets the COCO categories its captions name (at least two
-    of them), as objects whose number and place are unknown; photos whose captions name none are left out."""
+    objects_from_captions: a photo without annotations gets the COCO categories its captions name (at least
+    `min_captions` of them), as objects whose number and place are unknown; photos whose captions name none
+    are left out."""
     coco = coco_instances(samples)
     out = []
     for s in samples:
@@ -125,7 +128,7 @@ def image_facts(samples: list[CaptionSample], objects_from_captions: bool = Fals
             out.append(ImageFacts(s, objects, synthetic=True))
         elif s.image_path in coco:
             out.append(ImageFacts(s, coco[s.image_path]))
-        elif objects_from_captions and (named := named_objects(s.captions)):
+        elif objects_from_captions and (named := named_objects(s.captions, min_captions)):
             out.append(ImageFacts(s, [{"name": n, "cx": None, "crowd": True} for n in named], from_captions=True))
     return out
 
