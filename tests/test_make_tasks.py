@@ -301,6 +301,16 @@ def test_no_count_is_asked_of_a_category_annotated_as_a_crowd(tmp_path):
         assert counted not in crowd[Path(q.image).name], (q.question, q.image)
 
 
+def captions_and_boxed_files(root: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """A COCO folder's captions by image file name, and the names of the files that have instances."""
+    captions = defaultdict(list)
+    for a in json.loads((root / "annotations" / "captions_val2017.json").read_text())["annotations"]:
+        captions[f"{a['image_id']:012d}.jpg"].append(a["caption"])
+    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    files = {im["id"]: im["file_name"] for im in instances["images"]}
+    return captions, {files[a["image_id"]] for a in instances["annotations"]}
+
+
 def test_objects_from_captions_add_training_photos_and_leave_the_test_files_on_boxes(tmp_path):
     from conftest import SHARED_DATA, require
     from vlmlab.data.caption_objects import objects_from_captions
@@ -323,13 +333,7 @@ def test_objects_from_captions_add_training_photos_and_leave_the_test_files_on_b
     assert test_images == {
         q.image for q in read_vqa_v2(*(tmp_path / "boxes" / f"vqa_test_{k}.json" for k in ("questions", "annotations")))
     }
-    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
-    with_boxes = {
-        {im["id"]: im["file_name"] for im in instances["images"]}[a["image_id"]] for a in instances["annotations"]
-    }
-    captions = defaultdict(list)
-    for a in json.loads((root / "annotations" / "captions_val2017.json").read_text())["annotations"]:
-        captions[f"{a['image_id']:012d}.jpg"].append(a["caption"])
+    captions, with_boxes = captions_and_boxed_files(root)
     train = read_vqa_v2(
         tmp_path / "captions" / "vqa_train_questions.json", tmp_path / "captions" / "vqa_train_annotations.json"
     )
@@ -354,12 +358,7 @@ def test_one_naming_caption_is_enough_when_asked_and_the_labels_follow_it(tmp_pa
     assert one["objects_min_captions"] == 1 and two["objects_min_captions"] == 2
     assert one["objects_from_captions"]["train"] > two["objects_from_captions"]["train"]
     assert one["images"]["test"] == two["images"]["test"]
-    captions = defaultdict(list)
-    for a in json.loads((root / "annotations" / "captions_val2017.json").read_text())["annotations"]:
-        captions[f"{a['image_id']:012d}.jpg"].append(a["caption"])
-    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
-    files = {im["id"]: im["file_name"] for im in instances["images"]}
-    with_boxes = {files[a["image_id"]] for a in instances["annotations"]}
+    captions, with_boxes = captions_and_boxed_files(root)
     train = read_vqa_v2(tmp_path / "one" / "vqa_train_questions.json", tmp_path / "one" / "vqa_train_annotations.json")
     single = 0
     for q in (q for q in train if Path(q.image).name not in with_boxes):

@@ -207,12 +207,12 @@ def cmd_make_tasks(args) -> None:
         from .config import apply_settings
 
         apply_settings(cfg, {"data.datasets": args.data})
-    if args.objects_min_captions != 2 and not args.objects_from_captions:
+    if args.objects_min_captions is not None and not args.objects_from_captions:
         from .config import ConfigError
 
         raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
-    summary = make_tasks(cfg, args.out_dir, objects_from_captions=args.objects_from_captions,
-                         min_captions=args.objects_min_captions)  # fmt: skip
+    min_captions = 2 if args.objects_min_captions is None else args.objects_min_captions
+    summary = make_tasks(cfg, args.out_dir, objects_from_captions=args.objects_from_captions, min_captions=min_captions)
     for name, count in summary["files"].items():
         print(f"{count:>7}  {Path(args.out_dir) / name}")
     print(f"images: {summary['images']}; {summary['split_check']}")
@@ -382,7 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--objects-min-captions",
         type=int,
-        default=2,
         metavar="N",
         help="with --objects-from-captions: an object counts as present when N of the captions name it (default 2)",
     )
