@@ -147,3 +147,30 @@ def test_loglikelihood_is_greedy_for_the_argmax_token(tiny_vlm, tmp_path):
     _, greedy_worst = tiny_vlm.loglikelihood(str(a), msgs, tiny_vlm.tokenizer.decode([worst]))
     assert ll_best == pytest.approx(torch.log_softmax(logits, -1)[best].item(), abs=1e-4)
     assert greedy_best and not greedy_worst
+
+
+def test_reply_logprobs_in_a_left_padded_batch_equal_each_row_alone_and_the_loglikelihood(tiny_vlm, tmp_path):
+    """POPE's yes/no margin: a batch pads its shorter prompts on the left, which must change no row's score (GPT-2
+    has absolute positions: without position ids from the mask a padded row would read shifted ones)."""
+    from PIL import Image
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(a)
+    Image.effect_noise((32, 32), 100).convert("RGB").save(b)
+    convs = [
+        [{"role": "user", "content": "<image> Is there a cat in the image?"}],
+        [{"role": "user", "content": "<image> Cat?"}],
+        [{"role": "user", "content": "Is there a dog in this picture, would you say?"}],
+    ]
+    images = [str(a), str(b), None]
+    words = [["yes"], ["no"]]
+    batch = tiny_vlm.reply_logprobs(images, convs, words)
+    assert batch.shape == (3, 2)
+    for i, (image, conv) in enumerate(zip(images, convs)):
+        alone = tiny_vlm.reply_logprobs([image], [conv], words)[0]
+        assert torch.allclose(batch[i], alone, atol=1e-4), (i, batch[i], alone)
+        for g, (word,) in enumerate(words):
+            assert alone[g].item() == pytest.approx(tiny_vlm.loglikelihood(image, conv, word)[0], abs=1e-4)
+    both = tiny_vlm.reply_logprobs([str(a)], convs[:1], [["yes", "Yes"]])[0, 0]
+    assert both.item() > batch[0, 0].item()  # two casings of one answer add up
+    assert batch[0, 0] != tiny_vlm.reply_logprobs([str(b)], convs[:1], words)[0, 0]  # the image reaches it

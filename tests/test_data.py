@@ -283,6 +283,36 @@ def test_filter_readable_skips_broken_with_one_warning(tmp_path):
         assert filter_readable(kept) == (kept, [])
 
 
+def test_a_photo_in_two_datasets_counts_once_as_the_first_copy_and_is_reported(tmp_path):
+    from vlmlab.config import load_config
+    from vlmlab.data.formats import SkipReport
+    from vlmlab.data.pairs import load_samples
+
+    def folder(name: str, ids: list[int]) -> Path:
+        root = tmp_path / name
+        for i in ids:
+            write_image(root / "val2017" / f"{i:012d}.jpg")
+        data = {
+            "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids],
+            "annotations": [{"id": i, "image_id": i, "caption": f"{name} caption of {i}"} for i in ids],
+        }
+        (root / "annotations").mkdir()
+        (root / "annotations" / "captions_val2017.json").write_text(json.dumps(data))
+        return root
+
+    big, small = folder("big", [1, 2, 3, 4]), folder("small", [3, 4, 5])
+    cfg = load_config(None, [f"data.datasets=[coco:{big}, coco:{small}]"])
+    report = SkipReport()
+    samples = [s for split in load_samples(cfg, report).values() for s in split]
+    assert sorted(s.image_id for s in samples) == ["coco:1", "coco:2", "coco:3", "coco:4", "coco:5"]
+    by_id = {s.image_id: s for s in samples}
+    assert by_id["coco:3"].captions == ["big caption of 3"] and str(big) in by_id["coco:3"].image_path
+    assert by_id["coco:5"].captions == ["small caption of 5"]
+    assert report.counts() == {"photos already in an earlier dataset": 2}
+    with pytest.warns(UserWarning, match="2 photos are in two datasets"):
+        load_samples(cfg)
+
+
 # ---------------------------------------------------------------------------------------------- real data
 
 
@@ -302,6 +332,20 @@ def test_real_coco_mini():
     assert len(out["val"]) > 0 and len(out["test"]) > 0 and len(out["train"]) > len(out["val"])
     assert "coco:397133" in {s.image_id for s in samples}
     assert load_image(samples[0].image_path).mode == "RGB"
+
+
+def test_coco_val_and_its_mini_together_hold_each_photo_once():
+    """coco2017-mini's 162 val2017 photos are inside coco2017-val: beside it, the mini adds its other 117."""
+    from vlmlab.config import load_config
+    from vlmlab.data.formats import SkipReport
+    from vlmlab.data.pairs import load_samples
+
+    val, mini = require(SHARED_DATA / "coco2017-val"), require(SHARED_DATA / "coco2017-mini")
+    report = SkipReport()
+    splits = load_samples(load_config(None, [f"data.datasets=[coco:{val}, coco:{mini}]"]), report)
+    ids = [s.image_id for split in splits.values() for s in split]
+    assert len(ids) == len(set(ids)) == 2278 + 117
+    assert report.counts() == {"photos already in an earlier dataset": 162}
 
 
 def test_real_flickr8k_mini():

@@ -213,6 +213,29 @@ def test_popular_negatives_count_frequency_over_the_whole_annotated_set():
     assert len(negatives) == 2  # only two absent categories exist: no third pair
 
 
+def test_popular_negatives_with_equal_counts_come_out_alike_in_every_process():
+    """Tied frequencies broke in set order, which follows each process's string hashing (PYTHONHASHSEED): two
+    runs of make-tasks wrote different negatives (8 of 1,435 photos-recipe-boxes training questions)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from vlmlab.data.formats import CaptionSample; from vlmlab.data.tasks import ImageFacts, pope_questions\n"
+        "f = lambda p, ns: ImageFacts(CaptionSample(p, p, ['c'], 'test'), [{'name': n, 'cx': None} for n in ns])\n"
+        "names = ['oven', 'sink', 'bench', 'kite', 'fork', 'vase', 'bowl', 'cake']\n"
+        "test = [f('/t.jpg', ['dog', 'cat', 'car'])]\n"
+        "pop = test + [f(f'/{i}.jpg', names) for i in range(3)]  # every absent category as frequent as the next\n"
+        "print(pope_questions(test, 'popular', population=pop))"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={"PYTHONHASHSEED": str(seed)}, capture_output=True, text=True, check=True
+        ).stdout
+        for seed in range(6)
+    }
+    assert len(runs) == 1, runs
+
+
 def test_an_image_in_both_training_and_evaluation_is_refused(tmp_path):
     world = write_world(tmp_path / "world", {"train": TRAIN, "test": TEST})
     images = tmp_path / "world" / "images"
@@ -369,3 +392,79 @@ def test_one_naming_caption_is_enough_when_asked_and_the_labels_follow_it(tmp_pa
     assert single > 0  # some "yes" rests on one caption alone
     with pytest.raises(ValueError, match="at least 1"):
         make_tasks(cfg, tmp_path / "zero", objects_from_captions=True, min_captions=0)
+
+
+def boxed_categories(root: Path) -> dict[str, set[str]]:
+    """A COCO folder's boxed categories by image file name."""
+    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    files = {im["id"]: im["file_name"] for im in instances["images"]}
+    out = defaultdict(set)
+    for a in instances["annotations"]:
+        out[files[a["image_id"]]].add(names[a["category_id"]])
+    return out
+
+
+def test_presence_from_boxes_asks_stage_3_about_boxed_photos_only_every_box_and_as_many_absent(tmp_path):
+    """--presence-from-boxes (issue 14's POPE lever): stage-3 files ask only about photos with boxes, every boxed
+    category "yes" and as many absent ones "no"; the caption-grounded photos stay in the instruct conversations."""
+    from conftest import SHARED_DATA, require
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    cfg = load_config(None, [f"data.datasets=[coco:{root}]"])
+    make_tasks(cfg, tmp_path / "mixed", objects_from_captions=True, min_captions=1)
+    boxes = make_tasks(cfg, tmp_path / "boxes", objects_from_captions=True, min_captions=1, presence_from_boxes=True)
+    boxed = boxed_categories(root)
+    for split in ("train", "val"):
+        mixed_photos = {
+            Path(c.image).name for c in read_llava_conversations(tmp_path / "mixed" / f"vqa_conversations_{split}.json")
+        }
+        photos = {
+            Path(c.image).name for c in read_llava_conversations(tmp_path / "boxes" / f"vqa_conversations_{split}.json")
+        }
+        assert photos and photos <= set(boxed) and mixed_photos - set(boxed)  # without the flag: caption photos too
+        instruct = {
+            Path(c.image).name for c in read_llava_conversations(tmp_path / "boxes" / f"conversations_{split}.json")
+        }
+        assert instruct - set(boxed)  # caption-grounded photos still teach the instruct stage
+    assert boxes["presence_from_boxes"]["train"] == boxes["images"]["train"] - boxes["objects_from_captions"]["train"]
+    train = read_vqa_v2(
+        tmp_path / "boxes" / "vqa_train_questions.json", tmp_path / "boxes" / "vqa_train_annotations.json"
+    )
+    asked = defaultdict(dict)
+    for q in (q for q in train if q.question_type == "is there a"):
+        name = re.match(r"Is there an? (.+) in the image\?", q.question).group(1)
+        assert name not in asked[Path(q.image).name]  # no question twice
+        asked[Path(q.image).name][name] = q.answers[0]
+    for photo, answers in asked.items():
+        assert {n for n, a in answers.items() if a == "yes"} == boxed[photo]  # every box, and only boxes, say yes
+        assert sum(a == "no" for a in answers.values()) == len(boxed[photo])  # as many "no": balanced per photo
+    assert set(asked) == {Path(q.image).name for q in train}  # the other stage-3 questions are on boxed photos too
+    for setting in ("random", "popular", "adversarial"):  # the test files do not change
+        name = f"pope_test_{setting}.json"
+        assert (tmp_path / "boxes" / name).read_text() == (tmp_path / "mixed" / name).read_text()
+
+
+def test_adversarial_negatives_among_the_training_no_are_objects_that_cooccur(tmp_path):
+    """The training "no" answers follow POPE's settings in turn, so some are absent objects that co-occur with what
+    is there (the hard negatives a uniform draw almost never gives): on the mini, a share well above chance."""
+    from conftest import SHARED_DATA, require
+    from vlmlab.data.make_tasks import boxes_presence_questions
+    from vlmlab.data.pairs import load_samples
+    from vlmlab.data.tasks import image_facts
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    facts = image_facts(load_samples(load_config(None, [f"data.datasets=[coco:{root}]"]))["train"])
+    together = defaultdict(Counter)
+    for f in facts:
+        for a in f.counts:
+            together[a].update(set(f.counts) - {a})
+    questions = boxes_presence_questions(facts, seed=0, population=facts)
+    by_photo = {f.sample.image_path: f for f in facts}
+    no = [q for q in questions if q.answer == "no"]
+    name = lambda q: re.match(r"Is there an? (.+) in the image\?", q.question).group(1)  # noqa: E731
+    top = lambda f: {c for p in f.counts for c, _ in together[p].most_common(3)} - set(f.counts)  # noqa: E731
+    hard = sum(name(q) in top(by_photo[q.image]) for q in no) / len(no)
+    vocabulary = {n for f in facts for n in f.counts}
+    chance = sum(len(top(by_photo[q.image])) / (len(vocabulary) - len(by_photo[q.image].counts)) for q in no) / len(no)
+    assert hard > 2 * chance, (hard, chance)

@@ -122,6 +122,10 @@ def test_a_tiny_chain_trains_each_stage_from_the_previous_and_scores_with_contro
     instruct_cfg = load_config(out / "instruct" / "config.yaml")
     assert instruct_cfg.train.stage == "instruct" and instruct_cfg.train.init_from == str(out / "caption")
     assert load_config(out / "blind" / "instruct" / "config.yaml").connector.type == "none"
+    for arm, sees in (("instruct", True), ("blind/instruct", False)):  # a blind run has no shuffled-image probe
+        records = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if "val_loss" in r]
+        assert evals and all(("val_loss_shuffled_images" in r) == sees for r in evals)
     for task in ("pope", "mmbench"):
         rows = summary["tables"][task]
         assert {"model", "swapped image", "no image", "blind model", "prior"} <= set(rows)
@@ -172,6 +176,9 @@ def test_a_chain_can_start_from_a_pretrained_caption_run(tiny_chain):
     (tmp / "zero.yaml").write_text(yaml.safe_dump(spec | {"objects_min_captions": 0}))
     with pytest.raises(ConfigError, match="objects_min_captions"):
         load_chain(str(tmp / "zero.yaml"))
+    (tmp / "word.yaml").write_text(yaml.safe_dump(spec | {"presence_from_boxes": "boxes"}))
+    with pytest.raises(ConfigError, match="presence_from_boxes"):
+        load_chain(str(tmp / "word.yaml"))
     (tmp / "missing.yaml").write_text(yaml.safe_dump(spec | {"pretrained": str(tmp / "no-such-run")}))
     with pytest.raises(ConfigError, match="train it first"):
         run_chain(load_chain(str(tmp / "missing.yaml")), tmp / "never")

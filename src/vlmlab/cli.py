@@ -212,12 +212,38 @@ def cmd_make_tasks(args) -> None:
 
         raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
     min_captions = 2 if args.objects_min_captions is None else args.objects_min_captions
-    summary = make_tasks(cfg, args.out_dir, objects_from_captions=args.objects_from_captions, min_captions=min_captions)
+    summary = make_tasks(
+        cfg,
+        args.out_dir,
+        objects_from_captions=args.objects_from_captions,
+        min_captions=min_captions,
+        presence_from_boxes=args.presence_from_boxes,
+    )
     for name, count in summary["files"].items():
         print(f"{count:>7}  {Path(args.out_dir) / name}")
     print(f"images: {summary['images']}; {summary['split_check']}")
     if args.objects_from_captions:
         print(f"of which objects named by captions only: {summary['objects_from_captions']}")
+    if args.presence_from_boxes:
+        print(f"stage-3 questions about the photos with boxes only: {summary['presence_from_boxes']}")
+
+
+def cmd_presence_probe(args) -> None:
+    from .data.features import FeatureCache
+    from .eval.presence_probe import presence_probe
+    from .eval.tasks import read_questions, task_test_files
+    from .model.language_model import cache_dir
+    from .model.vision import build_vision_encoder
+
+    cfg = _config(args)
+    questions = [q for f in task_test_files(args.pope, "pope") for q in read_questions(f)[1]]
+    cache = FeatureCache(cache_dir() / "features", build_vision_encoder(cfg.vision.name, cfg.vision.image_size))
+    rows = [presence_probe(cfg, questions, source, cache, args.min_captions) for source in args.labels]
+    cols = ["labels", "training photos", "positives per photo", "auc", "accuracy", "f1", "yes_ratio"]
+    print(f"linear probe on frozen {cfg.vision.name} features; {len(questions)} POPE questions from {args.pope}")
+    print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
 
 
 def cmd_chat(args) -> int:
@@ -385,7 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --objects-from-captions: an object counts as present when N of the captions name it (default 2)",
     )
+    p.add_argument(
+        "--presence-from-boxes",
+        action="store_true",
+        help="stage-3 questions about photos with boxes only, presence asked POPE's way (3 settings)",
+    )
     p.set_defaults(func=cmd_make_tasks)
+
+    p = sub.add_parser(
+        "presence-probe", help="can presence be read from the frozen features? a linear probe scored on POPE"
+    )
+    with_config(p, required=False)
+    p.add_argument("--pope", required=True, metavar="TASKS_DIR", help="a make-tasks folder: its POPE test files")
+    p.add_argument("--labels", nargs="+", choices=["captions", "boxes"], default=["captions", "boxes"])
+    p.add_argument("--min-captions", type=int, default=1, help="captions labels: how many captions must name it")
+    p.set_defaults(func=cmd_presence_probe)
 
     p = sub.add_parser("chat", help="ask a run about an image (one question, or interactive without one)")
     p.add_argument("run_dir")

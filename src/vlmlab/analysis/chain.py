@@ -16,6 +16,7 @@ A chain file:
     evaluate: [vqa, pope, mmbench]
     objects_from_captions: false    # make-tasks --objects-from-captions, when the chain writes `tasks`
     objects_min_captions: 2         # make-tasks --objects-min-captions: how many captions must name an object
+    presence_from_boxes: false      # make-tasks --presence-from-boxes: stage-3 presence questions from boxes only
     eval_tasks: null                # another make-tasks folder whose test files score the chain (default: tasks);
                                     # questions about photos the run trained on are then left out, and counted
     pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
@@ -59,6 +60,7 @@ class Chain:
     eval_tasks: str | None = None
     objects_from_captions: bool = False  # when the chain writes `tasks` (make-tasks --objects-from-captions)
     objects_min_captions: int = 2  # make-tasks --objects-min-captions
+    presence_from_boxes: bool = False  # make-tasks --presence-from-boxes
     questions: list[dict] = field(default_factory=list)  # {task, file, images}: real sets, e.g. A-OKVQA
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
@@ -87,6 +89,7 @@ def load_chain(spec: str) -> Chain:
     tree = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate"}
     allowed |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
+    allowed |= {"presence_from_boxes"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     stages = tree.get("stages")
@@ -103,6 +106,8 @@ def load_chain(spec: str) -> Chain:
         )
     if not isinstance(chain.objects_min_captions, int) or chain.objects_min_captions < 1:
         raise ConfigError(f"{path}: objects_min_captions is how many captions must name an object (1 or more)")
+    if not isinstance(chain.presence_from_boxes, bool):
+        raise ConfigError(f"{path}: presence_from_boxes is true or false; got {chain.presence_from_boxes!r}")
     for q in chain.questions:
         if not isinstance(q, dict) or set(q) - {"task", "file", "images"} or "file" not in q:
             raise ConfigError(f"{path}: each of 'questions' is {{task, file, images}}; got {q!r}")
@@ -138,7 +143,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         started = time.time()
         cfg = chain.config(first, out / first, None, blind=False)
         make_tasks(cfg, chain.tasks, objects_from_captions=chain.objects_from_captions,
-                   min_captions=chain.objects_min_captions)  # fmt: skip
+                   min_captions=chain.objects_min_captions, presence_from_boxes=chain.presence_from_boxes)  # fmt: skip
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for arm in ("model", "blind") if chain.blind else ("model",):

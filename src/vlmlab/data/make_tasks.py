@@ -11,7 +11,9 @@ The files are in their authors' formats, so the same readers (questions.py) read
     OUT/captions_test.json                         the test images and their reference captions (lmms-eval captioning)
     OUT/tasks.json                                 what was written, from which data, and the split check
 
-With `--objects-from-captions`, training photos without boxes get the objects their captions name.
+With `--objects-from-captions`, training photos without boxes get the objects their captions name; with
+`--presence-from-boxes` as well, those photos feed the instruct conversations only, and the stage-3 files ask
+about photos with boxes alone.
 Images are split as the caption data splits them (by image); no image file is in both the training
 files and the evaluation files, checked by the SHA-1 of the file bytes.
 """
@@ -21,12 +23,14 @@ from __future__ import annotations
 import csv
 import json
 import random
+from itertools import zip_longest
 from pathlib import Path
 
 from ..config import Config
 from .features import file_digest
 from .pairs import load_samples
 from .tasks import (
+    TaskQuestion,
     choice_conversation,
     choice_questions,
     conversation,
@@ -75,15 +79,51 @@ def rotated_rows(start: int, image: str, question: str, options: list[str], righ
     return rows
 
 
+def boxes_presence_questions(facts, seed: int, population) -> list:
+    """Presence questions on photos with boxes, negatives sampled as POPE samples them: every boxed category of
+    a photo ("yes"), and as many absent ones ("no"), taken in turn from POPE's random, popular and adversarial
+    (co-occurring) negatives of that photo, none twice. Balanced per photo, so the share of "yes" is 0.5."""
+    per_setting = {
+        setting: pope_questions(facts, setting, seed, per_image=10**6, min_categories=1, population=population)
+        for setting in ("random", "popular", "adversarial")
+    }
+    negatives: dict[str, dict[str, list[str]]] = {}  # photo -> setting -> its negatives, in POPE's order
+    positives: dict[str, list[str]] = {}
+    for setting, items in per_setting.items():
+        for image, text, label in items:
+            if label == "no":
+                negatives.setdefault(image, {}).setdefault(setting, []).append(text)
+            elif text not in positives.setdefault(image, []):
+                positives[image].append(text)
+    out = []
+    for image, yes in positives.items():
+        by_setting = list(negatives.get(image, {}).values())
+        turns = [n for group in zip_longest(*by_setting) for n in group if n is not None]
+        no = list(dict.fromkeys(turns))[: len(yes)]
+        out += [TaskQuestion(image, t, "yes", "yes/no", "is there a") for t in yes]
+        out += [TaskQuestion(image, t, "no", "yes/no", "is there a") for t in no]
+    return out
+
+
 def make_tasks(
-    cfg: Config, out_dir: str | Path, seed: int = 0, objects_from_captions: bool = False, min_captions: int = 2
+    cfg: Config,
+    out_dir: str | Path,
+    seed: int = 0,
+    objects_from_captions: bool = False,
+    min_captions: int = 2,
+    presence_from_boxes: bool = False,
 ) -> dict:
     """Writes every task file for the config's data (cfg.data.datasets and its split) into out_dir.
 
     objects_from_captions: training and validation photos without boxes get the objects that at least
     `min_captions` of their captions name (data/caption_objects.py), for presence questions and conversations;
     test questions stay on annotated photos only, and POPE's popular / adversarial negatives are counted over
-    annotated photos only."""
+    annotated photos only.
+
+    presence_from_boxes: the stage-3 files (vqa_conversations_*, vqa_train_*) ask about presence only on photos
+    with boxes, POPE's way (boxes_presence_questions); photos grounded by captions only then feed the
+    instruct conversations alone. A caption names the salient objects, a box any object: trained on captions'
+    "yes", a model learns "salient", and POPE's positives are any boxed object."""
     if min_captions < 1:
         raise ValueError(f"min_captions is how many captions must name an object: at least 1, got {min_captions}")
     out = Path(out_dir)
@@ -108,11 +148,22 @@ def make_tasks(
             _llava([(f.sample.image_path, conversation(f, vocabulary, rng)) for f in facts[split]], out),
         )
     short = {split: [q for f in facts[split] for q in short_questions(f, vocabulary, rng)] for split in facts}
+    stage3 = dict(facts)  # the photos the short-answer stage asks about
+    if presence_from_boxes:  # photos with boxes only; every box asked, and as many negatives POPE's way
+        population = [f for split in ("train", "val") for f in facts[split] if not f.from_captions]
+        for split in ("train", "val"):
+            stage3[split] = [f for f in facts[split] if not f.from_captions]
+            if split == "train" and not stage3[split]:
+                raise ValueError(f"presence_from_boxes: no training photo of {cfg.data.datasets} has boxes")
+            short[split] = [q for f in stage3[split] for q in short_questions(f, vocabulary, rng)]
+            short[split] = [q for q in short[split] if q.question_type != "is there a"]
+            short[split] += boxes_presence_questions(stage3[split], seed, population)
+            rng.shuffle(short[split])
     for split in ("train", "val"):  # short answers, then lettered options (LLaVA-1.5 mixes in A-OKVQA's)
         records = [(q.image, vqa_conversation(q)) for q in short[split]]
         records += [
             (f.sample.image_path, choice_conversation(*question))
-            for f in facts[split]
+            for f in stage3[split]
             for question in choice_questions(f, vocabulary, rng)
         ]
         write_json(f"vqa_conversations_{split}.json", _llava(records, out))
@@ -156,6 +207,8 @@ def make_tasks(
     summary["objects_from_captions"] = {split: sum(f.from_captions for f in facts[split]) for split in facts}
     if objects_from_captions:
         summary["objects_min_captions"] = min_captions
+    if presence_from_boxes:
+        summary["presence_from_boxes"] = {split: len(stage3[split]) for split in ("train", "val")}
     summary["split_check"] = "no evaluation image file equals a training or validation image file (SHA-1)"
     (out / "tasks.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -49,10 +49,15 @@ SKIP_LOG = "skipped_inputs.log"
 
 
 def load_samples(cfg, skipped: SkipReport | None = None) -> dict[str, list[CaptionSample]]:
-    """All data specs of a config merged per split, with the optional deterministic subsets applied."""
+    """All data specs of a config merged per split, with the optional deterministic subsets applied.
+
+    A photo in two datasets (the same id: coco2017-mini's val2017 photos are inside coco2017-val) counts once,
+    as the first dataset's copy; the later copies are reported, not read twice."""
     from .synthetic import ensure_world
 
     merged: dict[str, list[CaptionSample]] = {s: [] for s in SPLITS}
+    seen: dict[str, str] = {}  # image id -> the dataset spec that gave it
+    repeated: list[str] = []
     for spec in cfg.data.datasets:
         if spec.startswith("synthetic:"):  # the synthetic world is generated on first use
             ensure_world(
@@ -62,7 +67,18 @@ def load_samples(cfg, skipped: SkipReport | None = None) -> dict[str, list[Capti
                 max_objects=cfg.data.synthetic_max_objects,
             )
         for split, samples in load_captions(spec, seed=cfg.data.split_seed, skipped=skipped).items():
-            merged[split].extend(samples)
+            for sample in samples:
+                if sample.image_id in seen and seen[sample.image_id] != spec:
+                    repeated.append(sample.image_id)
+                    if skipped is not None:
+                        skipped.add("photos already in an earlier dataset", sample.image_path, seen[sample.image_id])
+                    continue
+                seen[sample.image_id] = spec
+                merged[split].append(sample)
+    if repeated and skipped is None:
+        warnings.warn(
+            f"{len(repeated)} photos are in two datasets (e.g. {repeated[0]}): each counts once", stacklevel=2
+        )
     limits = {"train": cfg.data.max_train_images, "val": cfg.data.max_eval_images, "test": cfg.data.max_eval_images}
     for split, limit in limits.items():
         if limit is not None and len(merged[split]) > limit:

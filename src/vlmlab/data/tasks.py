@@ -242,7 +242,8 @@ def pope_questions(
         raise ValueError(f"POPE setting {setting!r}: random | popular | adversarial")
     rng = random.Random(f"pope-{setting}-{seed}")
     population = population or facts
-    frequency = Counter(name for f in population for name in set(f.counts))
+    # sorted: equal frequencies tie-break alike in every process (a set's order follows the string hash seed)
+    frequency = Counter(name for f in population for name in sorted(set(f.counts)))
     vocabulary = sorted(frequency)
     cooccur: dict[str, Counter] = defaultdict(Counter)
     for f in population:

@@ -54,3 +54,14 @@ def pope_scores_by_setting(predictions: list[str], labels: list[str], settings: 
         groups[s][0].append(p)
         groups[s][1].append(y)
     return {s: pope_scores(p, y) for s, (p, y) in sorted(groups.items())}
+
+
+def roc_auc(scores: list[float], positive: list[bool]) -> float:
+    """P(a random positive scores above a random negative), ties half: the Mann-Whitney U over n_pos * n_neg.
+    For POPE, with the log p(yes) - log p(no) margin as the score: 0.5 is no better than a coin, whatever the
+    threshold; below the always-yes F1 with a good AUC is a threshold to move, with a poor one a model to fix."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        raise ValueError(f"AUC needs positives and negatives; got {len(pos)} and {len(neg)}")
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))

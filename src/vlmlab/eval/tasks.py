@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
 from ..data.tasks import MC_SUFFIX, VQA_SUFFIX
 from .multiple_choice import choice_scores, extract_choice
-from .pope import pope_scores, pope_scores_by_setting
+from .pope import pope_scores, pope_scores_by_setting, roc_auc
 from .probes import derangement
 from .vqa import normalize_answer, prior_answers, vqa_scores
 
@@ -150,6 +150,20 @@ def answer_all(model, task: str, questions: list[Question], images: list, batch_
     return out
 
 
+YES_NO = [["yes", "Yes"], ["no", "No"]]
+
+
+def yes_no_margins(model, questions: list[Question], images: list, batch_size: int = 16, desc="") -> list[float]:
+    """log p(yes) - log p(no) at the start of the reply to each POPE question (VLM.reply_logprobs)."""
+    out = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc or "yes/no margins", unit="batch", leave=False):
+        chunk = questions[start : start + batch_size]
+        convs = [[{"role": "user", "content": prompt_of("pope", q)}] for q in chunk]
+        logprobs = model.reply_logprobs(images[start : start + batch_size], convs, YES_NO)
+        out += (logprobs[:, 0] - logprobs[:, 1]).tolist()
+    return out
+
+
 # ---- scoring ----------------------------------------------------------------------------------------
 def score(task: str, questions: list[Question], answers: list[str]) -> dict:
     if task == "vqa":
@@ -196,7 +210,7 @@ def by_question_type(questions: list[Question], answers: dict[str, list[str]]) -
 
 MAIN_COLUMNS = {
     "vqa": ["vqa_accuracy", "vqa_accuracy[yes/no]", "vqa_accuracy[number]", "vqa_accuracy[other]"],
-    "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
+    "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio", "yes-no AUC"],
     "mmbench": ["accuracy", "circular_accuracy", "no_option_share"],
 }
 
@@ -264,16 +278,22 @@ def evaluate_task(
         swapped = [shift.get(str(im), swapped[i]) for i, im in enumerate(true_images)]
 
     model = load_run(run_dir)
-    answers = {
-        "model": answer_all(model, task, questions, true_images, desc="true image"),
-        "swapped image": answer_all(model, task, questions, swapped, desc="swapped image"),
-        "no image": answer_all(model, task, questions, [None] * len(questions), desc="no image"),
-    }
+    asked = {"model": true_images, "swapped image": swapped, "no image": [None] * len(questions)}
+    answers = {name: answer_all(model, task, questions, imgs, desc=name) for name, imgs in asked.items()}
+    margins = {}  # POPE: the yes/no margin of every answerer that is a model, for the AUC column
+    if task == "pope":
+        margins = {name: yes_no_margins(model, questions, imgs, desc=name) for name, imgs in asked.items()}
     del model
     if blind_run is not None:
-        answers["blind model"] = answer_all(load_run(blind_run), task, questions, true_images, desc="blind model")
+        blind = load_run(blind_run)
+        answers["blind model"] = answer_all(blind, task, questions, true_images, desc="blind model")
+        if task == "pope":
+            margins["blind model"] = yes_no_margins(blind, questions, true_images, desc="blind model")
+        del blind
     answers["prior"] = prior_predictions(task, questions, train_questions)
     rows = {name: score(task, questions, a) for name, a in answers.items()}
+    for name, m in margins.items():
+        rows[name]["yes-no AUC"] = roc_auc(m, [q.answers[0] == "yes" for q in questions])
     changed = sum(a != b for a, b in zip(answers["model"], answers["swapped image"])) / len(questions)
     rows["model"]["answers changed by swap"] = changed
     table = format_task_table(task, rows)
@@ -288,6 +308,7 @@ def evaluate_task(
         "answers": [
             {"question_id": q.question_id, "question_type": q.question_type, "question": q.question}
             | {k: v[i] for k, v in answers.items()}
+            | {f"{k} yes-no margin": v[i] for k, v in margins.items()}
             for i, q in enumerate(questions)
         ],
     }

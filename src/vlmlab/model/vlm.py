@@ -323,6 +323,28 @@ class VLM(nn.Module):
         text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
         return self._generate(image_tokens, text, self.turn_end_id, **generate_kwargs)
 
+    @torch.no_grad()
+    def reply_logprobs(self, images, conversations: list[list[dict]], words: list[list[str]]) -> torch.Tensor:
+        """log p(the next reply starts with one of each group of words) for every (image, conversation): [B, G].
+
+        POPE's yes/no as a score instead of a parsed answer ([["yes", "Yes"], ["no", "No"]]): its margin ranks the
+        questions, so an AUC says whether the model tells present from absent at all, whatever its threshold.
+        Each word counts by its first token; the casings of one answer add up."""
+        image_tokens = None if self.blind else self._image_tokens_of(images)
+        present = [im is not None and not self.blind for im in images]
+        encoded = [self.encode_messages(m, generation=True, image=has) for m, has in zip(conversations, present)]
+        text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
+        visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
+        embeds, mask, _ = self._embed(visual, text)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: each row's positions start at its first token
+        base = base_causal_lm(self.lm)
+        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        logprobs = torch.log_softmax(base.get_output_embeddings()(hidden.last_hidden_state[:, -1]).float(), dim=-1)
+        first = [
+            sorted({self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in group}) for group in words
+        ]
+        return torch.stack([torch.logsumexp(logprobs[:, ids], dim=-1) for ids in first], dim=-1).cpu()
+
     def chat(self, image, messages: list[dict], **generate_kwargs) -> str:
         """One image (path, PIL image or None) and a conversation ending in a user turn -> the assistant's reply."""
         return self.chat_batch([image], [messages], **generate_kwargs)[0]
