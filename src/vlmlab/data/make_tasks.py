@@ -149,6 +149,8 @@ def make_tasks(
         )
     short = {split: [q for f in facts[split] for q in short_questions(f, vocabulary, rng)] for split in facts}
     stage3 = dict(facts)  # the photos the short-answer stage asks about
+    # presence_from_boxes replaces the train / val questions above, but they are still drawn first: they advance
+    # `rng` as the default path does, so the later draws (choices, test rows) are the same with the flag or without
     if presence_from_boxes:  # photos with boxes only; every box asked, and as many negatives POPE's way
         population = [f for split in ("train", "val") for f in facts[split] if not f.from_captions]
         for split in ("train", "val"):

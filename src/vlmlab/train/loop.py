@@ -315,8 +315,8 @@ def setup(cfg: Config) -> Session:
             f"val: {len(val_split.samples)} images, {len(val_split.pairs)} captions"
         )
     # the shuffled-image probe needs two images and a model that sees them: a blind run's would repeat val_loss
-    sees = cfg.connector.type != "none"
-    val_order = derangement(len(val_split.samples), seed=t.seed) if len(val_split.samples) >= 2 and sees else None
+    probe = len(val_split.samples) >= 2 and not model.blind
+    val_order = derangement(len(val_split.samples), seed=t.seed) if probe else None
 
     loader = training_loader(cfg, train_split, model.tokenizer)
     if len(loader) < accelerator.num_processes:
