@@ -17,7 +17,7 @@ import pytest
 from vlmlab.cli import main
 from vlmlab.config import load_config
 from vlmlab.data.formats import CaptionSample
-from vlmlab.data.make_tasks import make_tasks, rotated_rows
+from vlmlab.data.make_tasks import grouped_turns, make_tasks, rotated_rows
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
 from vlmlab.data.synthetic import POSITIONS, SceneObject, render_scene
 from vlmlab.data.tasks import MC_SUFFIX, ImageFacts, pope_questions
@@ -468,3 +468,48 @@ def test_adversarial_negatives_among_the_training_no_are_objects_that_cooccur(tm
     vocabulary = {n for f in facts for n in f.counts}
     chance = sum(len(top(by_photo[q.image])) / (len(vocabulary) - len(by_photo[q.image].counts)) for q in no) / len(no)
     assert hard > 2 * chance, (hard, chance)
+
+
+def test_vqa_turns_ask_every_stage_3_question_once_k_to_a_photo_and_leave_every_other_file_alone(tmp_path):
+    """--vqa-turns K (LLaVA-1.5's packing of VQAv2): the same (photo, question, answer) triples, at most K to a
+    conversation about one photo, the <image> placeholder in the first turn only; every other file is unchanged."""
+    from conftest import SHARED_DATA, require
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    cfg = load_config(None, [f"data.datasets=[coco:{root}]"])
+    one = make_tasks(cfg, tmp_path / "one", objects_from_captions=True, min_captions=1, presence_from_boxes=True)
+    four = make_tasks(
+        cfg, tmp_path / "four", objects_from_captions=True, min_captions=1, presence_from_boxes=True, vqa_turns=4
+    )
+    for split in ("train", "val"):
+        name = f"vqa_conversations_{split}.json"
+        singles = read_llava_conversations(tmp_path / "one" / name)
+        grouped = read_llava_conversations(tmp_path / "four" / name)
+        assert len(grouped) < len(singles) and four["files"][name] == len(grouped)
+
+        def triples(conversations):
+            out = Counter()
+            for c in conversations:
+                turns = c.messages
+                assert turns[0]["content"].startswith("<image>\n")
+                assert sum(m["content"].count("<image>") for m in turns) == 1
+                for q, a in zip(turns[::2], turns[1::2]):
+                    out[(c.image, q["content"].removeprefix("<image>\n"), a["content"])] += 1
+            return out
+
+        assert triples(grouped) == triples(singles)
+        assert max(len(c.messages) for c in grouped) == 8 and min(len(c.messages) for c in grouped) >= 2
+    for name in one["files"]:
+        if not name.startswith("vqa_conversations_"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes(), name
+    assert four["vqa_turns"] == 4 and "vqa_turns" not in one
+
+
+def test_grouped_turns_refuses_what_it_cannot_group():
+    single = [("a.jpg", [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "yes"}])]
+    assert grouped_turns(single, 1, random.Random(0)) == single
+    with pytest.raises(ValueError, match="at least 1"):
+        grouped_turns(single, 0, random.Random(0))
+    two_turns = [("a.jpg", single[0][1] * 2)]
+    with pytest.raises(ValueError, match="single-turn"):
+        grouped_turns(two_turns, 2, random.Random(0))

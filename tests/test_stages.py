@@ -179,6 +179,10 @@ def test_a_chain_can_start_from_a_pretrained_caption_run(tiny_chain):
     (tmp / "word.yaml").write_text(yaml.safe_dump(spec | {"presence_from_boxes": "boxes"}))
     with pytest.raises(ConfigError, match="presence_from_boxes"):
         load_chain(str(tmp / "word.yaml"))
+    for turns in (0, True, "4"):
+        (tmp / "turns.yaml").write_text(yaml.safe_dump(spec | {"vqa_turns": turns}))
+        with pytest.raises(ConfigError, match="vqa_turns"):
+            load_chain(str(tmp / "turns.yaml"))
     (tmp / "missing.yaml").write_text(yaml.safe_dump(spec | {"pretrained": str(tmp / "no-such-run")}))
     with pytest.raises(ConfigError, match="train it first"):
         run_chain(load_chain(str(tmp / "missing.yaml")), tmp / "never")
@@ -295,3 +299,20 @@ def test_a_chain_scores_real_question_files_and_says_when_none_is_left(tiny_chai
     (tmp / "gone.yaml").write_text(yaml.safe_dump(spec | {"questions": [{"task": "pope", "file": str(tmp / "no")}]}))
     with pytest.raises(ConfigError, match="do not exist"):
         run_chain(load_chain(str(tmp / "gone.yaml")), tmp / "never3")
+
+
+@pytest.mark.slow
+def test_a_question_set_about_one_photo_has_no_swapped_image_row(tiny_chain):
+    """The real POPE files ask 6 questions about one photo each: a swap there would ask about the same photo, so
+    the table has no swapped-image row (and no share of answers changed by it) instead of a vacuous one."""
+    from vlmlab.eval.tasks import evaluate_task
+
+    tmp, _ = tiny_chain
+    image = json.loads((tmp / "tasks" / "pope_test_random.json").read_text().splitlines()[0])["image"]
+    path = tmp / "one_photo_pope.json"
+    lines = [{"question_id": i, "image": image, "text": f"Is there a {s}?", "label": lab}
+             for i, (s, lab) in enumerate([("circle", "yes"), ("square", "no"), ("triangle", "no")])]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = evaluate_task(tmp / "out" / "caption", "pope", question_files=[path], out_dir=tmp / "one_photo")
+    assert "swapped image" not in rows and "no image" in rows and "prior" in rows
+    assert "answers changed by swap" not in rows["model"]

@@ -218,6 +218,7 @@ def cmd_make_tasks(args) -> None:
         objects_from_captions=args.objects_from_captions,
         min_captions=min_captions,
         presence_from_boxes=args.presence_from_boxes,
+        vqa_turns=args.vqa_turns,
     )
     for name, count in summary["files"].items():
         print(f"{count:>7}  {Path(args.out_dir) / name}")
@@ -415,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--presence-from-boxes",
         action="store_true",
         help="stage-3 questions about photos with boxes only, presence asked POPE's way (3 settings)",
+    )
+    p.add_argument(
+        "--vqa-turns",
+        type=int,
+        default=1,
+        metavar="K",
+        help="stage-3 conversations ask K questions of one photo each, LLaVA-1.5's way (default 1)",
     )
     p.set_defaults(func=cmd_make_tasks)
 

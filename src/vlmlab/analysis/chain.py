@@ -17,6 +17,7 @@ A chain file:
     objects_from_captions: false    # make-tasks --objects-from-captions, when the chain writes `tasks`
     objects_min_captions: 2         # make-tasks --objects-min-captions: how many captions must name an object
     presence_from_boxes: false      # make-tasks --presence-from-boxes: stage-3 presence questions from boxes only
+    vqa_turns: 1                    # make-tasks --vqa-turns: stage-3 questions asked K to a conversation
     eval_tasks: null                # another make-tasks folder whose test files score the chain (default: tasks);
                                     # questions about photos the run trained on are then left out, and counted
     pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
@@ -61,6 +62,7 @@ class Chain:
     objects_from_captions: bool = False  # when the chain writes `tasks` (make-tasks --objects-from-captions)
     objects_min_captions: int = 2  # make-tasks --objects-min-captions
     presence_from_boxes: bool = False  # make-tasks --presence-from-boxes
+    vqa_turns: int = 1  # make-tasks --vqa-turns
     questions: list[dict] = field(default_factory=list)  # {task, file, images}: real sets, e.g. A-OKVQA
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
@@ -89,7 +91,7 @@ def load_chain(spec: str) -> Chain:
     tree = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate"}
     allowed |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
-    allowed |= {"presence_from_boxes"}
+    allowed |= {"presence_from_boxes", "vqa_turns"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     stages = tree.get("stages")
@@ -108,6 +110,8 @@ def load_chain(spec: str) -> Chain:
         raise ConfigError(f"{path}: objects_min_captions is how many captions must name an object (1 or more)")
     if not isinstance(chain.presence_from_boxes, bool):
         raise ConfigError(f"{path}: presence_from_boxes is true or false; got {chain.presence_from_boxes!r}")
+    if isinstance(chain.vqa_turns, bool) or not isinstance(chain.vqa_turns, int) or chain.vqa_turns < 1:
+        raise ConfigError(f"{path}: vqa_turns is how many questions a stage-3 conversation asks (1 or more)")
     for q in chain.questions:
         if not isinstance(q, dict) or set(q) - {"task", "file", "images"} or "file" not in q:
             raise ConfigError(f"{path}: each of 'questions' is {{task, file, images}}; got {q!r}")
@@ -143,7 +147,8 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         started = time.time()
         cfg = chain.config(first, out / first, None, blind=False)
         make_tasks(cfg, chain.tasks, objects_from_captions=chain.objects_from_captions,
-                   min_captions=chain.objects_min_captions, presence_from_boxes=chain.presence_from_boxes)  # fmt: skip
+                   min_captions=chain.objects_min_captions, presence_from_boxes=chain.presence_from_boxes,
+                   vqa_turns=chain.vqa_turns)  # fmt: skip
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for arm in ("model", "blind") if chain.blind else ("model",):

@@ -279,6 +279,9 @@ def evaluate_task(
 
     model = load_run(run_dir)
     asked = {"model": true_images, "swapped image": swapped, "no image": [None] * len(questions)}
+    if len(distinct) == 1:  # e.g. the real POPE files (one photo each): a swap would ask about the same photo
+        del asked["swapped image"]
+        print(f"{task}: every question is about one image ({distinct[0]}): no swapped-image control")
     answers = {name: answer_all(model, task, questions, imgs, desc=name) for name, imgs in asked.items()}
     margins = {}  # POPE: the yes/no margin of every answerer that is a model, for the AUC column
     if task == "pope":
@@ -294,8 +297,9 @@ def evaluate_task(
     rows = {name: score(task, questions, a) for name, a in answers.items()}
     for name, m in margins.items():
         rows[name]["yes-no AUC"] = roc_auc(m, [q.answers[0] == "yes" for q in questions])
-    changed = sum(a != b for a, b in zip(answers["model"], answers["swapped image"])) / len(questions)
-    rows["model"]["answers changed by swap"] = changed
+    if "swapped image" in answers:
+        changed = sum(a != b for a, b in zip(answers["model"], answers["swapped image"])) / len(questions)
+        rows["model"]["answers changed by swap"] = changed
     table = format_task_table(task, rows)
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
