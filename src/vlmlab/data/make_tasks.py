@@ -28,9 +28,9 @@ from itertools import zip_longest
 from pathlib import Path
 
 from ..config import Config
-from ..model.chat_format import IMAGE
 from .features import file_digest
 from .pairs import load_samples
+from .questions import IMAGE_PLACEHOLDER as IMAGE
 from .tasks import (
     TaskQuestion,
     choice_conversation,
