@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlmlab.config import ConnectorConfig
-from vlmlab.model.connector import QFormerConnector, build_connector
+from vlmlab.model.connector import QFormerConnector, build_connector, merge_grid
 
 
 def test_shapes_and_attention():
@@ -87,3 +87,36 @@ def test_meanpool_cannot_see_where_things_are_but_per_token_can():
     assert not torch.allclose(mlp(image), mlp(moved))
     with pytest.raises(ValueError, match="expected 9 image tokens"):
         mlp(torch.randn(1, 10, 16))
+
+
+def test_merge_grid_regroups_each_block_without_losing_a_vector():
+    """4x4 grid, k=2: token j of the output is block j's four vectors side by side, row-major inside."""
+    image = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)
+    merged = merge_grid(image, (4, 4), 2)
+    assert merged.shape == (2, 4, 12)
+    grid = image.view(2, 4, 4, 3)
+    top_right = torch.cat([grid[:, 0, 2], grid[:, 0, 3], grid[:, 1, 2], grid[:, 1, 3]], dim=-1)
+    assert torch.equal(merged[:, 1], top_right)
+    assert torch.equal(merged.flatten().sort().values, image.flatten().sort().values)  # every value, once
+    with pytest.raises(ValueError, match="divisible by 2"):
+        merge_grid(torch.randn(1, 49, 3), (7, 7), 2)
+
+
+def test_merged_mlp_makes_a_quarter_of_the_tokens_each_from_its_own_block():
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(type="mlp", merge=2)
+    mlp = build_connector(cfg, image_dim=8, num_image_tokens=16, lm_dim=6, lm_embedding_rms=0.2, grid=(4, 4))
+    assert mlp.num_visual_tokens == 4
+    image = torch.randn(1, 16, 8)
+    visual = mlp(image)
+    assert visual.shape == (1, 4, 6) and 0.2 / 1.5 < visual.pow(2).mean().sqrt().item() < 0.2 * 1.5
+    changed = image.clone()
+    changed[0, 15] += 1.0  # the bottom-right grid cell: only the last block's token may move
+    moved = (mlp(changed) - visual).abs().sum(dim=-1)[0]
+    assert moved[3] > 0 and torch.all(moved[:3] == 0)
+    swapped = image.view(1, 4, 4, 8)[:, :, [1, 0, 2, 3]].reshape(1, 16, 8)  # two cells inside block 0 and block 2
+    assert not torch.allclose(mlp(swapped)[0, 0], visual[0, 0])  # where a vector sits in its block still counts
+    with pytest.raises(ValueError, match="divisible by 2"):
+        build_connector(cfg, image_dim=8, num_image_tokens=49, lm_dim=6, lm_embedding_rms=1.0, grid=(7, 7))
+    with pytest.raises(ValueError, match="expected 16 image tokens"):
+        mlp(torch.randn(1, 4, 8))

@@ -111,6 +111,21 @@ def test_visual_tokens_are_spliced_at_the_placeholder(tiny_vlm):
     assert (labels[0, p : p + 4] == IGNORE_INDEX).all() and mask.shape[1] == text.input_ids.shape[1] + 4
 
 
+def test_the_chat_format_is_worked_out_once_not_per_message(tiny_vlm, monkeypatch):
+    """get_vocab() copies the whole vocabulary (41 ms for SmolLM2): once per message it was a quarter of a vqa
+    training step. The format and its end token are resolved once per data.conversation_format setting."""
+    calls = []
+    real = type(tiny_vlm.tokenizer).get_vocab
+    monkeypatch.setattr(type(tiny_vlm.tokenizer), "get_vocab", lambda self: calls.append(1) or real(self))
+    before = tiny_vlm.conversation_text_batch([TWO_TURNS] * 8)
+    for _ in range(5):
+        tiny_vlm.conversation_text_batch([TWO_TURNS] * 8)
+    assert len(calls) <= 1 and tiny_vlm.conversation_format == "gpt2"
+    monkeypatch.setattr(tiny_vlm.cfg.data, "conversation_format", "plain")  # another setting: resolved again
+    plain = tiny_vlm.conversation_text_batch([TWO_TURNS])
+    assert tiny_vlm.conversation_format == "plain" and plain.input_ids.shape[1] < before.input_ids.shape[1]
+
+
 def test_chat_replies_and_the_image_reaches_the_loglikelihood(tiny_vlm, tmp_path):
     from PIL import Image
 

@@ -190,6 +190,32 @@ def test_a_chain_can_start_from_a_pretrained_caption_run(tiny_chain):
 
 
 @pytest.mark.slow
+def test_blind_from_starts_the_blind_arm_from_the_models_caption_run(tiny_chain):
+    """The blind arm trains no caption stage of its own: it starts from the model's (LoRA, no connector)."""
+    from vlmlab.model.vlm import build_vlm
+    from vlmlab.train.stages import initialise_from
+
+    tmp, _ = tiny_chain
+    spec = yaml.safe_load((tmp / "chain.yaml").read_text())
+    spec |= {"stages": {"caption": {"train.max_steps": 2}, "instruct": {"train.max_steps": 2}}}
+    spec |= {"blind_from": "caption", "evaluate": ["pope"], "forgetting_split": None}
+    (tmp / "blind_from.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp / "blind-from"
+    summary = run_chain(load_chain(str(tmp / "blind_from.yaml")), out)
+    assert list(summary["runs"]["blind"]) == ["instruct"] and not (out / "blind" / "caption").exists()
+    blind_cfg = load_config(out / "blind" / "instruct" / "config.yaml")
+    assert blind_cfg.train.init_from == str(out / "caption") and blind_cfg.connector.type == "none"
+    report = initialise_from(build_vlm(blind_cfg), out / "caption")
+    assert report["loaded"] and all("lora" in k for k in report["loaded"]) and not report["not_in_source"]
+    assert report["unused"] and all(k.startswith("connector.") for k in report["unused"])  # left out
+    assert {"model", "swapped image", "blind model", "prior"} <= set(summary["tables"]["pope"])
+    for stage in ("instruct", "vqa"):  # the last stage, or none of this chain's
+        (tmp / "bad.yaml").write_text(yaml.safe_dump(spec | {"blind_from": stage}))
+        with pytest.raises(ConfigError, match="blind_from"):
+            load_chain(str(tmp / "bad.yaml"))
+
+
+@pytest.mark.slow
 def test_init_from_refuses_a_tensor_of_another_shape(tiny_chain, tiny_clip_dir, tiny_gpt2_dir):
     from vlmlab.model.vlm import build_vlm
     from vlmlab.train.stages import initialise_from
@@ -216,6 +242,30 @@ def test_conversation_stages_need_their_task_files(tmp_path):
 def test_every_shipped_chain_loads(path):
     chain = load_chain(str(path))
     assert (list(chain.stages)[0] == "caption" or chain.pretrained) and chain.tasks
+
+
+def test_a_chain_from_another_replaces_only_its_own_keys(tmp_path):
+    parent = load_chain("photos-recipe-boxes-batch4")
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"from": "photos-recipe-boxes-batch4", "vqa_turns": 2}))
+    child = load_chain(str(tmp_path / "child.yaml"))
+    assert child.vqa_turns == 2 and child.name == "child"  # its own key; a name is never inherited
+    assert child.questions == parent.questions and child.stages == parent.stages and len(child.questions) == 4
+    # the parent's base stays relative to the parent's file, wherever the child lives
+    assert Path(child.base) == (parent.path.parent / parent.base).resolve()
+    assert (
+        child.config("vqa", tmp_path / "r", None, blind=False).data.datasets
+        == parent.config("vqa", tmp_path / "r", None, blind=False).data.datasets
+    )
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"from": "b.yaml"}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"from": "a.yaml", "stages": {"caption": {}}}))
+    with pytest.raises(ConfigError, match="cannot loop"):
+        load_chain(str(tmp_path / "a.yaml"))
+    (tmp_path / "orphan.yaml").write_text(yaml.safe_dump({"from": "no-such-chain"}))
+    with pytest.raises(ConfigError, match="no chain 'no-such-chain'"):
+        load_chain(str(tmp_path / "orphan.yaml"))
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"from": "photos-recipe-boxes", "stage": {}}))
+    with pytest.raises(ConfigError, match="unknown: \\['stage'\\]"):
+        load_chain(str(tmp_path / "typo.yaml"))
 
 
 def test_eval_tasks_reads_the_real_pope_and_aokvqa_files():

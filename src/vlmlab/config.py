@@ -37,6 +37,7 @@ class ConnectorConfig:
     ffn_mult: int = 4
     dropout: float = 0.0
     freeze: bool = False  # keep the connector at its initialisation (the "frozen Q-Former" control)
+    merge: int = 1  # linear / mlp: k x k blocks of the image-token grid make one visual token (k^2 fewer)
 
 
 @dataclass
@@ -223,7 +224,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 _AT_LEAST_ONE = (
-    "connector.num_queries connector.depth connector.width connector.heads connector.ffn_mult "
+    "connector.num_queries connector.depth connector.width connector.heads connector.ffn_mult connector.merge "
     "data.max_caption_tokens data.max_conversation_tokens data.max_train_images data.max_eval_images data.synthetic_max_objects "
     "train.batch_size train.grad_accum train.max_steps train.eval_every train.eval_batches train.save_every "
     "train.log_every train.feature_batch_size generate.max_new_tokens generate.num_beams"
@@ -286,6 +287,9 @@ def validate(cfg: Config) -> None:
             _check_range(key, value, low, high)
     if c.type not in CONNECTOR_TYPES:
         raise ConfigError(f"connector.type {c.type!r} is unknown; allowed: {list(CONNECTOR_TYPES)}")
+    if c.merge > 1 and c.type not in ("linear", "mlp", "none"):  # none: a blind twin of a merged run
+        raise ConfigError(f"connector.merge {c.merge} regroups a per-token projector's grid: connector.type is "
+                          f"{c.type!r}, not linear or mlp")  # fmt: skip
     if c.width % c.heads != 0:
         raise ConfigError(f"connector.width ({c.width}) must be divisible by connector.heads ({c.heads})")
     if cfg.lm.lora.enabled and cfg.lm.lora.r < 1:

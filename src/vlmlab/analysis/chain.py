@@ -5,6 +5,7 @@ and measure what stage 2 did to stage 1's captions.
 A chain file:
 
     name: chain-synthetic
+    from: null                      # or another chain (a shipped name or a file): its keys, then this file's
     base: null                      # a config file, or null for the embedded defaults
     overrides: [train.max_steps=150]
     tasks: data/tasks/synthetic     # `vlmlab make-tasks` output; written from the base data if absent
@@ -13,6 +14,8 @@ A chain file:
       instruct: {lm.lora.enabled: true}
       vqa: {train.max_steps: 100}
     blind: true                     # also train the same chain with connector.type: none (the blind control)
+    blind_from: null                # or a stage: the blind arm starts from the model's run of it (its LoRA, no
+                                    # connector) and trains only the stages after it, as it does after `pretrained`
     evaluate: [vqa, pope, mmbench]
     objects_from_captions: false    # make-tasks --objects-from-captions, when the chain writes `tasks`
     objects_min_captions: 2         # make-tasks --objects-min-captions: how many captions must name an object
@@ -64,6 +67,7 @@ class Chain:
     presence_from_boxes: bool = False  # make-tasks --presence-from-boxes
     vqa_turns: int = 1  # make-tasks --vqa-turns
     questions: list[dict] = field(default_factory=list)  # {task, file, images}: real sets, e.g. A-OKVQA
+    blind_from: str | None = None  # a stage: the blind arm starts from the model's run of it
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
         base = None if self.base is None else (self.path.parent / self.base).resolve()
@@ -88,12 +92,7 @@ def load_chain(spec: str) -> Chain:
         raise ConfigError(
             f"no chain {spec!r}: give a chain YAML file or one of {sorted(p.stem for p in CHAIN_DIR.glob('*.yaml'))}"
         )
-    tree = yaml.safe_load(path.read_text()) or {}
-    allowed = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate"}
-    allowed |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
-    allowed |= {"presence_from_boxes", "vqa_turns"}
-    if not isinstance(tree, dict) or set(tree) - allowed:
-        raise ConfigError(f"{path}: a chain is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
+    tree = chain_tree(path)
     stages = tree.get("stages")
     if not isinstance(stages, dict) or not stages or set(stages) - set(STAGES):
         raise ConfigError(f"{path}: 'stages' maps stage names ({list(STAGES)}) to settings, in order")
@@ -112,6 +111,11 @@ def load_chain(spec: str) -> Chain:
         raise ConfigError(f"{path}: presence_from_boxes is true or false; got {chain.presence_from_boxes!r}")
     if isinstance(chain.vqa_turns, bool) or not isinstance(chain.vqa_turns, int) or chain.vqa_turns < 1:
         raise ConfigError(f"{path}: vqa_turns is how many questions a stage-3 conversation asks (1 or more)")
+    if chain.blind_from is not None and chain.blind_from not in list(stages)[:-1]:
+        raise ConfigError(
+            f"{path}: blind_from is a stage of this chain with stages after it ({list(stages)[:-1]}), where the "
+            f"blind arm starts from the model's run; got {chain.blind_from!r}"
+        )
     for q in chain.questions:
         if not isinstance(q, dict) or set(q) - {"task", "file", "images"} or "file" not in q:
             raise ConfigError(f"{path}: each of 'questions' is {{task, file, images}}; got {q!r}")
@@ -122,6 +126,36 @@ def load_chain(spec: str) -> Chain:
         chain.config(stage, Path("runs/check") / stage, previous, blind=False)
         previous = Path("runs/check") / stage
     return chain
+
+
+CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
+CHAIN_KEYS |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
+CHAIN_KEYS |= {"presence_from_boxes", "vqa_turns"}
+
+
+def chain_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A chain file's keys on top of those of the chain it comes `from` (each key replaced whole, not merged).
+
+    One experiment is often another with a few keys changed: `from` says which, so a chain file holds only
+    what differs. The parent's `base` stays relative to the parent's file; its `name` is not inherited."""
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict) or set(tree) - CHAIN_KEYS - {"from"}:
+        unknown = sorted(set(tree) - CHAIN_KEYS - {"from"}) if isinstance(tree, dict) else tree
+        raise ConfigError(f"{path}: a chain is a mapping of {sorted(CHAIN_KEYS | {'from'})}; unknown: {unknown}")
+    parent_spec = tree.pop("from", None)
+    if parent_spec is None:
+        return tree
+    builtin = CHAIN_DIR / f"{str(parent_spec).replace('-', '_')}.yaml"
+    parent = builtin if builtin.is_file() else (path.parent / str(parent_spec))
+    if not parent.is_file():
+        raise ConfigError(f"{path}: from: no chain {parent_spec!r} (a shipped chain's name or a file next to this one)")
+    if parent.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: from: {parent_spec!r} comes back to a chain already read; chains cannot loop")
+    inherited = chain_tree(parent, seen + (path.resolve(),))
+    inherited.pop("name", None)
+    if inherited.get("base") is not None:
+        inherited["base"] = str((parent.parent / inherited["base"]).resolve())
+    return {**inherited, **tree}
 
 
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
@@ -152,8 +186,10 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for arm in ("model", "blind") if chain.blind else ("model",):
-        previous = pretrained
-        for stage in chain.stages:
+        previous, stages = pretrained, list(chain.stages)
+        if arm == "blind" and chain.blind_from:  # the model's run of that stage, its connector left out
+            previous, stages = runs["model"][chain.blind_from], stages[stages.index(chain.blind_from) + 1 :]
+        for stage in stages:
             run_dir = out / stage if arm == "model" else out / "blind" / stage
             if find_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
                 started = time.time()
