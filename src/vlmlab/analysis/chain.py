@@ -47,6 +47,15 @@ from ..eval.tasks import TASKS
 from ..train.stages import STAGES
 
 CHAIN_DIR = Path(__file__).parent / "chains"
+CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
+CHAIN_KEYS |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
+CHAIN_KEYS |= {"presence_from_boxes", "vqa_turns"}
+
+
+def chain_file(spec: str, beside: Path) -> Path:
+    """A shipped chain by name (`photos-recipe` -> chains/photos_recipe.yaml), else a file relative to `beside`."""
+    builtin = CHAIN_DIR / f"{spec.replace('-', '_')}.yaml"
+    return builtin if builtin.is_file() else beside / spec
 
 
 @dataclass
@@ -86,8 +95,7 @@ class Chain:
 
 
 def load_chain(spec: str) -> Chain:
-    builtin = CHAIN_DIR / f"{spec.replace('-', '_')}.yaml"
-    path = builtin if builtin.is_file() else Path(spec)
+    path = chain_file(spec, Path("."))
     if not path.is_file():
         raise ConfigError(
             f"no chain {spec!r}: give a chain YAML file or one of {sorted(p.stem for p in CHAIN_DIR.glob('*.yaml'))}"
@@ -128,11 +136,6 @@ def load_chain(spec: str) -> Chain:
     return chain
 
 
-CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
-CHAIN_KEYS |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
-CHAIN_KEYS |= {"presence_from_boxes", "vqa_turns"}
-
-
 def chain_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A chain file's keys on top of those of the chain it comes `from` (each key replaced whole, not merged).
 
@@ -145,8 +148,7 @@ def chain_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent_spec = tree.pop("from", None)
     if parent_spec is None:
         return tree
-    builtin = CHAIN_DIR / f"{str(parent_spec).replace('-', '_')}.yaml"
-    parent = builtin if builtin.is_file() else (path.parent / str(parent_spec))
+    parent = chain_file(str(parent_spec), path.parent)
     if not parent.is_file():
         raise ConfigError(f"{path}: from: no chain {parent_spec!r} (a shipped chain's name or a file next to this one)")
     if parent.resolve() in seen + (path.resolve(),):

@@ -93,11 +93,10 @@ def end_token_for(fmt: str, default_end: str) -> str:
     return "<|im_end|>" if fmt == "chatml" else default_end
 
 
-def resolve_format(name: str, tokenizer) -> str:
-    """`auto`: chatml when the tokenizer knows <|im_start|> and <|im_end|> (SmolLM2), else gpt2."""
+def resolve_format(name: str, vocab: dict[str, int]) -> str:
+    """`auto`: chatml when the vocabulary (tokenizer.get_vocab()) has <|im_start|> and <|im_end|> (SmolLM2), else gpt2."""
     if name != "auto":
         if name not in CHAT_FORMATS:
             raise ValueError(f"unknown chat format {name!r}; allowed: auto, {', '.join(CHAT_FORMATS)}")
         return name
-    vocab = tokenizer.get_vocab()
     return "chatml" if "<|im_start|>" in vocab and "<|im_end|>" in vocab else "gpt2"

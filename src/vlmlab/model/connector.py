@@ -41,6 +41,15 @@ class MeanPoolConnector(nn.Module):
         return self.projection(self.mlp(pooled)).view(-1, self.num_visual_tokens, self.lm_dim)
 
 
+def check_merge(grid: tuple[int, int] | None, num_image_tokens: int, k: int) -> None:
+    """A k x k merge needs the tokens to form a grid whose sides k divides."""
+    if grid is None or grid[0] * grid[1] != num_image_tokens or grid[0] % k or grid[1] % k:
+        raise ValueError(
+            f"connector.merge {k} needs the encoder's token grid divisible by {k}; it is {grid} for "
+            f"{num_image_tokens} tokens (EfficientNet: vision.image_size 256 gives 8x8)"
+        )
+
+
 def merge_grid(image_tokens: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
     """Space-to-depth (nanoVLM's pixel shuffle): each k x k block of the token grid becomes one token holding
     the block's k*k vectors side by side, in row-major order: [B, h*w, D] -> [B, (h/k)*(w/k), k*k*D].
@@ -49,9 +58,8 @@ def merge_grid(image_tokens: torch.Tensor, grid: tuple[int, int], k: int) -> tor
     third of the 49 at 224 px, and the LLM's cost per training token is the same (4.3 ms here), so a step
     costs about what its sequence length does."""
     b, n, d = image_tokens.shape
+    check_merge(grid, n, k)
     h, w = grid
-    if h * w != n or h % k or w % k:
-        raise ValueError(f"connector.merge {k} needs a token grid divisible by {k}; got {h}x{w} for {n} tokens")
     blocks = image_tokens.view(b, h // k, k, w // k, k, d).permute(0, 1, 3, 2, 4, 5)
     return blocks.reshape(b, (h // k) * (w // k), k * k * d)
 
@@ -78,11 +86,7 @@ class PerTokenConnector(nn.Module):
             raise ValueError(f"a per-token projector has depth 1 (linear) or 2 (mlp), got {depth}")
         self.num_image_tokens, self.merge, self.grid = num_image_tokens, merge, grid
         if merge > 1:
-            if grid is None or grid[0] * grid[1] != num_image_tokens or grid[0] % merge or grid[1] % merge:
-                raise ValueError(
-                    f"connector.merge {merge} needs the encoder's token grid divisible by {merge}; it is "
-                    f"{grid} for {num_image_tokens} tokens (EfficientNet: vision.image_size 256 gives 8x8)"
-                )
+            check_merge(grid, num_image_tokens, merge)
             image_dim *= merge * merge
         self.num_visual_tokens = num_image_tokens // (merge * merge)
         layers: list[nn.Module] = [nn.LayerNorm(image_dim)]

@@ -269,9 +269,9 @@ class VLM(nn.Module):
         for every message, it was a quarter of a vqa training step (cProfile, 40 steps of 4: 24 of 104 s)."""
         setting = self.cfg.data.conversation_format
         if getattr(self, "_conversation_cache", (None,))[0] != setting:
-            fmt = resolve_format(setting, self.tokenizer)
+            vocab = self.tokenizer.get_vocab()  # once: the format and its end token both read it
+            fmt = resolve_format(setting, vocab)
             token = end_token_for(fmt, self.specials.end_token)
-            vocab = self.tokenizer.get_vocab()
             if token not in vocab:
                 raise ValueError(f"conversation format {fmt!r} needs {token!r}, not in the vocabulary")
             self._conversation_cache = (setting, fmt, vocab[token])
