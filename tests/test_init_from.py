@@ -7,10 +7,10 @@ way a BLIP-2 stage-1 checkpoint does (CONTRACTS.md), and has no LoRA, which the 
 import pytest
 import torch
 
-from vlmlab.config import load_config
+from vlmlab.config import STAGES, load_config
 from vlmlab.model.vlm import build_vlm
-from vlmlab.train.checkpoint import TRAINABLE_FILE, CheckpointError, save_checkpoint
-from vlmlab.train.stages import STAGES, initialise_from
+from vlmlab.run.checkpoint import TRAINABLE_FILE, CheckpointError, save_checkpoint
+from vlmlab.train.stages import initialise_from
 
 STAGE1_EXTRAS = {"stage1.text_proj.weight": torch.ones(3, 4), "stage1.itm_head.bias": torch.zeros(2)}
 

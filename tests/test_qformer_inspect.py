@@ -9,7 +9,7 @@ from PIL import Image
 from test_train import tiny_config
 from vlmlab.analysis.inspect import inspect_image, nearest_vocabulary
 from vlmlab.cli import main as cli_main
-from vlmlab.train.checkpoint import load_run
+from vlmlab.run import load_run
 from vlmlab.train.loop import train
 
 

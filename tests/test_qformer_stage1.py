@@ -151,7 +151,7 @@ def test_stage1_run_logs_each_loss_and_hands_exactly_its_qformer_to_stage2(stage
     from safetensors.torch import load_file
 
     from vlmlab.model.vlm import build_vlm
-    from vlmlab.train.checkpoint import TRAINABLE_FILE
+    from vlmlab.run.checkpoint import TRAINABLE_FILE
     from vlmlab.train.stages import initialise_from
 
     tmp, common, stage1 = stage1_run

@@ -131,7 +131,7 @@ def tiny_siglip_dir(tmp_path_factory):
 def test_the_hub_gpu_recipe_names_hub_models_and_trains_two_steps_with_tiny_stand_ins(
     tmp_path, tiny_siglip_dir, tiny_llama_dir, monkeypatch
 ):
-    from vlmlab.train.checkpoint import load_run
+    from vlmlab.run import load_run
     from vlmlab.train.loop import train
 
     path = REPO / "configs" / "hub_gpu.yaml"

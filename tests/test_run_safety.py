@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from test_train import tiny_config
 from vlmlab.cli import main as cli_main
 from vlmlab.config import ConfigError, check_model_sources, load_config
-from vlmlab.train.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError, load_run
-from vlmlab.train.lock import LOCK_FILE, RunLocked, run_lock
+from vlmlab.run import load_run
+from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError
+from vlmlab.run.lock import LOCK_FILE, RunLocked, run_lock
 from vlmlab.train.loop import train
 
 SHORT = ["train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.eval_every=4", "train.eval_batches=1"]
@@ -183,7 +184,7 @@ def test_a_second_writer_is_refused_naming_the_holder(finished, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from vlmlab.train.lock import run_lock\n"
+            "import sys, time; from vlmlab.run.lock import run_lock\n"
             f"with run_lock({str(run)!r}, 'vlmlab train holder.yaml'):\n"
             "    print('locked', flush=True); time.sleep(60)",
         ],

@@ -16,7 +16,8 @@ from vlmlab.data.formats import CaptionSample
 from vlmlab.data.make_tasks import make_tasks
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
 from vlmlab.data.tasks import ImageFacts, article, plural, pope_questions, short_questions
-from vlmlab.train.checkpoint import TRAINABLE_FILE, load_run
+from vlmlab.run import load_run
+from vlmlab.run.checkpoint import TRAINABLE_FILE
 
 
 def facts(path, names, cxs=None):

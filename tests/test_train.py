@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from vlmlab.cli import main as cli_main
 from vlmlab.config import load_config
-from vlmlab.train.checkpoint import load_run
+from vlmlab.run import load_run
 from vlmlab.train.loop import train
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from test_train import tiny_config
 from vlmlab.config import save_config
-from vlmlab.train.checkpoint import CHECKPOINT, load_run, verify_checkpoint
+from vlmlab.run import load_run
+from vlmlab.run.checkpoint import CHECKPOINT, verify_checkpoint
 
 STEPS = 6
 

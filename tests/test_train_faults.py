@@ -13,14 +13,8 @@ import torch
 
 from test_train import tiny_config
 from vlmlab.config import ConfigError, save_config
-from vlmlab.train.checkpoint import (
-    CHECKPOINT,
-    MANIFEST_FILE,
-    TRAINABLE_FILE,
-    CheckpointError,
-    load_run,
-    verify_checkpoint,
-)
+from vlmlab.run import load_run
+from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError, verify_checkpoint
 from vlmlab.train.loop import train
 
 FAST = ["train.max_steps=12", "train.save_every=3", "train.log_every=1", "train.eval_every=6", "train.eval_batches=1"]

@@ -15,7 +15,7 @@ from PIL import Image
 from test_train import tiny_config
 from vlmlab.config import load_config
 from vlmlab.data.pairs import load_samples
-from vlmlab.train.checkpoint import load_run
+from vlmlab.run import load_run
 from vlmlab.train.loop import train
 
 pytest.importorskip("gradio", reason="the `app` extra (gradio) is not installed")
@@ -264,7 +264,7 @@ def test_serve_without_a_run_trains_the_demo_run_first_with_a_progress_bar_then_
     """`vlmlab serve` with no RUN_DIR serves the demo run: absent, it is trained first (progress bar on stderr);
     finished, it is reused as it is. The embedded defaults are swapped for a tiny config of the same shape."""
     import vlmlab.config
-    from vlmlab.app.web import demo_run_dir
+    from vlmlab.cli import demo_run_dir
 
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
     tiny = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=4")

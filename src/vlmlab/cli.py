@@ -24,14 +24,17 @@ def cmd_train(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .app.demo import run_demo
+    """Trains on the embedded defaults, then reloads the run from disk and shows its held-out captions."""
+    from .app.demo import caption_report
+    from .train.loop import train
 
-    run_demo(_config(args), num_images=args.num_images)
+    run_dir = train(_config(args), resume=True)  # a finished demo run is reused; one with another config is refused
+    caption_report(run_dir, "test", args.num_images)
 
 
 def cmd_captions(args) -> None:
     from .app.demo import caption_report
-    from .train.lock import run_lock
+    from .run.lock import run_lock
 
     with run_lock(args.run_dir, create=False):  # writes RUN_DIR/captions_SPLIT.json
         caption_report(args.run_dir, args.split, args.num_images)
@@ -39,7 +42,7 @@ def cmd_captions(args) -> None:
 
 def cmd_eval(args) -> None:
     from .eval.captioning import evaluate_run
-    from .train.lock import run_lock
+    from .run.lock import run_lock
 
     if args.task != "caption":  # questions: VQA accuracy, POPE, multiple choice, with their controls
         from .eval.tasks import evaluate_task
@@ -108,7 +111,7 @@ def cmd_ablate(args) -> None:
 
 def cmd_inspect(args) -> None:
     from .analysis.inspect import inspect_run
-    from .train.lock import run_lock
+    from .run.lock import run_lock
 
     with run_lock(args.run_dir, create=False):  # writes RUN_DIR/inspect (or --out-dir)
         png, result = inspect_run(args.run_dir, args.image, args.out_dir, args.top_k, args.layer)
@@ -132,7 +135,7 @@ def _one_line(text: str) -> str:
 def cmd_caption(args) -> int:
     """Captions each image it can read; each one it cannot is named on stderr; exit 1 if any failed."""
     from .data.formats import load_image
-    from .train.checkpoint import load_run
+    from .run import load_run
 
     model = load_run(args.run_dir)
     kwargs = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
@@ -196,7 +199,19 @@ def cmd_serve(args) -> None:
         raise FileNotFoundError(f"vlmlab serve needs the app extra (pip install -e '.[app]'): {e}") from e
     from .app.web import serve
 
-    serve(args.run_dir, host=args.host, port=args.port)
+    serve(args.run_dir or demo_run_dir(), host=args.host, port=args.port)
+
+
+def demo_run_dir() -> Path:
+    """The demo run (embedded defaults), trained first if it is absent or unfinished (tqdm shows the progress);
+    a finished one is reused, as `vlmlab demo` does."""
+    from .config import load_config
+    from .train.loop import train
+
+    cfg = load_config(None)
+    if not (Path(cfg.train.output_dir) / "config.yaml").exists():
+        print(f"vlmlab serve: no demo run at {cfg.train.output_dir}; training it first (minutes on a CPU)")
+    return Path(train(cfg, resume=True))
 
 
 def cmd_make_tasks(args) -> None:
@@ -248,7 +263,7 @@ def cmd_presence_probe(args) -> None:
 
 
 def cmd_chat(args) -> int:
-    from .train.checkpoint import load_run
+    from .run import load_run
 
     model = load_run(args.run_dir)
     image = None if args.image.lower() == "none" else args.image
@@ -508,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     args = build_parser().parse_args(argv)
-    from .train.lock import RunRefused
+    from .run.lock import RunRefused
 
     try:
         return args.func(args) or 0  # a command over many inputs returns 1 when some of them failed

@@ -1,6 +1,8 @@
 """Plain dataclass configs: defaults here, a YAML file on top, `--set key=value` overrides on top of that.
 
-Unknown keys and wrong types fail at load time, before any model is built, naming the key.
+Unknown keys and wrong types fail at load time, before any model is built, naming the key. This module is the
+bottom of the package and imports nothing of it: the names a config value may take (connector types, stages,
+dataset formats) are defined here, and the modules that act on them import them from here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,52 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot work: names the key and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------- allowed values
+
+SMOLLM2_NAME = "smollm2-135m-instruct"  # the embedded default LM (model/language_model.py converts its GGUF)
+CONNECTOR_TYPES = ("qformer", "meanpool", "linear", "mlp", "none")  # built by model/connector.py
+DATASET_FORMATS = ("coco", "karpathy", "flickr8k", "synthetic")  # read by data/formats.py
+
+
+@dataclass(frozen=True)
+class Stage:
+    data: str  # "captions" (data.datasets), or a file name pattern inside data.tasks, {split} = train | val
+    what: str  # one line for people
+
+
+# train.stage: what a run trains on (train/stages.py chains stages; train/loop.py and train/qformer_stage1.py train)
+STAGES = {
+    "caption": Stage("captions", "image-caption pairs from data.datasets (alignment; BLIP-2 stage 2 / LLaVA stage 1)"),
+    "instruct": Stage("conversations_{split}.json", "multi-turn conversations from data.tasks (LLaVA stage 2)"),
+    "vqa": Stage("vqa_conversations_{split}.json", "single-turn short answers from data.tasks (VQA fine-tuning)"),
+    # the Q-Former alone with ITC/ITM/ITG (train/qformer_stage1.py); its run is a caption run's init_from
+    "qformer": Stage("captions", "image-caption pairs, Q-Former alone with ITC/ITM/ITG (BLIP-2 stage 1)"),
+}
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """'FORMAT:PATH' -> (FORMAT, the paths that must exist): Karpathy's 'JSON@IMAGE_ROOT' names two, a synthetic
+    world none (it is made on first use). A malformed spec raises ValueError."""
+    fmt, sep, path = spec.partition(":")
+    if not sep or fmt not in DATASET_FORMATS or not path:
+        raise ValueError(
+            f"bad dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(DATASET_FORMATS)}"
+        )
+    if fmt == "synthetic":
+        return fmt, []
+    if fmt == "karpathy":
+        return fmt, [p for p in split_at(path) if p]
+    return fmt, [path]
+
+
+def split_at(path: str) -> tuple[str, str | None]:
+    """'JSON@IMAGE_ROOT' -> (JSON, IMAGE_ROOT); a path that exists as written is taken whole."""
+    if "@" in path and not Path(path).exists():
+        json_path, root = path.rsplit("@", 1)
+        return json_path, root
+    return path, None
 
 
 @dataclass
@@ -51,7 +99,7 @@ class LoRAConfig:
 
 @dataclass
 class LMConfig:
-    name: str = "smollm2-135m-instruct"  # or a transformers hub name / local dir
+    name: str = SMOLLM2_NAME  # or a transformers hub name / local dir
     chat_format: bool = False  # wrap the prompt in the model's chat template
     end_token: str | None = None  # None: <|im_end|> with chat format, else <|endoftext|> (see language_model.py)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -76,7 +124,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "caption"  # caption | instruct | vqa (train/stages.py: what trains, on which data)
+    stage: str = "caption"  # caption | instruct | vqa | qformer (STAGES above: what trains, on which data)
     init_from: str | None = None  # a finished run whose trained weights start this one (chaining stages)
     output_dir: str = "runs/default"
     seed: int = 0
@@ -277,8 +325,6 @@ def _check_range(key: str, value, low, high) -> None:
 def validate(cfg: Config) -> None:
     """Values that type-check but cannot work."""
     c, t = cfg.connector, cfg.train
-    from .model.connector import CONNECTOR_TYPES
-
     _check_finite(cfg)
     _check_output_dir(cfg)
     for key, (low, high) in _RANGES.items():
@@ -294,8 +340,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"connector.width ({c.width}) must be divisible by connector.heads ({c.heads})")
     if cfg.lm.lora.enabled and cfg.lm.lora.r < 1:
         raise ConfigError("lm.lora.r must be >= 1 when lm.lora.enabled is true")
-    from .train.stages import STAGES
-
     if t.stage not in STAGES:
         raise ConfigError(f"train.stage {t.stage!r} is unknown; allowed: {list(STAGES)}")
     if STAGES[t.stage].data != "captions" and not cfg.data.tasks:
@@ -356,8 +400,6 @@ def check_model_sources(cfg: Config) -> None:
 
     Called before training loads a model (not at config load, which must stay offline and quick).
     """
-    from .model.language_model import SMOLLM2_NAME
-
     names = []
     if cfg.lm.name != SMOLLM2_NAME:
         names.append(("lm.name", cfg.lm.name))
@@ -407,9 +449,6 @@ def check_data_paths(cfg: Config) -> None:
     Called before training loads any model; not at config load, so a run can still be evaluated or used to
     caption on a machine that lacks its training data.
     """
-    from .data.formats import FORMATS, parse_spec
-    from .train.stages import STAGES
-
     stage = STAGES.get(cfg.train.stage)
     if stage is not None and stage.data != "captions":
         for split in ("train", "val"):
@@ -424,7 +463,9 @@ def check_data_paths(cfg: Config) -> None:
         try:
             fmt, required = parse_spec(spec)
         except ValueError:
-            raise ConfigError(f"{key} = {spec!r}: expected FORMAT:PATH with FORMAT one of {list(FORMATS)}") from None
+            raise ConfigError(
+                f"{key} = {spec!r}: expected FORMAT:PATH with FORMAT one of {list(DATASET_FORMATS)}"
+            ) from None
         for part in required:
             if not Path(part).expanduser().exists():
                 raise ConfigError(f"{key} = {spec!r}: {part!r} does not exist")

@@ -42,9 +42,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, apply_settings, load_config
+from ..config import STAGES, Config, ConfigError, apply_settings, load_config
 from ..eval.tasks import TASKS
-from ..train.stages import STAGES
 
 CHAIN_DIR = Path(__file__).parent / "chains"
 CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
@@ -164,7 +163,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
     from ..eval.tasks import TooFewQuestions, evaluate_task, task_test_files
-    from ..train.checkpoint import find_checkpoint
+    from ..run.checkpoint import find_checkpoint
     from ..train.loop import train
 
     out = Path(out_dir or Path("runs") / "chain" / chain.name)

@@ -128,7 +128,7 @@ def inspect_run(
     run_dir: str | Path, image_path: str | Path, out_dir: str | Path | None = None, top_k: int = 5, layer: int = -1
 ) -> tuple[Path, Inspection]:
     """`vlmlab inspect`: writes RUN_DIR/inspect/<image>.png and .json; returns the picture's path."""
-    from ..train.checkpoint import load_run
+    from ..run import load_run
 
     model = load_run(run_dir)
     result = inspect_image(model, image_path, top_k)

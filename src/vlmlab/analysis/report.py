@@ -276,7 +276,7 @@ def _attention_maps(run: Path, count: int) -> list[Path]:
     done = [run / "inspect" / f"{Path(i).stem}.png" for i in images]
     missing = [i for i, p in zip(images, done) if not p.exists()]
     if missing:
-        from ..train.checkpoint import load_run
+        from ..run import load_run
         from .inspect import draw_inspection, inspect_image
 
         model = load_run(run)

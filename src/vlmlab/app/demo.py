@@ -1,4 +1,5 @@
-"""The main job on embedded defaults: train on the synthetic world, then show that captions follow the image.
+"""Show that a run's captions follow the image (`vlmlab demo` trains the demo run, then calls this; so does
+`vlmlab captions` on any run).
 
 For each held-out image it prints the reference, the model's caption, and the caption the model
 writes when given *another* image with the same prompt. If the LLM ignored the image, the last two
@@ -10,13 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import Config
 from ..data.features import FeatureCache
 from ..data.pairs import load_split_features
-from ..eval.probes import derangement, validation_loss
 from ..model.language_model import cache_dir
-from ..train.checkpoint import load_run
-from ..train.loop import train
+from ..model.nll import derangement, validation_loss
+from ..run import load_run
 
 
 def caption_split(model, split, count: int, seed: int = 0) -> list[dict]:
@@ -82,10 +81,3 @@ def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8
     out.write_text(json.dumps(report, indent=2))
     print(f"written to {out}")
     return report
-
-
-def run_demo(cfg: Config, num_images: int = 8) -> Path:
-    """Train on the embedded defaults, then reload the run from disk and show its held-out captions."""
-    run_dir = train(cfg, resume=True)  # a finished demo run is reused; one with another config is refused
-    caption_report(run_dir, "test", num_images)
-    return run_dir

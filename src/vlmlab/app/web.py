@@ -68,7 +68,7 @@ class RunSession:
     def __init__(self, run_dir: str | Path):
         from ..data.pairs import load_samples
         from ..model.connector import QFormerConnector
-        from ..train.checkpoint import load_run
+        from ..run import load_run
 
         self.run_dir = Path(run_dir)
         self.model = load_run(self.run_dir)
@@ -266,19 +266,7 @@ def build_app(session: RunSession):
     return app
 
 
-def demo_run_dir() -> Path:
-    """The demo run (embedded defaults), trained first if it is absent or unfinished (tqdm shows the progress);
-    a finished one is reused, as `vlmlab demo` does."""
-    from ..config import load_config
-    from ..train.loop import train
-
-    cfg = load_config(None)
-    if not (Path(cfg.train.output_dir) / "config.yaml").exists():
-        print(f"vlmlab serve: no demo run at {cfg.train.output_dir}; training it first (minutes on a CPU)")
-    return Path(train(cfg, resume=True))
-
-
-def serve(run_dir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
     """Loads the run, builds the page and starts the server; returns (app, url)."""
     try:
         import gradio  # noqa: F401
@@ -287,7 +275,7 @@ def serve(run_dir: str | Path | None = None, host: str = "127.0.0.1", port: int 
             "vlmlab serve needs gradio: pip install -e '.[app]' && pip install --no-deps gradio==6.31.0"
         ) from None
     start = time.perf_counter()
-    session = RunSession(run_dir if run_dir else demo_run_dir())
+    session = RunSession(run_dir)
     app = build_app(session).queue(default_concurrency_limit=1)
     _, url, _ = app.launch(
         server_name=host,

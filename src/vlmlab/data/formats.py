@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..config import parse_spec, split_at
+
 SPLITS = ("train", "val", "test")
-FORMATS = ("coco", "karpathy", "flickr8k", "synthetic")
 
 
 class SkipReport:
@@ -84,7 +85,7 @@ def load_captions(
     if fmt == "coco":
         samples = _read_coco(_existing(path, spec), *fractions, report)
     elif fmt == "karpathy":
-        json_path, image_root = _split_at(path)
+        json_path, image_root = split_at(path)
         root = _existing(image_root, spec) if image_root else None
         samples = _read_karpathy(_existing(json_path, spec), root, report)
     elif fmt == "flickr8k":
@@ -173,32 +174,11 @@ def filter_readable(samples: list[CaptionSample]) -> tuple[list[CaptionSample], 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """'FORMAT:PATH' -> (FORMAT, the paths that must exist): Karpathy's 'JSON@IMAGE_ROOT' names two, a synthetic
-    world none (it is made on first use). A malformed spec raises ValueError."""
-    fmt, sep, path = spec.partition(":")
-    if not sep or fmt not in FORMATS or not path:
-        raise ValueError(f"bad dataset spec {spec!r}: expected FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
-    if fmt == "synthetic":
-        return fmt, []
-    if fmt == "karpathy":
-        return fmt, [p for p in _split_at(path) if p]
-    return fmt, [path]
-
-
 def _existing(path: str, spec: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"dataset spec {spec!r}: path {str(p)!r} does not exist")
     return p
-
-
-def _split_at(path: str) -> tuple[str, str | None]:
-    """'JSON@IMAGE_ROOT' -> (JSON, IMAGE_ROOT); a path that exists as written is taken whole."""
-    if "@" in path and not Path(path).exists():
-        json_path, root = path.rsplit("@", 1)
-        return json_path, root
-    return path, None
 
 
 def hash_split(seed: int, key: str, val_fraction: float, test_fraction: float) -> str:

@@ -57,7 +57,7 @@ def applicable_baselines(cfg: Config) -> list[str]:
 
 def finished_step(run_dir: str | Path) -> int | None:
     """The step of a run's checkpoint (from the safetensors header, without loading the weights)."""
-    from ..train.checkpoint import CHECKPOINT, TRAINABLE_FILE
+    from ..run.checkpoint import CHECKPOINT, TRAINABLE_FILE
 
     path = Path(run_dir) / CHECKPOINT / TRAINABLE_FILE
     if not path.exists():

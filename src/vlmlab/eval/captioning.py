@@ -29,12 +29,12 @@ from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..data.synthetic import ATTRIBUTES, attribute_correct
 from ..model.language_model import cache_dir
-from ..train.checkpoint import load_run
+from ..model.nll import derangement, validation_loss
+from ..run import load_run
 from .attention_stats import attention_stats
 from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner, applicable_baselines, ensure_baseline
 from .contact_sheet import contact_sheet
 from .metrics import caption_metrics
-from .probes import derangement, validation_loss
 from .reranking import Reranker, check_rerank, format_selection_table, selection_table
 
 TABLE_COLUMNS = [

@@ -144,7 +144,7 @@ def load_stage1_run(run_dir: str | Path):
     """A finished stage-1 run (train.stage = qformer) -> (its model with the trained weights, vision encoder)."""
     from ..config import load_config
     from ..model.qformer_stage1 import build_stage1
-    from ..train.checkpoint import load_trainable
+    from ..run.checkpoint import load_trainable
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     if cfg.train.stage != "qformer":
@@ -233,7 +233,7 @@ def evaluate_sugarcrepe_captioner(
     log p(negative | image) (chance 0.5); written to RUN_DIR/sugarcrepe.json."""
     from ..data.features import FeatureCache
     from ..model.language_model import cache_dir
-    from ..train.checkpoint import load_run
+    from ..run import load_run
 
     model = load_run(run_dir).eval()
     items = read_sugarcrepe(folder, images or default_sugarcrepe_images(folder), limit)

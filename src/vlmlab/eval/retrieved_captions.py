@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from ..data.pairs import SplitFeatures
 from ..data.retrieval_prompt import CaptionDatastore, retrieval_messages, with_retrieved_captions
+from ..model.nll import derangement, validation_loss
 from .captioning import generation_settings, nll_probes, score_captions
-from .probes import derangement, validation_loss
 
 CONTROL_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "cider_deranged", "distinct_share")
 

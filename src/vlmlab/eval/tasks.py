@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
 from ..data.tasks import MC_SUFFIX, VQA_SUFFIX
+from ..model.nll import derangement
 from .multiple_choice import choice_scores, extract_choice
 from .pope import pope_scores, pope_scores_by_setting, roc_auc
-from .probes import derangement
 from .vqa import normalize_answer, prior_answers, vqa_scores
 
 TASKS = ("vqa", "pope", "mmbench")
@@ -241,7 +241,7 @@ def evaluate_task(
     unseen_only: drop questions about photos in the run's training split (real question sets such as A-OKVQA
     are asked about COCO photos a run may have captioned in training)."""
     from ..config import load_config
-    from ..train.checkpoint import load_run
+    from ..run import load_run
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")

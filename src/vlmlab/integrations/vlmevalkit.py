@@ -41,7 +41,7 @@ class VlmlabVLMEvalKit:
     INTERLEAVE = False  # one image per question
 
     def __init__(self, run: str, max_new_tokens: int = 32, **kwargs):
-        from ..train.checkpoint import load_run
+        from ..run import load_run
 
         self.model = load_run(run)
         self.max_new_tokens = max_new_tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import CONNECTOR_TYPES
 from .projection import scaled_projection
 from .qformer import QFormerConnector
 
@@ -101,9 +102,6 @@ class PerTokenConnector(nn.Module):
         if self.merge > 1:
             image_tokens = merge_grid(image_tokens, self.grid, self.merge)
         return self.projection(self.mlp(image_tokens))
-
-
-CONNECTOR_TYPES = ("qformer", "meanpool", "linear", "mlp", "none")
 
 
 def build_connector(

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SMOLLM2_NAME = "smollm2-135m-instruct"
+from ..config import SMOLLM2_NAME
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Where LoRA goes by default, per architecture (the attention projections, as in the LoRA paper).

@@ -6,7 +6,6 @@ Only the connector and LoRA adapters learn. Each step: cached image tokens -> vi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
+from ..config import STAGES, Config, ConfigError
 from ..data.batching import LengthBucketBatchSampler, pair_lengths
 from ..data.features import FeatureCache
 from ..data.formats import SkipReport
@@ -38,10 +37,10 @@ from ..data.pairs import (
     load_split_features,
 )
 from ..data.retrieval_prompt import CaptionDatastore, with_retrieved_captions
-from ..eval.probes import derangement, validation_loss
 from ..model.language_model import cache_dir
+from ..model.nll import derangement, validation_loss
 from ..model.vlm import VLM, build_vlm, format_parameter_table
-from .checkpoint import (
+from ..run.checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     CheckpointError,
@@ -51,9 +50,8 @@ from .checkpoint import (
     truncate_metrics,
     verify_checkpoint,
 )
-from .lock import run_lock
-from .run_record import check_run_folder, remove_previous_run
-from .stages import STAGES, initialise_from
+from ..run.lifecycle import TrainingStart, training_run
+from .stages import initialise_from
 
 MAX_SKIPPED_IN_A_ROW = 20
 
@@ -157,7 +155,7 @@ class Session:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Trains a run into cfg.train.output_dir and returns that directory.
 
-    The run folder is a record (run_record.py): its lock is held throughout; a folder holding a run is refused
+    The run folder is a record (run/lifecycle.py): its lock is held throughout; a folder holding a run is refused
     unless `resume` (the config must then match the recorded one) or `overwrite`; and nothing in it changes
     until config, data, checkpoint and resume match are known to be good.
     """
@@ -165,51 +163,30 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         from .qformer_stage1 import train_stage1
 
         return train_stage1(cfg, resume, overwrite)
-    validate(cfg)
-    check_data_paths(cfg)  # before anything loads or is written
-    check_model_sources(cfg)  # a mistyped model name: one clear line now, not a minute of hub retries
-    run_dir = Path(cfg.train.output_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # accelerate launch: rank 0 alone writes the folder
-    with run_lock(run_dir) if rank0 else contextlib.nullcontext():
-        check_run_folder(cfg, resume, overwrite)
-        checkpoint = find_checkpoint(run_dir) if resume else None  # verified here, before setup
-        saved_step = verify_checkpoint(checkpoint) if checkpoint is not None else 0
-        if saved_step > cfg.train.max_steps:
-            raise ConfigError(
-                f"train.max_steps = {cfg.train.max_steps} is below the step of {checkpoint} ({saved_step}): "
-                "a run cannot be resumed backwards"
-            )
+    with training_run(cfg, resume, overwrite, lock=rank0) as start:
         s = setup(cfg)
         step, consumed = 0, 0  # optimizer steps; micro-batches this process has taken (skipped ones included)
-        if checkpoint is not None:
-            step, consumed = resume_from(s, checkpoint)
+        if start.checkpoint is not None:
+            step, consumed = resume_from(s, start.checkpoint)
         elif cfg.train.init_from is not None:  # a stage of a chain starts from the previous run's weights
             initialise_from(s.vlm, cfg.train.init_from)
         elif resume and s.main:
             print(f"--resume: no checkpoint in {s.run_dir}, starting from scratch")
         if s.main:
-            record_start(s, overwrite)
+            record_start(s, start)
         fit(s, step, consumed)
     return s.run_dir
 
 
-def record_start(s: Session, overwrite: bool) -> None:
-    """Writes what the run is (config.yaml, model_info.json, skipped_inputs.log), once it is known to be valid;
+def record_start(s: Session, start: TrainingStart) -> None:
+    """Writes what the run is (skipped_inputs.log, config.yaml, model_info.json), once it is known to be valid;
     --overwrite first removes the previous run's artefacts."""
-    skip_log = s.run_dir / SKIP_LOG
-    if overwrite:
-        removed = remove_previous_run(s.run_dir)
-        if skip_log.exists():
-            skip_log.unlink()
-            removed.append(SKIP_LOG)
-        if removed:
-            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {s.run_dir}")
-    s.run_dir.mkdir(parents=True, exist_ok=True)
+    start.clear_previous_run(also=(SKIP_LOG,))
     if len(s.skipped):
-        s.skipped.write(skip_log)
+        s.skipped.write(s.run_dir / SKIP_LOG)
     report_cut_captions(s)
-    save_config(s.cfg, s.run_dir / "config.yaml")
-    (s.run_dir / "model_info.json").write_text(json.dumps(s.vlm.model_info()))
+    start.write_record(s.vlm.model_info())
 
 
 def report_cut_captions(s: Session) -> int:

@@ -18,22 +18,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
+from ..config import Config, ConfigError
 from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..model.language_model import cache_dir
 from ..model.qformer_stage1 import QFormerStage1, build_stage1
-from .checkpoint import (
-    METRICS_FILE,
-    STATE_FILE,
-    find_checkpoint,
-    load_trainable_from,
-    save_checkpoint,
-    truncate_metrics,
-    verify_checkpoint,
-)
-from .lock import run_lock
-from .run_record import check_run_folder, remove_previous_run
+from ..run.checkpoint import METRICS_FILE, STATE_FILE, load_trainable_from, save_checkpoint, truncate_metrics
+from ..run.lifecycle import training_run
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -73,21 +64,12 @@ def validation_losses(model: QFormerStage1, split: SplitFeatures, batch_size: in
 
 def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Trains a stage-1 run into cfg.train.output_dir; returns that directory."""
-    validate(cfg)
-    check_data_paths(cfg)
-    check_model_sources(cfg)
     t = cfg.train
     if t.init_from is not None:
         raise ConfigError("train.stage 'qformer' starts from scratch: train.init_from must be null")
     if cfg.vision.unfreeze_last:
         raise ConfigError("train.stage 'qformer' reads cached features: vision.unfreeze_last must be 0")
-    run_dir = Path(t.output_dir)
-    with run_lock(run_dir):
-        check_run_folder(cfg, resume, overwrite)
-        checkpoint = find_checkpoint(run_dir) if resume else None
-        saved_step = verify_checkpoint(checkpoint) if checkpoint is not None else 0
-        if saved_step > t.max_steps:
-            raise ConfigError(f"train.max_steps = {t.max_steps} is below the step of {checkpoint} ({saved_step})")
+    with training_run(cfg, resume, overwrite) as start:
         random.seed(t.seed)
         np.random.seed(t.seed)
         model, vision = build_stage1(cfg)
@@ -99,30 +81,27 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
         step = 0
-        if checkpoint is not None:
-            load_trainable_from(checkpoint, model)
-            state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+        if start.checkpoint is not None:
+            load_trainable_from(start.checkpoint, model)
+            state = torch.load(start.checkpoint / STATE_FILE, weights_only=False)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"]["torch"])
             step = state["step"]
-            truncate_metrics(run_dir / METRICS_FILE, step)
-            print(f"resumed from {checkpoint} at step {step}")
+            truncate_metrics(start.run_dir / METRICS_FILE, step)
+            print(f"resumed from {start.checkpoint} at step {step}")
         else:
             torch.manual_seed(t.seed)
-        if overwrite:
-            remove_previous_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        start.clear_previous_run()
         total = sum(p.numel() for p in model.parameters())
         info = {"total_params": total, "trainable_params": sum(p.numel() for p in params), "stage": "qformer"}
-        (run_dir / "model_info.json").write_text(json.dumps(info))
+        start.write_record(info)
         print(
             f"stage 1: {len(train_split.pairs)} training pairs, {info['trainable_params']:,} trainable parameters; "
             f"losses: {', '.join(k for k in ('itc', 'itm', 'itg') if getattr(cfg.qformer_stage1, k))}"
         )
         fit_stage1(cfg, model, optimizer, scheduler, train_split, val_split, step)
-    return run_dir
+    return start.run_dir
 
 
 def fit_stage1(cfg, model, optimizer, scheduler, train_split, val_split, step: int) -> None:

@@ -1,30 +1,14 @@
 """Stages: one `train.stage` key decides what a run trains on, and `train.init_from` chains runs.
 
 LLaVA trains in stages (projector only on captions, then projector + LLM on instructions) and so does
-BLIP-2; here a stage is a row of STAGES, and a chain is runs whose `init_from` is the previous run.
+BLIP-2; here a stage is a row of config.STAGES, and a chain is runs whose `init_from` is the previous run.
 What trains inside a stage is still set by the ordinary keys (`connector.freeze`, `lm.lora.enabled`),
 so a recipe says it in the open; the shipped chains (configs/chain_*.yaml) follow LLaVA's split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-
-
-@dataclass(frozen=True)
-class Stage:
-    data: str  # "captions" (data.datasets), or a file name pattern inside data.tasks, {split} = train | val
-    what: str  # one line for people
-
-
-STAGES = {
-    "caption": Stage("captions", "image-caption pairs from data.datasets (alignment; BLIP-2 stage 2 / LLaVA stage 1)"),
-    "instruct": Stage("conversations_{split}.json", "multi-turn conversations from data.tasks (LLaVA stage 2)"),
-    "vqa": Stage("vqa_conversations_{split}.json", "single-turn short answers from data.tasks (VQA fine-tuning)"),
-    # issue 15: the Q-Former alone with ITC/ITM/ITG (train/qformer_stage1.py); its run is a caption run's init_from
-    "qformer": Stage("captions", "image-caption pairs, Q-Former alone with ITC/ITM/ITG (BLIP-2 stage 1)"),
-}
 
 
 def _group(names: list[str]) -> str:
@@ -40,14 +24,14 @@ def _group(names: list[str]) -> str:
 def initialise_from(model, run_dir: str | Path) -> dict:
     """Loads every tensor of a finished run whose name and shape match this model's trainable state.
 
-    The source checkpoint is verified first (checkpoint.py). Tensors the new model does not use (e.g. a
+    The source checkpoint is verified first (run/checkpoint.py). Tensors the new model does not use (e.g. a
     stage-1 text side) and tensors of the new model the source lacks (e.g. LoRA added in a later stage,
     left at their initialisation) are reported; a same-named tensor of another shape is an error.
     """
     import torch
     from safetensors.torch import load_file
 
-    from .checkpoint import TRAINABLE_FILE, find_checkpoint
+    from ..run.checkpoint import TRAINABLE_FILE, find_checkpoint
 
     run_dir = Path(run_dir)
     checkpoint = find_checkpoint(run_dir)

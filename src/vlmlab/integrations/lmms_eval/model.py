@@ -17,7 +17,7 @@ class VlmlabLMM(lmms):
 
     def __init__(self, run: str, batch_size: int | str = 16, max_new_tokens: int | str = 10, **kwargs) -> None:
         super().__init__()
-        from ...train.checkpoint import load_run
+        from ...run import load_run
 
         if kwargs:
             raise ValueError(

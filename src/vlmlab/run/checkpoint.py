@@ -1,5 +1,5 @@
-"""What a run folder holds and how it is read back: checkpoints with a SHA-256 manifest, written
-crash-safely, verified before loading; `load_run` rebuilds a finished run without the training loop."""
+"""A run's checkpoint: its trained weights and training state with a SHA-256 manifest, written crash-safely
+and verified before anything loads them."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import load_config
 from ..data.features import file_digest
-from ..model.vlm import VLM, build_vlm
+from ..model.vlm import VLM
 from .lock import RunRefused
 
 CHECKPOINT = "checkpoint"
@@ -154,12 +153,3 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
-
-
-def load_run(run_dir: str | Path) -> VLM:
-    """A trained run directory -> VLM ready to caption (frozen parts rebuilt, trained weights loaded)."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model = build_vlm(cfg)
-    load_trainable(run_dir, model)
-    return model.eval()

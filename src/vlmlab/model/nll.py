@@ -1,4 +1,5 @@
-"""Probes that ask whether the image reaches the text: caption NLL under true, swapped or no images."""
+"""Caption NLL over a split under true, swapped or no images: the validation loss training logs and the
+probes of `vlmlab eval` that ask whether the image reaches the text."""
 
 from __future__ import annotations
 

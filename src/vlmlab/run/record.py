@@ -15,6 +15,7 @@ from ..config import Config, ConfigError, config_to_dict, load_config
 from .checkpoint import CHECKPOINT, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
+MODEL_INFO_FILE = "model_info.json"
 
 # Keys that may differ on --resume: none of them changes what the weights become up to the recorded step.
 # train.max_steps extends (or shortens) a run: the cosine schedule is then stretched to the new end from the
@@ -39,7 +40,7 @@ RUN_ARTEFACTS = (
     CHECKPOINT + ".old",
     "metrics.tmp",
     "loss.png",
-    "model_info.json",
+    MODEL_INFO_FILE,
     "eval.json",
     "eval.md",
     "contact_sheet.png",
