@@ -1,4 +1,5 @@
-"""Shared fixtures: real tokenizers, a tiny randomly initialised GPT-2 of the real vocabulary, data paths."""
+"""Shared fixtures: real tokenizers, a tiny randomly initialised GPT-2 of the real vocabulary, data paths, the
+tiny training config and model most tests use. Plain helper functions are in helpers.py."""
 
 from pathlib import Path
 
@@ -61,6 +62,89 @@ def tiny_clip_dir(tmp_path_factory):
     )
     CLIPVisionModel(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_clip_dir, tiny_gpt2_dir):
+    """tiny_config(root, *overrides): the tiny CLIP + GPT-2 on a 48-image synthetic world under root, training
+    40 steps into root/run; `overrides` ('key=value', later ones win) on top. Session-scoped, so module-scoped
+    fixtures (a run trained once per module) use it too."""
+    from vlmlab.config import load_config
+
+    def make(root: Path, *overrides: str):
+        return load_config(
+            None,
+            [
+                f"vision.name=hf:{tiny_clip_dir}",
+                f"lm.name={tiny_gpt2_dir}",
+                f"data.datasets=[synthetic:{root / 'world'}]",
+                "data.synthetic_images=48",
+                "data.synthetic_max_objects=1",
+                "connector.num_queries=4",
+                "connector.width=32",
+                "connector.depth=1",
+                "connector.heads=2",
+                "train.batch_size=8",
+                "train.max_steps=40",
+                "train.warmup_steps=2",
+                "train.lr=1e-2",
+                "train.lora_lr=1e-2",
+                "lm.lora.target_modules=[c_attn, c_proj, c_fc]",
+                "lm.lora.r=16",
+                "train.eval_every=20",
+                "train.save_every=20",
+                "train.log_every=5",
+                f"train.output_dir={root / 'run'}",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """The feature cache and converted models of this test alone (VLMLAB_CACHE under its tmp_path)."""
+    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tiny_clip_dir, tiny_gpt2_dir):
+    """An untrained tiny VLM (CLIP 16 image tokens of width 32 -> 4 Q-Former queries -> tiny GPT-2), in eval mode."""
+    from vlmlab.config import load_config
+    from vlmlab.model.vlm import build_vlm
+
+    cfg = load_config(
+        None,
+        [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            "connector.width=32",
+            "connector.heads=2",
+            "connector.num_queries=4",
+            "lm.lora.dropout=0.0",
+            "generate.max_new_tokens=5",
+        ],
+    )
+    return build_vlm(cfg).eval()
+
+
+@pytest.fixture
+def tiny_split():
+    """Four images of random cached features (16 tokens of width 32, as tiny_vlm's encoder gives), two captions each."""
+    import torch
+
+    from vlmlab.data.formats import CaptionSample
+    from vlmlab.data.pairs import SplitFeatures
+
+    torch.manual_seed(1)
+    samples = [
+        CaptionSample(f"x:{i}", f"/img/{i}.png", [f"a {c} thing.", f"the {c} one."], "test")
+        for i, c in enumerate(["red", "blue", "green", "yellow"])
+    ]
+    features = torch.randn(4, 16, 32).half() * 3
+    pairs = [(i, c) for i, s in enumerate(samples) for c in s.captions]
+    return SplitFeatures(samples, features, pairs)
 
 
 # CI sets VLMLAB_NO_SKIPS=1: a skipped test there is a missing install step, not a pass.

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_train import tiny_config
 from vlmlab.analysis.ablate import BUILTIN_SUITES, load_suite, run_suite
 from vlmlab.config import ConfigError, save_config
 
@@ -42,14 +41,12 @@ def test_a_bad_variant_is_refused_before_anything_trains(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_suite(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
+def tiny_suite(tmp_path_factory, tiny_config):
     """Two variants x two seeds of a tiny model, trained and evaluated once for this module's tests."""
     tmp_path = tmp_path_factory.mktemp("suite")
     old = os.environ.get("VLMLAB_CACHE")
     os.environ["VLMLAB_CACHE"] = str(tmp_path / "cache")
-    base = tiny_config(
-        tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=2", "generate.max_new_tokens=6"
-    )
+    base = tiny_config(tmp_path, "train.max_steps=4", "train.eval_every=2", "generate.max_new_tokens=6")
     save_config(base, tmp_path / "base.yaml")
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text(

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, require
-from test_train import tiny_config
 from vlmlab.data.batching import LengthBucketBatchSampler, pair_lengths, real_token_share
 from vlmlab.train.loop import train
 
@@ -78,9 +77,7 @@ def _trace(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_resume_with_length_buckets_continues_the_same_batches_across_epochs(
-    tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch
-):
+def test_resume_with_length_buckets_continues_the_same_batches_across_epochs(tmp_path, tiny_config, monkeypatch):
     """A run stopped at step 7 and resumed trains on exactly the batches of an uninterrupted run, epoch
     boundaries included (the tiny world has a few batches per epoch)."""
     extra = [
@@ -94,7 +91,7 @@ def test_resume_with_length_buckets_continues_the_same_batches_across_epochs(
     for name in ("straight", "resumed"):
         (tmp_path / name).mkdir()
     monkeypatch.setenv("VLMLAB_TRACE_DATA", str(tmp_path / "straight"))
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, "train.max_steps=16")
+    cfg = tiny_config(tmp_path, *extra, "train.max_steps=16")
     cfg.train.output_dir = str(tmp_path / "run_straight")
     train(cfg)
     monkeypatch.setenv("VLMLAB_TRACE_DATA", str(tmp_path / "resumed"))

@@ -9,19 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_data_bad_input import _png_header_only
-from test_train import tiny_config
+from helpers import png_header_only
 from vlmlab.cli import main as cli_main
 from vlmlab.model.vlm import VLM
 from vlmlab.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
+def run(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("caption")
     old = os.environ.get("VLMLAB_CACHE")
     os.environ["VLMLAB_CACHE"] = str(root / "cache")
-    cfg = tiny_config(root, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "train.eval_every=2")
+    cfg = tiny_config(root, "train.max_steps=2", "train.eval_every=2")
     run_dir = train(cfg)
     images = [str(p) for p in sorted((root / "world" / "images").glob("*.png"))[:3]]
     yield run_dir, images
@@ -41,7 +40,7 @@ def _bad_inputs(folder):
         "text": folder / "notes.jpg",
         "empty": folder / "empty.jpg",
         "truncated": folder / "truncated.jpg",
-        "too large": _png_header_only(folder / "huge.png", 8_000, 8_000),
+        "too large": png_header_only(folder / "huge.png", 8_000, 8_000),
         "missing": folder / "missing.jpg",
     }
     bad["directory"].mkdir()

@@ -4,6 +4,7 @@ on the real SmolLM2 and GPT-2 tokenizers; chat and loglikelihood on a tiny VLM."
 import pytest
 import torch
 
+from helpers import supervised_text
 from vlmlab.model.chat_format import build_pieces
 from vlmlab.model.conversation import conversation_batch, encode_conversation
 from vlmlab.model.sequence import IGNORE_INDEX
@@ -14,10 +15,6 @@ TWO_TURNS = [
     {"role": "user", "content": "Where is it?"},
     {"role": "assistant", "content": "On the left."},
 ]
-
-
-def supervised_text(tokenizer, enc):
-    return tokenizer.decode([t for t, lab in zip(enc.ids, enc.labels) if lab != IGNORE_INDEX])
 
 
 def test_chatml_on_smollm2_supervises_only_the_replies_and_their_im_end(smollm2_tokenizer):

@@ -5,9 +5,7 @@ Property-based (hypothesis) on each reader, plus one end-to-end pass of every fa
 
 import json
 import os
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import png_header_only
 from vlmlab.data.formats import ImageTooLarge, SkipReport, load_captions, load_image
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -217,23 +216,10 @@ def test_load_image_gives_rgb_of_the_same_size_or_raises(tmp_path_factory, spec,
     assert img.mode == "RGB" and img.size == size
 
 
-def _png_header_only(path, width, height):
-    """A PNG whose header claims width x height: what a decompression bomb looks like before decoding."""
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    )
-    return path
-
-
 def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     for w, h in ((100_000, 100_000), (8_000, 8_000)):  # above PIL's own hard limit, and above ours only
         with pytest.raises(ImageTooLarge, match=f"{w}x{h}|pixels"):
-            load_image(_png_header_only(tmp_path / f"bomb{w}.png", w, h))
+            load_image(png_header_only(tmp_path / f"bomb{w}.png", w, h))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -258,7 +244,7 @@ def test_every_listed_fault_through_the_data_path(tmp_path, tiny_clip_dir):
     rgb.convert("P").save(images / "palette.png")
     rgb.convert("L").save(images / "grey.jpg")
     rgb.convert("CMYK").save(images / "cmyk.jpg")
-    _png_header_only(images / "bomb.png", 8000, 8000)
+    png_header_only(images / "bomb.png", 8000, 8000)
     names = [
         "good.jpg",
         "truncated.jpg",

@@ -4,42 +4,12 @@ import pytest
 import torch
 
 from vlmlab.config import load_config
-from vlmlab.data.formats import CaptionSample
-from vlmlab.data.pairs import SplitFeatures
 from vlmlab.eval.captioning import evaluate_split, format_table
 from vlmlab.model.vlm import build_vlm
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_clip_dir, tiny_gpt2_dir):
-    cfg = load_config(
-        None,
-        [
-            f"vision.name=hf:{tiny_clip_dir}",
-            f"lm.name={tiny_gpt2_dir}",
-            "connector.width=32",
-            "connector.heads=2",
-            "connector.num_queries=4",
-            "lm.lora.dropout=0.0",
-            "generate.max_new_tokens=5",
-        ],
-    )
-    return build_vlm(cfg).eval()
-
-
-def _split(n=4):
-    torch.manual_seed(1)
-    samples = [
-        CaptionSample(f"x:{i}", f"/img/{i}.png", [f"a {c} thing.", f"the {c} one."], "test")
-        for i, c in enumerate(["red", "blue", "green", "yellow"][:n])
-    ]
-    features = torch.randn(n, 16, 32).half() * 3
-    pairs = [(i, c) for i, s in enumerate(samples) for c in s.captions]
-    return SplitFeatures(samples, features, pairs)
-
-
-def test_probes_of_a_model_that_sees_the_image(tiny):
-    r = evaluate_split(tiny, _split(), batch_size=3)
+def test_probes_of_a_model_that_sees_the_image(tiny_vlm, tiny_split):
+    r = evaluate_split(tiny_vlm, tiny_split, batch_size=3)
     assert r["visual_information_gain"] == pytest.approx(r["nll_shuffled"] - r["nll_true"])
     assert r["nll_true"] != pytest.approx(r["nll_shuffled"], abs=1e-6)  # random images move a random model
     assert 0 <= r["distinct_share"] <= 1 and 0 <= r["swap_changed_share"] <= 1
@@ -50,15 +20,15 @@ def test_probes_of_a_model_that_sees_the_image(tiny):
 
 
 @pytest.mark.slow
-def test_probes_of_a_blind_connector_show_no_image_dependence(tiny):
+def test_probes_of_a_blind_connector_show_no_image_dependence(tiny_vlm, tiny_split):
     """Zero the projection: every image gives the same visual tokens, so all image probes must agree."""
-    state = {k: v.clone() for k, v in tiny.connector.state_dict().items()}
+    state = {k: v.clone() for k, v in tiny_vlm.connector.state_dict().items()}
     try:
         with torch.no_grad():
-            tiny.connector.projection.weight.zero_()
-        r = evaluate_split(tiny, _split(), batch_size=3)
+            tiny_vlm.connector.projection.weight.zero_()
+        r = evaluate_split(tiny_vlm, tiny_split, batch_size=3)
     finally:
-        tiny.connector.load_state_dict(state)
+        tiny_vlm.connector.load_state_dict(state)
     assert r["nll_true"] == pytest.approx(r["nll_shuffled"], abs=1e-5)
     assert r["nll_true"] == pytest.approx(r["nll_mean_image"], abs=1e-5)
     assert r["visual_information_gain"] == pytest.approx(0, abs=1e-5)
@@ -66,7 +36,7 @@ def test_probes_of_a_blind_connector_show_no_image_dependence(tiny):
     assert r["distinct_share"] == 0.25  # one caption for all four images
 
 
-def test_probes_of_the_blind_baseline_show_no_image_dependence(tiny_clip_dir, tiny_gpt2_dir):
+def test_probes_of_the_blind_baseline_show_no_image_dependence(tiny_clip_dir, tiny_gpt2_dir, tiny_split):
     """connector.type=none: no visual tokens at all, so every NLL probe is the no-image NLL, exactly."""
     cfg = load_config(
         None,
@@ -80,7 +50,7 @@ def test_probes_of_the_blind_baseline_show_no_image_dependence(tiny_clip_dir, ti
     )
     blind = build_vlm(cfg).eval()
     assert blind.blind and blind.parameter_table()[1][1:] == (0, 0)  # the connector row: nothing
-    r = evaluate_split(blind, _split(), batch_size=3)
+    r = evaluate_split(blind, tiny_split, batch_size=3)
     assert r["nll_true"] == r["nll_shuffled"] == r["nll_mean_image"] == r["nll_no_image"]
     assert r["visual_information_gain"] == 0
     assert r["swap_changed_share"] == 0 and r["distinct_share"] == 0.25
@@ -88,21 +58,18 @@ def test_probes_of_the_blind_baseline_show_no_image_dependence(tiny_clip_dir, ti
 
 
 @pytest.mark.slow
-def test_eval_command_trains_and_reuses_baselines(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, capsys):
+def test_eval_command_trains_and_reuses_baselines(tmp_path, tiny_config, monkeypatch, capsys):
     """One `vlmlab eval` gives the model, the blind LM, the frozen connector and retrieval in one table."""
     import json
 
     from safetensors.torch import load_file
 
-    from test_train import tiny_config
     from vlmlab.cli import main as cli_main
     from vlmlab.train.loop import train
 
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
     cfg = tiny_config(
         tmp_path,
-        tiny_clip_dir,
-        tiny_gpt2_dir,
         "train.max_steps=6",
         "train.eval_every=6",
         "train.save_every=6",

@@ -6,16 +6,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from test_train import tiny_config
 from vlmlab.analysis.inspect import inspect_image, nearest_vocabulary
 from vlmlab.cli import main as cli_main
 from vlmlab.run import load_run
 from vlmlab.train.loop import train
 
 
-def test_attention_maps_and_nearest_tokens(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, capsys):
+def test_attention_maps_and_nearest_tokens(tmp_path, tiny_config, monkeypatch, capsys):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    run = train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=3", "connector.depth=2"))
+    run = train(tiny_config(tmp_path, "train.max_steps=3", "connector.depth=2"))
     model = load_run(run)
     images = sorted((tmp_path / "world" / "images").glob("*.png"))
     a, b = inspect_image(model, images[0], top_k=4), inspect_image(model, images[1], top_k=4)
@@ -43,9 +42,9 @@ def test_attention_maps_and_nearest_tokens(tmp_path, tiny_clip_dir, tiny_gpt2_di
     assert np.array(record["attention"]).shape == (2, 4, 4, 4)
 
 
-def test_connectors_without_queries_give_tokens_only(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+def test_connectors_without_queries_give_tokens_only(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    run = train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=1", "connector.type=linear"))
+    run = train(tiny_config(tmp_path, "train.max_steps=1", "connector.type=linear"))
     image = sorted((tmp_path / "world" / "images").glob("*.png"))[0]
     result = inspect_image(load_run(run), image)
     assert result.attention is None and len(result.nearest) == 16  # one visual token per image patch

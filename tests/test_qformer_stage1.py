@@ -216,15 +216,12 @@ def test_the_stage_suites_pretrain_the_stage1_arms_and_chain_them(name, tmp_path
 
 
 @pytest.mark.slow
-def test_a_suite_trains_the_stage1_run_before_the_caption_run_that_starts_from_it(
-    tmp_path, tiny_clip_dir, tiny_gpt2_dir
-):
+def test_a_suite_trains_the_stage1_run_before_the_caption_run_that_starts_from_it(tmp_path, tiny_config):
     import csv
     import os
 
     import yaml
 
-    from test_train import tiny_config
     from vlmlab.analysis.ablate import load_suite, run_suite
     from vlmlab.config import save_config
 
@@ -233,8 +230,6 @@ def test_a_suite_trains_the_stage1_run_before_the_caption_run_that_starts_from_i
     try:
         base = tiny_config(
             tmp_path,
-            tiny_clip_dir,
-            tiny_gpt2_dir,
             "train.max_steps=3",
             "train.eval_every=3",
             "generate.max_new_tokens=4",

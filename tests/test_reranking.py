@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from test_evaluate import _split, tiny  # noqa: F401  (the tiny model fixture)
 from vlmlab.eval.captioning import evaluate_split
 from vlmlab.eval.reranking import (
     Reranker,
@@ -53,16 +52,17 @@ def test_bad_rerank_settings_fail_before_anything_loads():
         consensus_scores([DOGS], [])
 
 
-def test_candidates_are_the_beams_best_first(tiny):  # noqa: F811
-    features = _split().features.float()
-    candidates = tiny.candidates_from_tokens(features, 3)
+def test_candidates_are_the_beams_best_first(tiny_vlm, tiny_split):
+    features = tiny_split.features.float()
+    candidates = tiny_vlm.candidates_from_tokens(features, 3)
     assert len(candidates) == 4 and all(len(c) == 3 for c in candidates)
-    assert [c[0] for c in candidates] == tiny.generate_from_tokens(features, num_beams=3)
+    assert [c[0] for c in candidates] == tiny_vlm.generate_from_tokens(features, num_beams=3)
 
 
-def test_evaluate_split_with_mbr_keeps_a_candidate_and_scores_every_rule(tiny):  # noqa: F811
-    split = _split()
-    result = evaluate_split(tiny, split, batch_size=2, reranker=Reranker("mbr", 3), num_beams=3, use_java=False)
+def test_evaluate_split_with_mbr_keeps_a_candidate_and_scores_every_rule(tiny_vlm, tiny_split):
+    result = evaluate_split(
+        tiny_vlm, tiny_split, batch_size=2, reranker=Reranker("mbr", 3), num_beams=3, use_java=False
+    )
     assert result["generation"]["rerank"] == "mbr" and result["generation"]["candidates"] == 3
     assert result["generation"]["num_beams"] == 3  # the width the candidates came from, not the run's default
     for example in result["examples"]:
@@ -74,13 +74,12 @@ def test_evaluate_split_with_mbr_keeps_a_candidate_and_scores_every_rule(tiny): 
 
 
 @pytest.mark.slow  # trains a tiny run
-def test_eval_command_reranks_with_the_retrieval_neighbours(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
-    from test_train import tiny_config
+def test_eval_command_reranks_with_the_retrieval_neighbours(tmp_path, tiny_config, monkeypatch):
     from vlmlab.cli import main as cli_main
     from vlmlab.train.loop import train
 
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "generate.max_new_tokens=4")
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "generate.max_new_tokens=4")
     run_dir = train(cfg)
     out = tmp_path / "reranked"
     argv = ["eval", str(run_dir), "--split", "val", "--no-baselines", "--retrieval-k", "2", "--contact-images", "0"]

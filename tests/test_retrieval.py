@@ -42,13 +42,12 @@ def test_reads_the_real_sugarcrepe_with_its_coco_images():
     assert row["caption"] != row["negative_caption"]
 
 
-def test_caption_likelihood_of_a_batch_equals_each_caption_scored_alone(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+def test_caption_likelihood_of_a_batch_equals_each_caption_scored_alone(tmp_path, tiny_config):
     """Padding must not leak into the score: SugarCrepe's negatives differ in length from their captions."""
-    from test_train import tiny_config
     from vlmlab.eval.retrieval import caption_loglikelihood
     from vlmlab.model.vlm import build_vlm
 
-    vlm = build_vlm(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir)).eval()
+    vlm = build_vlm(tiny_config(tmp_path)).eval()
     features = torch.randn(3, 16, 32)
     captions = ["a red circle", "a large blue square on the left of the picture", "green"]
     score = caption_loglikelihood(vlm, batch_size=3)

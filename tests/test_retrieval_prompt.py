@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from test_conversation import supervised_text
-from test_train import isolated_cache, tiny_config  # noqa: F401  (a fixture)
+from helpers import supervised_text
 from vlmlab.config import ConfigError, load_config
 from vlmlab.data.formats import CaptionSample
 from vlmlab.data.pairs import SplitFeatures
@@ -71,14 +70,12 @@ def test_impossible_retrieval_settings_fail_at_load(setting, message):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("isolated_cache")
-def test_a_retrieval_run_trains_and_its_eval_swaps_image_and_text_separately(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+def test_a_retrieval_run_trains_and_its_eval_swaps_image_and_text_separately(tmp_path, tiny_config):
     from vlmlab.eval.captioning import evaluate_run
     from vlmlab.train.loop import train
 
     cfg = tiny_config(
         tmp_path,
-        tiny_clip_dir,
-        tiny_gpt2_dir,
         "data.retrieved_captions=2",
         "data.conversation_format=gpt2",
         "train.max_steps=20",
@@ -109,13 +106,13 @@ def test_a_retrieval_run_trains_and_its_eval_swaps_image_and_text_separately(tmp
 
 
 @pytest.mark.usefixtures("isolated_cache")
-def test_captioning_a_new_photo_retrieves_from_the_runs_training_split(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+def test_captioning_a_new_photo_retrieves_from_the_runs_training_split(tmp_path, tiny_config):
     from vlmlab.data.features import FeatureCache
     from vlmlab.data.pairs import load_split_features
     from vlmlab.model.language_model import cache_dir
     from vlmlab.model.vlm import build_vlm
 
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "data.retrieved_captions=2")
+    cfg = tiny_config(tmp_path, "data.retrieved_captions=2")
     model = build_vlm(cfg)
     splits = load_split_features(cfg, FeatureCache(cache_dir() / "features", model.vision), splits=("train", "test"))
     tokens = splits["test"].features.float()

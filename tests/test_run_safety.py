@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_train import tiny_config
 from vlmlab.cli import main as cli_main
 from vlmlab.config import ConfigError, check_model_sources, load_config
 from vlmlab.run import load_run
@@ -27,14 +26,14 @@ SHORT = ["train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
+def finished(tmp_path_factory, tiny_config):
     """(folder of a finished 4-step run A, a function making configs over the same world and cache)."""
     root = tmp_path_factory.mktemp("safety")
     old = os.environ.get("VLMLAB_CACHE")
     os.environ["VLMLAB_CACHE"] = str(root / "cache")
 
     def config(out, *extra):
-        return tiny_config(root, tiny_clip_dir, tiny_gpt2_dir, *SHORT, f"train.output_dir={out}", *extra)
+        return tiny_config(root, *SHORT, f"train.output_dir={out}", *extra)
 
     train(config(root / "A"))
     yield root / "A", config

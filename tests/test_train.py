@@ -12,42 +12,8 @@ from vlmlab.run import load_run
 from vlmlab.train.loop import train
 
 
-def tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra):
-    return load_config(
-        None,
-        [
-            f"vision.name=hf:{tiny_clip_dir}",
-            f"lm.name={tiny_gpt2_dir}",
-            f"data.datasets=[synthetic:{tmp_path / 'world'}]",
-            "data.synthetic_images=48",
-            "data.synthetic_max_objects=1",
-            "connector.num_queries=4",
-            "connector.width=32",
-            "connector.depth=1",
-            "connector.heads=2",
-            "train.batch_size=8",
-            "train.max_steps=40",
-            "train.warmup_steps=2",
-            "train.lr=1e-2",
-            "train.lora_lr=1e-2",
-            "lm.lora.target_modules=[c_attn, c_proj, c_fc]",
-            "lm.lora.r=16",
-            "train.eval_every=20",
-            "train.save_every=20",
-            "train.log_every=5",
-            f"train.output_dir={tmp_path / 'run'}",
-            *extra,
-        ],
-    )
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-
-
-def test_train_save_reload_caption(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir)
+def test_train_save_reload_caption(tmp_path, tiny_config, isolated_cache):
+    cfg = tiny_config(tmp_path)
     run_dir = train(cfg)
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "checkpoint/trainable.safetensors"):
         assert (run_dir / name).exists(), name
@@ -73,9 +39,9 @@ def test_train_save_reload_caption(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isola
     assert load_run(run_dir).caption([str(p) for p in images]) == captions
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache, capsys):
-    train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=20"))
-    train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=30"), resume=True)
+def test_resume_continues_from_the_checkpoint(tmp_path, tiny_config, isolated_cache, capsys):
+    train(tiny_config(tmp_path, "train.max_steps=20"))
+    train(tiny_config(tmp_path, "train.max_steps=30"), resume=True)
     assert "resumed from" in capsys.readouterr().out
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 30 and 0 in steps  # one log, continued
@@ -141,11 +107,9 @@ def test_short_run_with_the_default_models_learns_and_never_writes_empty_caption
         assert len(caption.split()) >= 3, f"empty or EOS-only caption among {captions}"
 
 
-def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_config, isolated_cache):
     cfg = tiny_config(
         tmp_path,
-        tiny_clip_dir,
-        tiny_gpt2_dir,
         "train.grad_accum=3",
         "train.max_steps=4",
         "train.log_every=1",
@@ -158,18 +122,11 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_clip_dir, t
     assert steps == [1, 2, 3, 4]
 
 
-def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
+def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_config, isolated_cache):
     """CPU determinism: two runs of one config agree on every logged number, every weight and every caption."""
     extra = ("train.max_steps=8", "train.log_every=1", "train.eval_every=4", "connector.dropout=0.1")
-    runs = [
-        train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, f"train.output_dir={tmp_path / n}"))
-        for n in ("a", "b")
-    ]
-    other = train(
-        tiny_config(
-            tmp_path, tiny_clip_dir, tiny_gpt2_dir, *extra, "train.seed=1", f"train.output_dir={tmp_path / 'c'}"
-        )
-    )
+    runs = [train(tiny_config(tmp_path, *extra, f"train.output_dir={tmp_path / n}")) for n in ("a", "b")]
+    other = train(tiny_config(tmp_path, *extra, "train.seed=1", f"train.output_dir={tmp_path / 'c'}"))
 
     def numbers(run):
         return [
@@ -185,7 +142,7 @@ def test_same_config_and_seed_give_the_same_run(tmp_path, tiny_clip_dir, tiny_gp
     assert a.caption(images) == b.caption(images)
 
 
-def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache):
+def test_mixed_precision_switch(tmp_path, tiny_config, isolated_cache):
     """bf16 autocast reaches the forward pass on the CPU (numbers move a little, training still works);
     fp16 has no CPU autocast here, so asking for it is refused rather than silently ignored. The three runs share
     one process, as an ablation suite's do: accelerate fixes the precision once per process, train() resets it."""
@@ -194,8 +151,6 @@ def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
     def losses(name, precision):
         cfg = tiny_config(
             tmp_path,
-            tiny_clip_dir,
-            tiny_gpt2_dir,
             "train.max_steps=4",
             "train.log_every=1",
             f"train.mixed_precision={precision}",
@@ -213,7 +168,7 @@ def test_mixed_precision_switch(tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated
 
 
 def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_cache(
-    tmp_path, tiny_clip_dir, tiny_gpt2_dir, isolated_cache
+    tmp_path, tiny_clip_dir, tiny_config, isolated_cache
 ):
     from vlmlab.data.features import FeatureCache
     from vlmlab.model.vision import build_vision_encoder
@@ -222,8 +177,6 @@ def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_ca
     run = train(
         tiny_config(
             tmp_path,
-            tiny_clip_dir,
-            tiny_gpt2_dir,
             "vision.unfreeze_last=1",
             "train.max_steps=6",
             "train.vision_lr=1e-2",
@@ -248,8 +201,8 @@ def test_unfreezing_the_last_encoder_block_trains_it_and_bypasses_the_feature_ca
     assert not torch.allclose(tuned_features.float(), plain_features.float())
 
 
-def test_unfreezing_more_blocks_than_the_encoder_has_is_refused(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+def test_unfreezing_more_blocks_than_the_encoder_has_is_refused(tmp_path, tiny_config):
     with pytest.raises(ValueError, match="vision.unfreeze_last = 3: .* has 2 blocks"):
         from vlmlab.model.vlm import build_vlm
 
-        build_vlm(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "vision.unfreeze_last=3"))
+        build_vlm(tiny_config(tmp_path, "vision.unfreeze_last=3"))

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from test_train import tiny_config
 from vlmlab.config import save_config
 from vlmlab.run import load_run
 from vlmlab.run.checkpoint import CHECKPOINT, verify_checkpoint
@@ -48,12 +47,11 @@ def _run(tmp_path, name, cfg, launcher):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_clip_dir, tiny_gpt2_no_dropout):
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_config, tiny_gpt2_no_dropout):
     def config(name, batch_size):
         return tiny_config(
             tmp_path,
-            tiny_clip_dir,
-            tiny_gpt2_no_dropout,
+            f"lm.name={tiny_gpt2_no_dropout}",
             f"train.batch_size={batch_size}",
             f"train.max_steps={STEPS}",
             "train.log_every=1",

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from test_train import tiny_config
 from vlmlab.config import ConfigError, save_config
 from vlmlab.run import load_run
 from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError, verify_checkpoint
@@ -35,12 +34,12 @@ def _trajectory(run_dir):
 
 
 @pytest.fixture
-def launch(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+def launch(tmp_path, tiny_config):
     """Starts `vlmlab train` in a fresh process (one thread, a shared feature cache) for a run folder."""
     env = {**os.environ, "VLMLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
     def start(name, resume=False, kill_at=None):
-        cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, *FAST, f"train.output_dir={tmp_path / name}")
+        cfg = tiny_config(tmp_path, *FAST, f"train.output_dir={tmp_path / name}")
         save_config(cfg, tmp_path / f"{name}.yaml")
         args = [sys.executable, "-m", "vlmlab.cli", "train", str(tmp_path / f"{name}.yaml")] + (
             ["--resume"] if resume else []
@@ -95,9 +94,9 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_trajectory(tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_a_corrupt_checkpoint_is_refused_not_loaded(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+def test_a_corrupt_checkpoint_is_refused_not_loaded(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "train.save_every=2")
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.save_every=2")
     run = train(cfg)
     weights = run / CHECKPOINT / TRAINABLE_FILE
     data = bytearray(weights.read_bytes())
@@ -113,14 +112,12 @@ def test_a_corrupt_checkpoint_is_refused_not_loaded(tmp_path, tiny_clip_dir, tin
         train(cfg, resume=True)
 
 
-def test_resume_refuses_a_changed_batch_size(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+def test_resume_refuses_a_changed_batch_size(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=2", "train.save_every=2"))
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.save_every=2"))
     recorded = (tmp_path / "run" / "config.yaml").read_text()
     with pytest.raises(ConfigError, match=r"train.batch_size: recorded 8, now 4"):
-        train(
-            tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.batch_size=4"), resume=True
-        )
+        train(tiny_config(tmp_path, "train.max_steps=4", "train.batch_size=4"), resume=True)
     assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # refused before anything was written
 
 
@@ -150,10 +147,10 @@ def _poison_training_call(monkeypatch, call: int, kind: str):
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_a_nonfinite_value_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
-    tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, kind
+    tmp_path, tiny_config, monkeypatch, kind
 ):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.save_every=2")
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.save_every=2")
     _poison_training_call(monkeypatch, call=4, kind=kind)
     with pytest.raises(FloatingPointError, match=r"non-finite .* at step 4;.*step 2\) is intact"):
         train(cfg)
@@ -164,11 +161,9 @@ def test_a_nonfinite_value_stops_the_run_naming_the_step_and_keeps_the_checkpoin
 
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
-def test_skip_mode_drops_the_bad_batch_and_finishes(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, kind):
+def test_skip_mode_drops_the_bad_batch_and_finishes(tmp_path, tiny_config, monkeypatch, kind):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(
-        tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=6", "train.log_every=1", "train.on_nonfinite=skip"
-    )
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.log_every=1", "train.on_nonfinite=skip")
     _poison_training_call(monkeypatch, call=4, kind=kind)
     run = train(cfg)
     records = _records(run)
@@ -180,10 +175,10 @@ def test_skip_mode_drops_the_bad_batch_and_finishes(tmp_path, tiny_clip_dir, tin
     assert all(torch.isfinite(v).all() for v in load_run(run).trainable_state_dict().values())
 
 
-def test_a_diverged_run_in_skip_mode_still_stops(tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+def test_a_diverged_run_in_skip_mode_still_stops(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
     for call in range(1, 40):
         _poison_training_call(monkeypatch, call=call, kind="loss")  # every training batch, stacked
-    cfg = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.on_nonfinite=skip")
+    cfg = tiny_config(tmp_path, "train.on_nonfinite=skip")
     with pytest.raises(FloatingPointError, match="in a row"):
         train(cfg)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_train import tiny_config
 from vlmlab.config import load_config
 from vlmlab.data.pairs import load_samples
 from vlmlab.run import load_run
@@ -29,14 +28,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_clip_dir, tiny_gpt2_dir):
+def served(tmp_path_factory, tiny_config):
     """(url, run_dir, test images, scratch dir) of a server on 127.0.0.1 serving a tiny trained run."""
     from vlmlab.app.web import serve
 
     root = tmp_path_factory.mktemp("web")
     old = os.environ.get("VLMLAB_CACHE")
     os.environ["VLMLAB_CACHE"] = str(root / "cache")
-    run_dir = train(tiny_config(root, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=4"))
+    run_dir = train(tiny_config(root, "train.max_steps=4", "train.eval_every=4"))
     start = time.perf_counter()
     app, url = serve(run_dir, host="127.0.0.1", port=_free_port(), block=False)
     print(f"server up in {time.perf_counter() - start:.1f} s at {url}")
@@ -259,7 +258,7 @@ def test_vlmlab_serve_command_answers_the_page(served):
 
 
 def test_serve_without_a_run_trains_the_demo_run_first_with_a_progress_bar_then_reuses_it(
-    tmp_path, tiny_clip_dir, tiny_gpt2_dir, monkeypatch, capsys
+    tmp_path, tiny_config, monkeypatch, capsys
 ):
     """`vlmlab serve` with no RUN_DIR serves the demo run: absent, it is trained first (progress bar on stderr);
     finished, it is reused as it is. The embedded defaults are swapped for a tiny config of the same shape."""
@@ -267,7 +266,7 @@ def test_serve_without_a_run_trains_the_demo_run_first_with_a_progress_bar_then_
     from vlmlab.cli import demo_run_dir
 
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
-    tiny = tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.max_steps=4", "train.eval_every=4")
+    tiny = tiny_config(tmp_path, "train.max_steps=4", "train.eval_every=4")
     monkeypatch.setattr(vlmlab.config, "load_config", lambda *args, **kwargs: tiny)
 
     run = demo_run_dir()
