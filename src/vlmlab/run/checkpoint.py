@@ -17,12 +17,11 @@ from safetensors.torch import load_file, save_file
 from ..data.features import file_digest
 from ..model.vlm import VLM
 from .lock import RunRefused
+from .record import CHECKPOINT
 
-CHECKPOINT = "checkpoint"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 class CheckpointError(RunRefused):

@@ -12,10 +12,12 @@ import shutil
 from pathlib import Path
 
 from ..config import Config, ConfigError, config_to_dict, load_config
-from .checkpoint import CHECKPOINT, METRICS_FILE
 
+# The files of a run folder (the checkpoint's own files are named in checkpoint.py)
 CONFIG_FILE = "config.yaml"
 MODEL_INFO_FILE = "model_info.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT = "checkpoint"
 
 # Keys that may differ on --resume: none of them changes what the weights become up to the recorded step.
 # train.max_steps extends (or shortens) a run: the cosine schedule is then stretched to the new end from the

@@ -41,7 +41,6 @@ from ..model.language_model import cache_dir
 from ..model.nll import derangement, validation_loss
 from ..model.vlm import VLM, build_vlm, format_parameter_table
 from ..run.checkpoint import (
-    METRICS_FILE,
     STATE_FILE,
     CheckpointError,
     find_checkpoint,
@@ -51,6 +50,7 @@ from ..run.checkpoint import (
     verify_checkpoint,
 )
 from ..run.lifecycle import TrainingStart, training_run
+from ..run.record import METRICS_FILE
 from .stages import initialise_from
 
 MAX_SKIPPED_IN_A_ROW = 20

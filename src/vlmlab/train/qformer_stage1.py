@@ -23,8 +23,9 @@ from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..model.language_model import cache_dir
 from ..model.qformer_stage1 import QFormerStage1, build_stage1
-from ..run.checkpoint import METRICS_FILE, STATE_FILE, load_trainable_from, save_checkpoint, truncate_metrics
+from ..run.checkpoint import STATE_FILE, load_trainable_from, save_checkpoint, truncate_metrics
 from ..run.lifecycle import training_run
+from ..run.record import METRICS_FILE
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
