@@ -27,8 +27,7 @@ class TrainingStart:
     cfg: Config
     run_dir: Path
     checkpoint: Path | None  # the verified checkpoint to resume from; None: training starts at step 0
-    step: int  # the checkpoint's step (0 without one)
-    overwrite: bool
+    overwrite: bool  # replace the run the folder holds (clear_previous_run)
 
     def clear_previous_run(self, also: tuple[str, ...] = ()) -> None:
         """--overwrite, once the new run is set up: removes the previous run's artefacts (and the files `also`
@@ -71,4 +70,4 @@ def training_run(
                 f"train.max_steps = {cfg.train.max_steps} is below the step of {checkpoint} ({step}): "
                 "a run cannot be resumed backwards"
             )
-        yield TrainingStart(cfg, run_dir, checkpoint, step, overwrite)
+        yield TrainingStart(cfg, run_dir, checkpoint, overwrite)
