@@ -358,7 +358,7 @@ DEFAULT_DATA_ROOT = "../shared/data"  # relative to the working directory, where
 
 
 def expand_data_root(text: str, key: str) -> str:
-    """'coco:$VLMLAB_DATA/coco2017-val' -> 'coco:../shared/data/coco2017-val', or under $VLMLAB_DATA when it is set.
+    """'coco:$VLMLAB_DATA/coco2017-val' -> 'coco:ROOT/coco2017-val', ROOT being $VLMLAB_DATA, else DEFAULT_DATA_ROOT.
 
     Recipes name the shared data through this one root, so a machine that keeps it elsewhere sets one variable
     instead of editing every file. A root that is no folder fails here, naming it, before anything loads."""
