@@ -1,7 +1,7 @@
 """Training throughput on REAL captions, three steps side by side in one process, in samples/s.
 
     OMP_NUM_THREADS=2 python benchmarks/train_throughput.py [CONFIG.yaml] [--set key=value ...]
-        [--data coco:../shared/data/coco2017-val] [--images 400] [--steps 20]
+        [--data 'coco:$VLMLAB_DATA/coco2017-val'] [--images 400] [--steps 20]
 
 - naive: the seed-style step: the frozen encoder runs in the loop on pixels, every caption padded to
   data.max_caption_tokens, logits on every position (HF's `labels=` path);
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from vlmlab.config import load_config
+from vlmlab.config import expand_data_root, load_config
 from vlmlab.data.batching import LengthBucketBatchSampler, pair_lengths
 from vlmlab.data.formats import load_captions, load_image
 from vlmlab.model.language_model import base_causal_lm
@@ -50,9 +50,9 @@ def naive_step(model, pixels, captions, width: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("config", nargs="?", default="configs/coco_flickr_mini.yaml")
+    parser.add_argument("config", nargs="?", default="recipes/photos-mini.yaml")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--data", default="coco:../shared/data/coco2017-val")
+    parser.add_argument("--data", default="coco:$VLMLAB_DATA/coco2017-val", help="$VLMLAB_DATA: the data root")
     parser.add_argument("--images", type=int, default=400, help="training images whose captions are batched")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
@@ -62,7 +62,7 @@ def main() -> None:
     optimizer = build_optimizer(model, cfg)
     b = cfg.train.batch_size
 
-    samples = load_captions(args.data, seed=cfg.data.split_seed)["train"]
+    samples = load_captions(expand_data_root(args.data, "--data"), seed=cfg.data.split_seed)["train"]
     samples = random.Random(0).sample(samples, min(args.images, len(samples)))
     pixels = torch.stack([model.vision.preprocess([load_image(s.image_path)])[0] for s in samples]).half()
     start = time.perf_counter()

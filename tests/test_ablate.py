@@ -10,12 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from vlmlab.analysis.ablate import BUILTIN_SUITES, load_suite, run_suite
+from vlmlab.analysis.ablate import load_suite, run_suite
 from vlmlab.config import ConfigError, save_config
 
 
-def test_builtin_suites_load_and_name_the_roles():
-    for name in [n for n in BUILTIN_SUITES if n.startswith("roles")]:  # qformer-stages: test_qformer_stage1.py
+def test_the_roles_recipe_loads_and_names_the_roles():
+    for name in ["roles", "suite-roles", "roles.yaml"]:  # a recipe is found by its name, prefixed or not
         suite = load_suite(name)
         assert {
             "qformer-16",

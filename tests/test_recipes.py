@@ -16,7 +16,7 @@ from vlmlab.data.pairs import SplitFeatures, load_samples
 from vlmlab.eval.captioning import evaluate_split, format_table, score_captions
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO / "configs" / "coco_val_photos.yaml"
+PHOTOS = REPO / "recipes" / "photo-captions.yaml"
 
 
 def _digest(samples) -> str:
@@ -24,10 +24,10 @@ def _digest(samples) -> str:
 
 
 def test_the_photo_recipe_split_is_fixed_by_image_and_disjoint(monkeypatch):
-    """The numbers written in configs/coco_val_photos.yaml: if this fails, the held-out split moved and no
+    """The numbers written in recipes/photo-captions.yaml: if this fails, the held-out split moved and no
     score before the change can be compared with one after it."""
     require(SHARED_DATA / "coco2017-val")
-    monkeypatch.chdir(REPO)  # the config names ../shared/data relative to the repo root
+    monkeypatch.setenv("VLMLAB_DATA", str(SHARED_DATA))  # the data root the recipe names
     samples = load_samples(load_config(PHOTOS))
     sizes = {split: (len(v), sum(len(s.captions) for s in v)) for split, v in samples.items()}
     assert sizes == {"train": (1957, 9791), "val": (237, 1185), "test": (228, 1140)}
@@ -41,7 +41,7 @@ def test_the_photo_recipe_split_is_fixed_by_image_and_disjoint(monkeypatch):
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not ids[a] & ids[b] and not paths[a] & paths[b], f"an image is in both {a} and {b}"
     # the rule is by image id alone: coco2017-mini's held-out photos stay held out here too
-    mini = load_config(None, ["data.datasets=[coco:../shared/data/coco2017-mini]"])
+    mini = load_config(None, ["data.datasets=[coco:$VLMLAB_DATA/coco2017-mini]"])
     mini_test = {s.image_id for s in load_samples(mini)["test"]}
     assert mini_test and not mini_test & ids["train"]
 
@@ -134,7 +134,7 @@ def test_the_hub_gpu_recipe_names_hub_models_and_trains_two_steps_with_tiny_stan
     from vlmlab.run import load_run
     from vlmlab.train.loop import train
 
-    path = REPO / "configs" / "hub_gpu.yaml"
+    path = REPO / "recipes" / "hub-gpu.yaml"
     shipped = load_config(path)
     assert shipped.vision.name.startswith("hf:") and "siglip" in shipped.vision.name.lower()
     assert shipped.lm.name.startswith("HuggingFaceTB/SmolLM2-") and shipped.lm.name.endswith("-Instruct")

@@ -14,7 +14,12 @@ def _config(args):
     overrides = list(args.set or [])
     if getattr(args, "output_dir", None):
         overrides.append(f"train.output_dir={args.output_dir}")
-    return load_config(getattr(args, "config", None), overrides)
+    path = getattr(args, "config", None)
+    if path is not None:  # a file, or a recipe's name: `vlmlab train photo-captions`
+        from .analysis.recipes import find_recipe
+
+        path = find_recipe(path, "config")
+    return load_config(path, overrides)
 
 
 def cmd_train(args) -> None:
@@ -320,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p, required: bool):
-        p.add_argument("config", nargs=None if required else "?", help="YAML config (defaults: the embedded demo)")
+        p.add_argument(
+            "config",
+            nargs=None if required else "?",
+            help="YAML config, or a recipe's name (recipes/NAME.yaml); default: the embedded demo",
+        )
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.lr=3e-4")
         p.add_argument("--output-dir", help="shorthand for --set train.output_dir=...")
 
@@ -466,8 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
     p.add_argument(
         "chain",
-        help="a chain YAML file, or a built-in chain (analysis/chains/): synthetic, photos, photos-recipe, "
-        "photos-recipe-captions, photos-recipe-one-caption",
+        help="a chain YAML file, or a recipe's name (recipes/chain-NAME.yaml): synthetic, photos-hour-bf16",
     )
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
     p.set_defaults(func=cmd_chain)
@@ -475,8 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train and evaluate every variant of a suite x seeds; tables and plots")
     p.add_argument(
         "suite",
-        help="a suite YAML file, or a built-in suite: roles (synthetic world), roles-photos, "
-        "qformer-stages, qformer-stages-photos, recipe-photos",
+        help="a suite YAML file, or a recipe's name (recipes/suite-NAME.yaml): roles, qformer-stages",
     )
     p.add_argument("--out-dir", default=None, help="default: runs/ablate/<suite name>")
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the suite's, e.g. 0,1,2")

@@ -232,6 +232,8 @@ def apply_settings(cfg: Config, settings: dict) -> Config:
     if not isinstance(settings, dict):
         raise ConfigError(f"settings must map dotted keys to values, got {settings!r}")
     for key, value in settings.items():
+        if isinstance(value, dict):  # no setting holds a mapping: a section written as nested YAML
+            raise ConfigError(f"{key}: write one dotted key per setting ({key}.NAME: VALUE), not a nested mapping")
         _merge(cfg, _nest(str(key), value))
     validate(cfg)
     return cfg
@@ -327,6 +329,7 @@ def validate(cfg: Config) -> None:
     c, t = cfg.connector, cfg.train
     _check_finite(cfg)
     _check_output_dir(cfg)
+    cfg.data.datasets = [expand_data_root(spec, f"data.datasets[{i}]") for i, spec in enumerate(cfg.data.datasets)]
     for key, (low, high) in _RANGES.items():
         value = _get(cfg, key)
         if value is not None:
@@ -392,6 +395,27 @@ def _check_output_dir(cfg: Config) -> None:
         if expanded.startswith("~"):
             raise ConfigError(f"train.output_dir = {out!r}: cannot expand {out.split('/')[0]!r} (no such user)")
         cfg.train.output_dir = expanded
+
+
+DATA_ROOT_VARIABLE = "VLMLAB_DATA"  # written $VLMLAB_DATA in a data spec
+DEFAULT_DATA_ROOT = "../shared/data"  # relative to the working directory, where vlmlab runs (the repo root)
+
+
+def expand_data_root(text: str, key: str) -> str:
+    """'coco:$VLMLAB_DATA/coco2017-val' -> 'coco:ROOT/coco2017-val', ROOT being $VLMLAB_DATA, else DEFAULT_DATA_ROOT.
+
+    Recipes name the shared data through this one root, so a machine that keeps it elsewhere sets one variable
+    instead of editing every file. A root that is no folder fails here, naming it, before anything loads."""
+    token = "$" + DATA_ROOT_VARIABLE
+    if token not in text:
+        return text
+    root = os.environ.get(DATA_ROOT_VARIABLE) or DEFAULT_DATA_ROOT
+    if not Path(root).expanduser().is_dir():
+        raise ConfigError(
+            f"{key} = {text!r}: the data root {root!r} is no folder; set {DATA_ROOT_VARIABLE} to the folder that holds "
+            f"the datasets (default {DEFAULT_DATA_ROOT}, relative to the working directory)"
+        )
+    return text.replace(token, root.rstrip("/") or "/")
 
 
 def check_model_sources(cfg: Config) -> None:

@@ -20,15 +20,8 @@ import yaml
 from ..config import Config, ConfigError, apply_settings, load_config
 from ..eval.baselines import finished_step, stale_keys
 from ..eval.captioning import ATTRIBUTE_COLUMNS
+from .recipes import find_recipe
 
-BUILTIN_SUITES = {
-    "roles": "roles.yaml",
-    "roles-photos": "roles_photos.yaml",
-    "qformer-stages": "qformer_stages.yaml",
-    "qformer-stages-photos": "qformer_stages_photos.yaml",
-    "recipe-photos": "recipe_photos.yaml",
-}
-SUITE_DIR = Path(__file__).parent / "suites"
 # (column, key in eval.json's model row, higher is better)
 MAIN_METRICS = [
     ("CIDEr-D", "CIDEr-D", True),
@@ -52,7 +45,7 @@ class Suite:
     name: str
     path: Path
     base: str | None = None
-    overrides: list[str] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
     variants: dict[str, dict] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     split: str = "test"
@@ -61,9 +54,9 @@ class Suite:
 
     def config(self, variant: str, seed: int, out_dir: Path) -> Config:
         """The base config, the suite's overrides, the variant's settings, then seed and output dir."""
-        base = None if self.base is None else (self.path.parent / self.base).resolve()
+        base = None if self.base is None else find_recipe(self.base, "config", self.path.parent)
         try:
-            cfg = load_config(base, self.overrides)
+            cfg = apply_settings(load_config(base), self.overrides or {})
             settings = dict(self.variants[variant] or {})
             pretrain = settings.pop("pretrain", None)
             apply_settings(cfg, settings)
@@ -83,25 +76,26 @@ class Suite:
             return None
         if not isinstance(pretrain, dict):
             raise ConfigError(f"suite {self.name!r}, variant {variant!r}: 'pretrain' must map dotted keys to values")
-        base = None if self.base is None else (self.path.parent / self.base).resolve()
-        cfg = load_config(base, self.overrides)
+        base = None if self.base is None else find_recipe(self.base, "config", self.path.parent)
+        cfg = apply_settings(load_config(base), self.overrides or {})
         apply_settings(cfg, {k: v for k, v in settings.items() if k.startswith(("connector.", "vision.", "data."))})
         apply_settings(cfg, {"train.stage": "qformer", **pretrain})
         out = str(out_dir / variant / f"seed{seed}-stage1")
         return apply_settings(cfg, {"train.seed": seed, "train.output_dir": out})
 
 
-def load_suite(spec: str) -> Suite:
-    """A suite file, or the name of a built-in suite (BUILTIN_SUITES)."""
-    path = SUITE_DIR / BUILTIN_SUITES[spec] if spec in BUILTIN_SUITES else Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"no suite {spec!r}: give a suite YAML file or one of {sorted(BUILTIN_SUITES)}")
+def load_suite(spec: str | Path) -> Suite:
+    """A suite file, or a shipped recipe's name (`roles` -> recipes/suite-roles.yaml)."""
+    path = find_recipe(str(spec), "suite")
     tree = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "overrides", "variants", "seeds", "split", "contact_images", "descriptions"}
     if not isinstance(tree, dict) or set(tree) - allowed:
         raise ConfigError(f"{path}: a suite is a mapping of {sorted(allowed)}; unknown: {sorted(set(tree) - allowed)}")
     if not isinstance(tree.get("variants"), dict) or not tree["variants"]:
         raise ConfigError(f"{path}: 'variants' must map variant names to {{dotted.key: value}} settings")
+    if not isinstance(tree.get("overrides") or {}, dict):
+        raise ConfigError(f"{path}: overrides map dotted keys to values, e.g. {{train.max_steps: 600}}, as variants "
+                          f"do; a `- key=value` list is the command line's --set form")  # fmt: skip
     suite = Suite(path=path, **{"name": path.stem, **tree})
     if not suite.seeds or not all(isinstance(s, int) for s in suite.seeds):
         raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers")

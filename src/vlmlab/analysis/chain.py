@@ -5,9 +5,11 @@ and measure what stage 2 did to stage 1's captions.
 A chain file:
 
     name: chain-synthetic
-    from: null                      # or another chain (a shipped name or a file): its keys, then this file's
-    base: null                      # a config file, or null for the embedded defaults
-    overrides: [train.max_steps=150]
+    from: null                      # or another chain (a recipe's name or a file) that has no `from` itself:
+                                    # its keys, then this file's, each replaced whole
+    base: null                      # a config (a recipe's name, e.g. photo-captions, or a file), or null for the
+                                    # embedded defaults
+    overrides: {train.max_steps: 150}   # dotted.key: value settings on top of the base, as in `stages`
     tasks: data/tasks/synthetic     # `vlmlab make-tasks` output; written from the base data if absent
     stages:                         # in order; each a few dotted.key: value settings on top of the base
       caption: {}
@@ -26,7 +28,7 @@ A chain file:
     pretrained: null                # or a finished caption run: the first stage starts from it (prismatic's
                                     # pretrained_checkpoint), e.g. the photo recipe's run before instruct -> vqa
     questions:                      # real question sets, scored too (photos the run trained on left out)
-      - {task: vqa, file: ../shared/data/questions/aokvqa/aokvqa_v1p0_val.json, images: ../shared/data/coco2017-val/val2017}
+      - {task: vqa, file: $VLMLAB_DATA/questions/aokvqa/aokvqa_v1p0_val.json, images: $VLMLAB_DATA/coco2017-val/val2017}
 
 Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md. With `pretrained`, the blind chain
 starts from it too: its LoRA is loaded and its connector left out (the blind model has none), so the two arms
@@ -42,19 +44,13 @@ from pathlib import Path
 
 import yaml
 
-from ..config import STAGES, Config, ConfigError, apply_settings, load_config
+from ..config import STAGES, Config, ConfigError, apply_settings, expand_data_root, load_config
 from ..eval.tasks import TASKS
+from .recipes import find_recipe
 
-CHAIN_DIR = Path(__file__).parent / "chains"
 CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
 CHAIN_KEYS |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
 CHAIN_KEYS |= {"presence_from_boxes", "vqa_turns"}
-
-
-def chain_file(spec: str, beside: Path) -> Path:
-    """A shipped chain by name (`photos-recipe` -> chains/photos_recipe.yaml), else a file relative to `beside`."""
-    builtin = CHAIN_DIR / f"{spec.replace('-', '_')}.yaml"
-    return builtin if builtin.is_file() else beside / spec
 
 
 @dataclass
@@ -63,7 +59,7 @@ class Chain:
     name: str
     stages: dict[str, dict]
     base: str | None = None
-    overrides: list[str] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
     tasks: str | None = None
     blind: bool = True
     evaluate: list[str] = field(default_factory=lambda: ["vqa", "pope", "mmbench"])
@@ -78,8 +74,8 @@ class Chain:
     blind_from: str | None = None  # a stage: the blind arm starts from the model's run of it
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
-        base = None if self.base is None else (self.path.parent / self.base).resolve()
-        cfg = load_config(base, self.overrides)
+        base = None if self.base is None else find_recipe(self.base, "config", self.path.parent)
+        cfg = apply_settings(load_config(base), self.overrides or {})
         apply_settings(cfg, self.stages[stage] or {})
         settings = {
             "train.stage": stage,
@@ -94,12 +90,12 @@ class Chain:
 
 
 def load_chain(spec: str) -> Chain:
-    path = chain_file(spec, Path("."))
-    if not path.is_file():
-        raise ConfigError(
-            f"no chain {spec!r}: give a chain YAML file or one of {sorted(p.stem for p in CHAIN_DIR.glob('*.yaml'))}"
-        )
+    """A chain file, or a shipped recipe's name (`photos-hour-bf16` -> recipes/chain-photos-hour-bf16.yaml)."""
+    path = find_recipe(spec, "chain")
     tree = chain_tree(path)
+    if not isinstance(tree.get("overrides") or {}, dict):
+        raise ConfigError(f"{path}: overrides map dotted keys to values, e.g. {{train.max_steps: 600}}, as stages "
+                          f"do; a `- key=value` list is the command line's --set form")  # fmt: skip
     stages = tree.get("stages")
     if not isinstance(stages, dict) or not stages or set(stages) - set(STAGES):
         raise ConfigError(f"{path}: 'stages' maps stage names ({list(STAGES)}) to settings, in order")
@@ -128,6 +124,9 @@ def load_chain(spec: str) -> Chain:
             raise ConfigError(f"{path}: each of 'questions' is {{task, file, images}}; got {q!r}")
         if q.get("task") not in TASKS:
             raise ConfigError(f"{path}: questions {q['file']}: task {q.get('task')!r} is not one of {list(TASKS)}")
+        for key in ("file", "images"):
+            if isinstance(q.get(key), str):
+                q[key] = expand_data_root(q[key], f"{path}: questions {key}")
     previous = None if chain.pretrained is None else Path(chain.pretrained)
     for stage in stages:  # every stage's config is checked before anything trains
         chain.config(stage, Path("runs/check") / stage, previous, blind=False)
@@ -135,28 +134,37 @@ def load_chain(spec: str) -> Chain:
     return chain
 
 
-def chain_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def chain_tree(path: Path, child: Path | None = None) -> dict:
     """A chain file's keys on top of those of the chain it comes `from` (each key replaced whole, not merged).
 
-    One experiment is often another with a few keys changed: `from` says which, so a chain file holds only
-    what differs. The parent's `base` stays relative to the parent's file; its `name` is not inherited."""
+    An experiment is often another with a few keys changed: `from` says which, so a chain file holds only what
+    differs. One level only: a chain that a `from` names has no `from` of its own, so every key of a chain is
+    in its file or in the one it names. The parent's `base` stays relative to the parent's file; its `name` is
+    not inherited."""
+    tree = _read_chain(path)
+    parent_spec = tree.pop("from", None)
+    if parent_spec is None:
+        return tree
+    if child is not None:
+        raise ConfigError(f"{child}: from: {path} comes from {parent_spec!r} in turn; a chain comes from at most one "
+                          f"other, which has no `from` itself (write {path.name}'s keys out in one file)")  # fmt: skip
+    try:
+        parent = find_recipe(str(parent_spec), "chain", path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: from: {e}") from None
+    inherited = chain_tree(parent, child=path)
+    inherited.pop("name", None)
+    if inherited.get("base") is not None:
+        inherited["base"] = str(find_recipe(inherited["base"], "config", parent.parent).resolve())
+    return {**inherited, **tree}
+
+
+def _read_chain(path: Path) -> dict:
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict) or set(tree) - CHAIN_KEYS - {"from"}:
         unknown = sorted(set(tree) - CHAIN_KEYS - {"from"}) if isinstance(tree, dict) else tree
         raise ConfigError(f"{path}: a chain is a mapping of {sorted(CHAIN_KEYS | {'from'})}; unknown: {unknown}")
-    parent_spec = tree.pop("from", None)
-    if parent_spec is None:
-        return tree
-    parent = chain_file(str(parent_spec), path.parent)
-    if not parent.is_file():
-        raise ConfigError(f"{path}: from: no chain {parent_spec!r} (a shipped chain's name or a file next to this one)")
-    if parent.resolve() in seen + (path.resolve(),):
-        raise ConfigError(f"{path}: from: {parent_spec!r} comes back to a chain already read; chains cannot loop")
-    inherited = chain_tree(parent, seen + (path.resolve(),))
-    inherited.pop("name", None)
-    if inherited.get("base") is not None:
-        inherited["base"] = str((parent.parent / inherited["base"]).resolve())
-    return {**inherited, **tree}
+    return tree
 
 
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:

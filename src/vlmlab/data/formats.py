@@ -1,6 +1,6 @@
 """Readers for the official caption formats, all returning the same CaptionSample records.
 
-A dataset is named by a spec 'FORMAT:PATH' (e.g. 'coco:../shared/data/coco2017-mini'), so configs can
+A dataset is named by a spec 'FORMAT:PATH' (e.g. 'coco:$VLMLAB_DATA/coco2017-mini'), so configs can
 mix datasets and every reader reads the full dataset in its own on-disk layout, unconverted.
 """
 

@@ -3,7 +3,7 @@
 image->text and text->image recall@1/5/10 from the ITC similarities on a split, each against chance
 (the recall of a random ranking, exact for the split's sizes);
 ITM accuracy on the split's true pairs and as many mismatched ones (a caption of another image);
-SugarCrepe (Hsieh et al. 2023, ../shared/data/questions/sugar-crepe): per category, how often the ITM
+SugarCrepe (Hsieh et al. 2023, $VLMLAB_DATA/questions/sugar-crepe): per category, how often the ITM
 head, and the captioner's likelihood, prefer an image's true caption over its minimally changed negative
 (chance 0.5).
 """
@@ -222,7 +222,7 @@ def evaluate_stage1_run(
 
 
 def default_sugarcrepe_images(folder: str | Path) -> Path:
-    """../shared/data/questions/sugar-crepe -> ../shared/data/coco2017-val/val2017 (its images are COCO-2017 val)."""
+    """DATA/questions/sugar-crepe -> DATA/coco2017-val/val2017 (its images are COCO-2017 val)."""
     return Path(folder).resolve().parent.parent / "coco2017-val" / "val2017"
 
 

@@ -3,7 +3,7 @@
 LLaVA trains in stages (projector only on captions, then projector + LLM on instructions) and so does
 BLIP-2; here a stage is a row of config.STAGES, and a chain is runs whose `init_from` is the previous run.
 What trains inside a stage is still set by the ordinary keys (`connector.freeze`, `lm.lora.enabled`),
-so a recipe says it in the open; the shipped chains (configs/chain_*.yaml) follow LLaVA's split.
+so a recipe says it in the open; the shipped chains (recipes/chain-*.yaml) follow LLaVA's split.
 """
 
 from __future__ import annotations
