@@ -122,7 +122,7 @@ def render(records: list[dict]) -> str:
 def render_record(r: dict) -> list[str]:
     lines = [f"### {r['name']}", ""]
     if r.get("title"):
-        lines += [r["title"][0].upper() + r["title"][1:] + ".", ""]
+        lines += [r["title"], ""]
     lines += [
         f"`{r['command']}`",
         "",
@@ -130,7 +130,7 @@ def render_record(r: dict) -> list[str]:
     ]
     if r.get("values"):
         lines += ["", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {_cell(k)} | {_number(v)} |" for k, v in r["values"].items()]
+        lines += [f"| {_cell(k)} | {_number(v, decimals([v]))} |" for k, v in r["values"].items()]
     for table, rows in r["figures"].items():
         lines += ["", f"**{table}**", "", *render_table(rows)]
     if r.get("notes"):
@@ -143,22 +143,32 @@ def render_table(rows: dict[str, dict]) -> list[str]:
     columns = []
     for cells in rows.values():
         columns += [c for c in cells if c not in columns and not (c.endswith(" std") and c[:-4] in cells)]
+    places = {c: decimals([cells[c] for cells in rows.values() if c in cells]) for c in columns}
+    places |= {f"{c} std": decimals([cells[f"{c} std"] for cells in rows.values() if f"{c} std" in cells]) for c in columns}
     out = ["| | " + " | ".join(_cell(c) for c in columns) + " |", "| --- |" + " --- |" * len(columns)]
     for row, cells in rows.items():
         shown = []
         for c in columns:
-            value = _number(cells[c]) if c in cells else "-"
+            value = _number(cells[c], places[c]) if c in cells else "-"
             if f"{c} std" in cells:
-                value += f" +- {_number(cells[c + ' std'])}"
+                value += f" +- {_number(cells[c + ' std'], places[c + ' std'])}"
             shown.append(value)
         out.append(f"| {_cell(row)} | " + " | ".join(shown) + " |")
     return out
 
 
-def _number(v) -> str:
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
+def decimals(values: list) -> int:
+    """Decimal places for a column: as many as its figures were given with (at most 3). JSON keeps 0.500 as 0.5,
+    so a figure with fewer than 2 places says nothing; such a column gets 3 below 1 (a share) and 1 above."""
+    floats = [v for v in values if isinstance(v, float)]
+    given = [len(repr(v).split(".")[1]) for v in floats if "e" not in repr(v) and len(repr(v).split(".")[1]) >= 2]
+    if given:
+        return min(max(given), 3)
+    return 3 if any(abs(v) < 1 for v in floats) else 1
+
+
+def _number(v, places: int) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.{places}f}"
 
 
 def _cell(text: str) -> str:
