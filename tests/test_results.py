@@ -105,7 +105,9 @@ def test_add_copies_the_figures_of_an_eval_json_and_records_where_they_came_from
     run, row = tiny_eval_json
     path = add_record(run, "tiny-captions", tmp_path / "results", command="vlmlab eval captions RUN")
     record = json.loads(path.read_text())
-    assert record["source"] == "run" and record["kind"] == "captions" and record["command"] == "vlmlab eval captions RUN"
+    assert (
+        record["source"] == "run" and record["kind"] == "captions" and record["command"] == "vlmlab eval captions RUN"
+    )
     assert record["commit"] == "unknown"  # tmp_path is no git checkout
     assert "cores" in record["machine"] and len(record["date"]) == 10
     (table,) = record["figures"].values()
@@ -151,10 +153,17 @@ def test_add_from_a_tiny_chain_keeps_every_table_and_its_controls(tmp_path, tiny
     chain = {
         "name": "tiny",
         "base": None,
-        "overrides": [f"vision.name=hf:{tiny_clip_dir}", f"lm.name={tiny_gpt2_dir}",
-                      f"data.datasets=[synthetic:{tmp_path / 'world'}]", "data.synthetic_images=40",
-                      "train.batch_size=4", "train.eval_every=2", "train.save_every=2", "train.max_steps=2",
-                      "connector.num_queries=4"],  # fmt: skip
+        "overrides": [
+            f"vision.name=hf:{tiny_clip_dir}",
+            f"lm.name={tiny_gpt2_dir}",
+            f"data.datasets=[synthetic:{tmp_path / 'world'}]",
+            "data.synthetic_images=40",
+            "train.batch_size=4",
+            "train.eval_every=2",
+            "train.save_every=2",
+            "train.max_steps=2",
+            "connector.num_queries=4",
+        ],  # fmt: skip
         "tasks": str(tmp_path / "tasks"),
         "stages": {"caption": {}, "vqa": {}},
         "blind": True,

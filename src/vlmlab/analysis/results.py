@@ -144,7 +144,9 @@ def render_table(rows: dict[str, dict]) -> list[str]:
     for cells in rows.values():
         columns += [c for c in cells if c not in columns and not (c.endswith(" std") and c[:-4] in cells)]
     places = {c: decimals([cells[c] for cells in rows.values() if c in cells]) for c in columns}
-    places |= {f"{c} std": decimals([cells[f"{c} std"] for cells in rows.values() if f"{c} std" in cells]) for c in columns}
+    places |= {
+        f"{c} std": decimals([cells[f"{c} std"] for cells in rows.values() if f"{c} std" in cells]) for c in columns
+    }
     out = ["| | " + " | ".join(_cell(c) for c in columns) + " |", "| --- |" + " --- |" * len(columns)]
     for row, cells in rows.items():
         shown = []
