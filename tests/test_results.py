@@ -69,11 +69,13 @@ def test_a_record_missing_a_field_or_with_text_for_a_figure_is_refused(tmp_path)
         load_records(tmp_path)
 
 
-def test_figures_keep_the_places_they_were_given_with():
+def test_transcribed_figures_keep_the_places_they_were_given_with_and_run_figures_get_three():
     rows = {"a": {"F1": 0.5, "CIDEr-D": 1.66, "CIDEr-D std": 0.08, "n": 1600}, "b": {"F1": 0.667, "CIDEr-D": 6.2}}
-    page = render([{"name": "r", "kind": "demo", "command": "c", "commit": "unknown", "date": "d", "machine": "m",
-                    "source": "run", "figures": {"t": rows}}])  # fmt: skip
-    assert "| a | 0.500 | 1.66 +- 0.08 | 1,600 |" in page and "| b | 0.667 | 6.20 | - |" in page
+    record = {"name": "r", "kind": "demo", "command": "c", "commit": "unknown", "date": "d", "machine": "m"}
+    typed = render([record | {"source": "transcribed", "figures": {"t": rows}}])
+    assert "| a | 0.500 | 1.66 +- 0.08 | 1,600 |" in typed and "| b | 0.667 | 6.20 | - |" in typed
+    run = render([record | {"source": "run", "figures": {"t": rows}, "values": {"wall s": 61.25}}])
+    assert "| a | 0.500 | 1.660 +- 0.080 | 1,600 |" in run and "| wall s | 61.2 |" in run
 
 
 # ---- `vlmlab results add` on what the code writes --------------------------------------------------------
@@ -182,3 +184,19 @@ def test_add_from_a_tiny_chain_keeps_every_table_and_its_controls(tmp_path, tiny
     # a caption stage's own eval.json, written by `vlmlab eval` inside the chain, is a captions record
     forgetting = record_from_run(tmp_path / "out" / "forgetting" / "caption", "tiny-caption-stage")
     assert forgetting["kind"] == "captions"
+
+
+def test_add_from_a_question_task_keeps_the_model_beside_its_controls(tmp_path):
+    from vlmlab.eval.pope import pope_scores
+
+    labels = ["yes", "no", "yes", "no"]
+    rows = {
+        "model": pope_scores(["yes", "no", "no", "no"], labels) | {"answers changed by swap": 0.5},
+        "swapped image": pope_scores(["no", "yes", "no", "no"], labels),
+        "prior": pope_scores(["yes"] * 4, labels),
+    }
+    (tmp_path / "eval_pope.json").write_text(json.dumps({"task": "pope", "questions": 4, "rows": rows, "answers": []}))
+    record = record_from_run(tmp_path, "tiny-pope", command="vlmlab eval questions RUN --task pope")
+    assert record["kind"] == "questions" and record["figures"] == {"pope (4 questions)": rows}
+    page = render([record])
+    assert "| prior | 0.500 | 0.500 | 1.000 | 0.667 | 1.000 | 4 | - |" in page

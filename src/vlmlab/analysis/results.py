@@ -128,24 +128,26 @@ def render_record(r: dict) -> list[str]:
         "",
         f"Source: **{r['source']}**; commit {r['commit'][:7]}, {r['date']}, {r['machine']}.",
     ]
+    typed = r["source"] == "transcribed"  # its figures keep the places they were written with
     if r.get("values"):
         lines += ["", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {_cell(k)} | {_number(v, decimals([v]))} |" for k, v in r["values"].items()]
+        lines += [f"| {_cell(k)} | {_number(v, decimals([v], typed))} |" for k, v in r["values"].items()]
     for table, rows in r["figures"].items():
-        lines += ["", f"**{table}**", "", *render_table(rows)]
+        lines += ["", f"**{table}**", "", *render_table(rows, typed)]
     if r.get("notes"):
         lines += ["", r["notes"]]
     return lines
 
 
-def render_table(rows: dict[str, dict]) -> list[str]:
+def render_table(rows: dict[str, dict], typed: bool = False) -> list[str]:
     """One markdown table: a row per answerer / captioner / variant, the union of their columns in first-seen order."""
     columns = []
     for cells in rows.values():
         columns += [c for c in cells if c not in columns and not (c.endswith(" std") and c[:-4] in cells)]
-    places = {c: decimals([cells[c] for cells in rows.values() if c in cells]) for c in columns}
+    places = {c: decimals([cells[c] for cells in rows.values() if c in cells], typed) for c in columns}
     places |= {
-        f"{c} std": decimals([cells[f"{c} std"] for cells in rows.values() if f"{c} std" in cells]) for c in columns
+        f"{c} std": decimals([cells[f"{c} std"] for cells in rows.values() if f"{c} std" in cells], typed)
+        for c in columns
     }
     out = ["| | " + " | ".join(_cell(c) for c in columns) + " |", "| --- |" + " --- |" * len(columns)]
     for row, cells in rows.items():
@@ -159,14 +161,15 @@ def render_table(rows: dict[str, dict]) -> list[str]:
     return out
 
 
-def decimals(values: list) -> int:
-    """Decimal places for a column: as many as its figures were given with (at most 3). JSON keeps 0.500 as 0.5,
-    so a figure with fewer than 2 places says nothing; such a column gets 3 below 1 (a share) and 1 above."""
+def decimals(values: list, typed: bool = False) -> int:
+    """Decimal places for a column: 3, or 1 where every figure is 10 or more (seconds, minutes). A typed
+    (transcribed) column keeps the places its figures were written with, at most 3; JSON keeps 0.500 as 0.5, so
+    a figure with fewer than 2 places says nothing there."""
     floats = [v for v in values if isinstance(v, float)]
     given = [len(repr(v).split(".")[1]) for v in floats if "e" not in repr(v) and len(repr(v).split(".")[1]) >= 2]
-    if given:
+    if typed and given:
         return min(max(given), 3)
-    return 3 if any(abs(v) < 1 for v in floats) else 1
+    return 3 if any(abs(v) < (1 if typed else 10) for v in floats) else 1
 
 
 def _number(v, places: int) -> str:
