@@ -100,6 +100,9 @@ def render(records: list[dict]) -> str:
         "table whose run folder is gone (**transcribed**). The guides in [`docs/`](docs/) explain the methods",
         "and link here for the figures.",
         "",
+        f"{len(records)} records: {sum(r['source'] == 'run' for r in records)} written by a run, "
+        f"{sum(r['source'] == 'transcribed' for r in records)} transcribed.",
+        "",
         "| record | kind | source | command | commit | date | machine |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
