@@ -83,6 +83,9 @@ def check_record(record: dict, path: str | Path) -> None:
             bad = [c for c, v in cells.items() if not _is_number(v)]
             if bad:
                 raise RecordError(f"{path}: figures[{table!r}][{row!r}] {bad} are not numbers")
+    bad = [k for k, v in (record.get("values") or {}).items() if not _is_number(v)]
+    if bad:
+        raise RecordError(f"{path}: values {bad} are not numbers")
 
 
 def _is_number(v) -> bool:
