@@ -132,6 +132,28 @@ def cmd_report(args) -> None:
     print(f"report: {build_report(args.runs_dir, args.out, args.inspect_images)}")
 
 
+def cmd_results(args) -> int:
+    """Renders RESULTS.md from results/*.json, checks it (--check: exit 2 when stale), or adds a record."""
+    from .analysis.results import RecordError, add_record, check_page, write_page
+
+    try:
+        if args.action == "add":
+            path = add_record(args.source, args.name, args.results_dir, args.run_command, args.overwrite)
+            print(f"results: wrote {path}; run `vlmlab results` to render {args.page}")
+        elif args.check:
+            stale = check_page(args.results_dir, args.page)
+            if stale:
+                print(f"vlmlab results: {stale}", file=sys.stderr)
+                return 2
+            print(f"results: {args.page} matches {args.results_dir}/")
+        else:
+            print(f"results: wrote {write_page(args.results_dir, args.page)}")
+    except RecordError as e:
+        print(f"vlmlab results: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _one_line(text: str) -> str:
     """A caption as one line of the plain output: backslash, newline, CR and tab written as \\ \\n \\r \\t."""
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
@@ -503,6 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: RUNS_DIR/report.html")
     p.add_argument("--inspect-images", type=int, default=2, help="attention maps per Q-Former variant")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("results", help="render RESULTS.md from the records in results/ (or add a record from a run)")
+    p.add_argument("--check", action="store_true", help="exit 2 when RESULTS.md is not what the records render")
+    p.add_argument("--results-dir", default="results", help="default: results")
+    p.add_argument("--page", default="RESULTS.md", help="default: RESULTS.md")
+    actions = p.add_subparsers(dest="action")
+    actions.add_parser("render", help="write RESULTS.md (the default)")
+    a = actions.add_parser("add", help="write results/NAME.json from a run's eval.json, chain.json or ablation folder")
+    a.add_argument("source", help="a JSON that vlmlab eval / chain wrote, or the run, chain or suite folder holding it")
+    a.add_argument("--name", required=True, help="the record's name: results/NAME.json")
+    a.add_argument("--command", dest="run_command", default=None, help="the command that produced the run")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing record of that name")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")
     with_config(p, required=False)
