@@ -107,3 +107,23 @@ def test_each_evaluator_scores_a_caption_run_and_none_trains_one(caption_run, tm
     assert cli_main(argv + ["--out-dir", str(tmp_path / "questions")]) == 0
     rows = json.loads((tmp_path / "questions" / "eval_pope.json").read_text())["rows"]
     assert {"model", "no image", "prior"} <= set(rows)
+
+
+@pytest.mark.slow  # trains a tiny stage-1 run
+def test_eval_retrieval_scores_a_stage1_run_and_sugarcrepe_by_a_caption_runs_likelihood(
+    caption_run, tmp_path, tiny_clip_dir, tiny_gpt2_dir
+):
+    from conftest import SHARED_DATA, require
+    from vlmlab.train.loop import train
+
+    stage1 = train(tiny_config(tmp_path, tiny_clip_dir, tiny_gpt2_dir, "train.stage=qformer", "train.max_steps=2"))
+    assert cli_main(["eval", str(stage1), "--split", "val", "--out-dir", str(tmp_path / "stage1")]) == 0  # no evaluator
+    result = json.loads((tmp_path / "stage1" / "eval.json").read_text())
+    assert result["split"] == "val" and "i2t_r@1" in result["retrieval"] and "itm_accuracy" in result
+
+    sugarcrepe = require(SHARED_DATA / "questions" / "sugar-crepe")
+    argv = ["eval", "retrieval", str(caption_run), "--sugarcrepe", str(sugarcrepe), "--limit", "1"]
+    assert cli_main(argv + ["--out-dir", str(tmp_path / "sugarcrepe")]) == 0
+    scores = json.loads((tmp_path / "sugarcrepe" / "sugarcrepe.json").read_text())["caption_likelihood"]
+    assert len(scores) == 7 and all(s["n"] == 1 for s in scores.values())
+    assert not (caption_run / "sugarcrepe.json").exists()  # --out-dir is where it goes
