@@ -1,4 +1,4 @@
-"""`vlmlab eval`: caption metrics next to probes of whether the image reaches the text, and baselines.
+"""`vlmlab eval captions`: caption metrics next to probes of whether the image reaches the text, and baselines.
 
 Probes, all on the same split:
 - caption NLL per token under the true image, another image (a fixed derangement), the mean image
@@ -9,7 +9,11 @@ Probes, all on the same split:
 - the share of distinct captions, and of images whose caption changes when the image is swapped.
 
 Baselines, in the same table (see baselines.py): the blind LM, the frozen-connector control, and
-nearest-neighbour caption retrieval.
+nearest-neighbour caption retrieval. The two trained ones come in as finished run folders (trained by
+analysis/baselines.py beforehand): scoring a run never trains one.
+
+score_run computes the record (eval.json) and its notes; write_caption_eval writes eval.json, eval.md and the
+contact sheet; evaluate_run does both.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def evaluate_stage1_run(
     limit: int | None = None,
     out_dir: str | Path | None = None,
 ) -> dict:
-    """`vlmlab eval` of a stage-1 run: retrieval recall vs chance, ITM accuracy, attention statistics on the
+    """`vlmlab eval retrieval` of a stage-1 run: retrieval recall vs chance, ITM accuracy, attention statistics on the
     split, and SugarCrepe per category by ITM (when its folder and images are given); eval.json + eval.md."""
     from ..data.features import FeatureCache
     from ..data.pairs import load_split_features
