@@ -130,7 +130,7 @@ def cmd_eval_retrieval(args) -> None:
     from .config import ConfigError
     from .train.lock import run_lock
 
-    if not args.sugarcrepe and (args.images or args.limit):
+    if not args.sugarcrepe and (args.images or args.limit is not None):
         raise ConfigError("--images and --limit apply to --sugarcrepe; give it or leave them out")
     if _is_stage1(args.run_dir):
         from .eval.retrieval import evaluate_stage1_run
