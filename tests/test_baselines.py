@@ -5,18 +5,11 @@ import warnings
 import pytest
 import torch
 
+from vlmlab.analysis.baselines import applicable_baselines, baseline_config, finished_step, stale_keys
 from vlmlab.config import load_config, save_config
 from vlmlab.data.formats import CaptionSample
 from vlmlab.data.pairs import SplitFeatures
-from vlmlab.eval.baselines import (
-    NearestNeighbourCaptioner,
-    applicable_baselines,
-    baseline_config,
-    consensus_caption,
-    finished_step,
-    pooled,
-    stale_keys,
-)
+from vlmlab.eval.baselines import NearestNeighbourCaptioner, consensus_caption, pooled
 from vlmlab.eval.captioning import choose_retrieval_k, evaluate_retrieval
 
 

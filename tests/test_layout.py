@@ -25,12 +25,6 @@ ALLOWED = {
     "app": {"data", "model", "run", "eval", "analysis"},
     "integrations": {"data", "model", "run", "eval", "analysis", "app"},
 }
-# (file, module) pairs allowed for now against the order above, each with the reason and when it goes.
-TEMPORARY = {
-    # eval/baselines.py still trains the blind and frozen-connector baselines it scores (ensure_baseline);
-    # training them moves to the command that orchestrates an evaluation, and this exception goes with it
-    ("eval/baselines.py", "vlmlab.train.loop"),
-}
 
 
 def vlmlab_imports(path: Path, src: Path = SRC) -> set[str]:
@@ -55,7 +49,7 @@ def layer_files(layer: str, src: Path = SRC) -> list[Path]:
     return [src / "config.py"] if layer == "config" else sorted((src / layer).rglob("*.py"))
 
 
-def upward_imports(layer: str, src: Path = SRC, allowed: dict = ALLOWED, temporary=frozenset()) -> list[str]:
+def upward_imports(layer: str, src: Path = SRC, allowed: dict = ALLOWED) -> list[str]:
     """'FILE imports MODULE' for each import of a layer's files that the order above does not allow."""
     bad = []
     for path in layer_files(layer, src):
@@ -65,31 +59,21 @@ def upward_imports(layer: str, src: Path = SRC, allowed: dict = ALLOWED, tempora
             if top == layer or (top == "config" and layer != "config"):
                 continue
             file = path.relative_to(src).as_posix()
-            if top in allowed[layer] or any(f == file and _within(module, m) for f, m in temporary):
+            if top in allowed[layer]:
                 continue
             bad.append(f"{file} imports {module}")
     return sorted(bad)
 
 
-def _within(module: str, name: str) -> bool:
-    return module == name or module.startswith(name + ".")
-
-
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_imports_point_down_the_layers(layer):
-    bad = upward_imports(layer, temporary=TEMPORARY)
+    bad = upward_imports(layer)
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
 def test_every_part_of_the_package_has_a_layer():
     parts = {p.stem for p in SRC.iterdir() if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
     assert parts - {"__init__", "cli"} == set(ALLOWED)
-
-
-def test_the_temporary_exceptions_are_still_needed():
-    """An exception whose import is gone must be deleted, not left to let the import back in unseen."""
-    for file, module in TEMPORARY:
-        assert module in vlmlab_imports(SRC / file), f"{file} no longer imports {module}: delete its exception"
 
 
 def test_the_layer_check_sees_lazy_and_relative_imports():
@@ -122,7 +106,6 @@ def test_the_layer_check_fails_on_planted_violations(tmp_path):
         "eval": ["eval/absolute.py imports vlmlab.train.stages"],
         "app": ["app/upward.py imports vlmlab.integrations"],
     }
-    assert upward_imports("model", src, temporary={("model/lazy.py", "vlmlab.train.loop")}) == []
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
 
     from vlmlab.eval.captioning import evaluate_run
 
-    captions = evaluate_run(run, baselines=False, contact_images=0, out_dir=tmp_path / "ours")
+    captions = evaluate_run(run, contact_images=0, out_dir=tmp_path / "ours")
     ours_caption = next(iter(captions["rows"].values()))  # the model row comes first
     assert lmms("vlmlab_caption", "caption_cider_d") == pytest.approx(ours_caption["CIDEr-D"])
     assert lmms("vlmlab_caption", "caption_bleu_4") == pytest.approx(ours_caption["BLEU-4"])

@@ -71,6 +71,7 @@ def test_impossible_retrieval_settings_fail_at_load(setting, message):
 @pytest.mark.slow
 @pytest.mark.usefixtures("isolated_cache")
 def test_a_retrieval_run_trains_and_its_eval_swaps_image_and_text_separately(tmp_path, tiny_config):
+    from vlmlab.analysis.baselines import train_baselines
     from vlmlab.eval.captioning import evaluate_run
     from vlmlab.train.loop import train
 
@@ -85,7 +86,8 @@ def test_a_retrieval_run_trains_and_its_eval_swaps_image_and_text_separately(tmp
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in log if "val_loss" in r]
     assert val[-1] < val[0]  # the caption loss falls with the retrieved text in the prompt
-    result = evaluate_run(run, split="test", baselines=True, train_baselines=False, retrieval_k=3, contact_images=2)
+    baselines = train_baselines(run, train_missing=False)  # none trained: each row is a note instead
+    result = evaluate_run(run, split="test", baselines=baselines, retrieval_k=3, contact_images=2)
     main = f"model ({run.name})"
     rows = result["rows"]
     assert list(rows)[:4] == [

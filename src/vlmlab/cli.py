@@ -45,64 +45,120 @@ def cmd_captions(args) -> None:
         caption_report(args.run_dir, args.split, args.num_images)
 
 
-def cmd_eval(args) -> None:
-    from .eval.captioning import evaluate_run
+EVAL_COMMANDS = ("captions", "questions", "retrieval")
+
+
+def _is_stage1(run_dir: str) -> bool:
+    """A BLIP-2 stage-1 run (train.stage qformer): it has a Q-Former and its heads, no captioner."""
+    from .config import ConfigError, load_config
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return path.is_file() and load_config(path).train.stage == "qformer"
+    except ConfigError:  # not a run this check can read: the command itself reports it
+        return False
+
+
+def _with_eval_command(argv: list[str]) -> list[str]:
+    """`vlmlab eval RUN ...`, without an evaluator, as before: `eval retrieval` for a stage-1 run, `eval captions`
+    for any other. A word after `eval` that names an evaluator is one (a run folder so named: ./captions)."""
+    if len(argv) < 2 or argv[0] != "eval" or argv[1] in EVAL_COMMANDS or argv[1].startswith("-"):
+        return argv
+    return ["eval", "retrieval" if _is_stage1(argv[1]) else "captions", *argv[1:]]
+
+
+def _refuse_stage1(run_dir: str, evaluator: str) -> None:
+    from .config import ConfigError
+
+    if _is_stage1(run_dir):
+        raise ConfigError(
+            f"{run_dir} is a stage-1 (qformer) run: it has no {evaluator} to score; `vlmlab eval retrieval {run_dir}`"
+        )
+
+
+def cmd_eval_captions(args) -> None:
+    from .analysis.baselines import train_baselines
+    from .config import ConfigError
+    from .eval.captioning import check_caption_eval, evaluate_run
+    from .eval.reranking import check_rerank
     from .run.lock import run_lock
 
-    if args.task != "caption":  # questions: VQA accuracy, POPE, multiple choice, with their controls
-        from .eval.tasks import evaluate_task
-
-        with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
-            evaluate_task(
-                args.run_dir,
-                args.task,
-                args.questions,
-                args.images,
-                args.blind,
-                args.limit,
-                args.out_dir,
-                unseen_only=args.unseen_only,
-            )
-        return
-
-    from .config import load_config
-
-    run_config = Path(args.run_dir) / "config.yaml"
-    if run_config.is_file() and load_config(run_config).train.stage == "qformer":  # BLIP-2 stage 1 (issue 15)
-        from .eval.retrieval import evaluate_stage1_run
-
-        with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
-            evaluate_stage1_run(args.run_dir, args.split, args.sugarcrepe, args.images, args.limit, args.out_dir)
-        return
-    if args.sugarcrepe:  # the captioner's likelihood on SugarCrepe's hard negatives (issue 15)
-        from .eval.retrieval import evaluate_sugarcrepe_captioner
-
-        with run_lock(args.run_dir):
-            evaluate_sugarcrepe_captioner(args.run_dir, args.sugarcrepe, args.images, args.limit)
-
+    if args.candidates is not None and not args.rerank:
+        raise ConfigError("--candidates applies to --rerank; give both or neither")
+    candidates = 5 if args.candidates is None else args.candidates
     if args.rerank:  # bad settings fail before a lock or a model
-        from .eval.reranking import check_rerank
-
-        check_rerank(args.rerank, args.candidates)
+        check_rerank(args.rerank, candidates)
+    _refuse_stage1(args.run_dir, "captioner")
     kwargs = {
         "num_beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": args.repetition_penalty,
     }
     with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):  # eval.json, eval.md, baselines/
+        check_caption_eval(args.run_dir, args.rerank, candidates)  # before a baseline trains for nothing
+        baselines = None  # the blind and frozen-connector runs, trained here: scoring never trains
+        if not args.no_baselines:
+            baselines = train_baselines(args.run_dir, train_missing=not args.no_train_baselines)
         evaluate_run(
             args.run_dir,
             args.data,
             args.split,
-            baselines=not args.no_baselines,
-            train_baselines=not args.no_train_baselines,
+            baselines=baselines,
             retrieval_k=args.retrieval_k,
             contact_images=args.contact_images,
             out_dir=args.out_dir,
             rerank=args.rerank,
-            num_candidates=args.candidates,
+            num_candidates=candidates,
             **{k: v for k, v in kwargs.items() if v},
         )
+
+
+def cmd_eval_questions(args) -> None:
+    """VQA accuracy, POPE and multiple choice, each beside its controls."""
+    from .eval.tasks import evaluate_task
+    from .run.lock import run_lock
+
+    _refuse_stage1(args.run_dir, "answerer")
+    with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
+        evaluate_task(
+            args.run_dir,
+            args.task,
+            args.questions,
+            args.images,
+            args.blind,
+            args.limit,
+            args.out_dir,
+            unseen_only=args.unseen_only,
+        )
+
+
+def cmd_eval_retrieval(args) -> None:
+    """A stage-1 run: recall vs chance, ITM, attention (and SugarCrepe by ITM); a caption run: SugarCrepe by
+    its caption likelihood, the one image-text match it has."""
+    from .config import ConfigError
+    from .run.lock import run_lock
+
+    if not args.sugarcrepe and (args.images or args.limit is not None):
+        raise ConfigError("--images and --limit apply to --sugarcrepe; give it or leave them out")
+    if _is_stage1(args.run_dir):
+        from .eval.retrieval import evaluate_stage1_run
+
+        with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
+            evaluate_stage1_run(
+                args.run_dir, args.split or "test", args.sugarcrepe, args.images, args.limit, args.out_dir
+            )
+        return
+    if not args.sugarcrepe:
+        raise ConfigError(
+            f"{args.run_dir} is no stage-1 run: it has no retrieval heads, only its caption likelihood, scored on "
+            "SugarCrepe with --sugarcrepe DIR (its captions: `vlmlab eval captions`)"
+        )
+    if args.split:
+        raise ConfigError("--split applies to a stage-1 run's recall; SugarCrepe has its own images")
+    from .eval.retrieval import evaluate_sugarcrepe_captioner
+
+    with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):  # sugarcrepe.json
+        evaluate_sugarcrepe_captioner(args.run_dir, args.sugarcrepe, args.images, args.limit, args.out_dir)
 
 
 def cmd_ablate(args) -> None:
@@ -342,6 +398,114 @@ def cmd_prepare(args) -> None:
     print(f"{SMOLLM2_NAME}: {smollm2_dir()}")
 
 
+class _OtherEvaluatorsFlag(argparse.Action):
+    """A flag of another `vlmlab eval` evaluator: refused by name, with the evaluators it belongs to."""
+
+    def __init__(self, option_strings, dest, homes=(), **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.homes = homes
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        where = " or ".join(f"`vlmlab eval {home}`" for home in self.homes)
+        parser.error(f"{option_string} does not apply to `{parser.prog}`; it is a flag of {where}")
+
+
+def add_eval_parsers(sub) -> None:
+    """`vlmlab eval captions|questions|retrieval`: one evaluator each, each with only the flags it reads."""
+    p = sub.add_parser(
+        "eval",
+        help="score a run: captions (metrics, probes, baselines), questions (VQA / POPE / multiple choice) or "
+        "retrieval (stage 1, SugarCrepe)",
+        description="Score a run with one evaluator. `vlmlab eval RUN [...]` without one is `eval retrieval` for a "
+        "stage-1 run and `eval captions` for any other.",
+    )
+    evaluators = p.add_subparsers(dest="evaluator", required=True, metavar="{" + ",".join(EVAL_COMMANDS) + "}")
+
+    p = evaluators.add_parser(
+        "captions",
+        help="caption metrics, image-dependence probes and baselines on a split; "
+        "writes eval.json, eval.md, contact_sheet.png",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the run's own data)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--no-baselines", action="store_true", help="only the run itself: no blind / frozen / retrieval rows"
+    )
+    which.add_argument(
+        "--no-train-baselines",
+        action="store_true",
+        help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)",
+    )
+    p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
+    p.add_argument(
+        "--rerank",
+        choices=["mbr", "neighbours"],
+        help="choose each caption among --candidates beams: 'mbr' by agreement with the other candidates, "
+        "'neighbours' by agreement with the nearest training images' captions (eval/reranking.py)",
+    )
+    p.add_argument("--candidates", type=int, help="beam candidates per image for --rerank (default 5)")
+    p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
+    p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
+    p.set_defaults(func=cmd_eval_captions)
+
+    p = evaluators.add_parser(
+        "questions", help="VQA accuracy, POPE or multiple choice, each beside its controls; writes eval_TASK.json/.md"
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=["vqa", "pope", "mmbench"],
+        help="vqa (VQA accuracy), pope, mmbench (multiple choice, CircularEval)",
+    )
+    p.add_argument(
+        "--questions",
+        action="append",
+        metavar="FILE",
+        help="question file(s): VQA v2 *_questions.json, A-OKVQA json, POPE jsonl, MMBench tsv "
+        "(default: the run's data.tasks test files)",
+    )
+    p.add_argument("--images", help="image folder for --questions (POPE's COCO_val2014_ names map to COCO-2017 ids)")
+    p.add_argument("--blind", metavar="RUN_DIR", help="the blind run of the same recipe (connector.type none)")
+    p.add_argument(
+        "--unseen-only",
+        action="store_true",
+        help="leave out the questions about photos in the run's training split (COCO photos matched by id)",
+    )
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--out-dir", help="write eval_TASK.json and .md here (default: RUN_DIR)")
+    p.set_defaults(func=cmd_eval_questions)
+
+    p = evaluators.add_parser(
+        "retrieval",
+        help="a stage-1 run: image-text recall vs chance, ITM accuracy, attention; SugarCrepe by ITM, or by the "
+        "caption likelihood of a caption run",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=["train", "val", "test"], help="stage-1 runs: the split scored (default test)")
+    p.add_argument(
+        "--sugarcrepe",
+        metavar="DIR",
+        help="SugarCrepe folder ($VLMLAB_DATA/questions/sugar-crepe): does ITM (stage-1 runs) or the caption "
+        "likelihood (caption runs: sugarcrepe.json) prefer the true caption over its hard negative, per category",
+    )
+    p.add_argument("--images", help="SugarCrepe's images (default: coco2017-val/val2017 beside its folder)")
+    p.add_argument("--limit", type=int, help="SugarCrepe: only the first N items per category")
+    p.add_argument("--out-dir", help="write the results here (default: RUN_DIR)")
+    p.set_defaults(func=cmd_eval_retrieval)
+
+    # each evaluator refuses the others' flags by name (argparse has no public way to read a parser's flags back)
+    flags = {name: {f for a in q._actions for f in a.option_strings} for name, q in evaluators.choices.items()}
+    for name, q in evaluators.choices.items():
+        for flag in sorted(set().union(*flags.values()) - flags[name]):
+            q.add_argument(flag, action=_OtherEvaluatorsFlag, homes=[h for h in EVAL_COMMANDS if flag in flags[h]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -384,64 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8)
     p.set_defaults(func=cmd_captions)
 
-    p = sub.add_parser(
-        "eval",
-        help="caption metrics, image-dependence probes and baselines on a split; "
-        "writes eval.json, eval.md, contact_sheet.png",
-    )
-    p.add_argument("run_dir")
-    p.add_argument("--data", action="append", metavar="SPEC", help="FORMAT:PATH (default: the run's own data)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--beams", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument(
-        "--no-baselines", action="store_true", help="only the run itself: no blind / frozen / retrieval rows"
-    )
-    p.add_argument(
-        "--no-train-baselines",
-        action="store_true",
-        help="use the blind and frozen-connector baselines only if already trained (RUN_DIR/baselines/)",
-    )
-    p.add_argument("--retrieval-k", type=int, help="neighbours for the retrieval baseline (default: tuned on val)")
-    p.add_argument(
-        "--rerank",
-        choices=["mbr", "neighbours"],
-        help="choose each caption among --candidates beams: 'mbr' by agreement with the other candidates, "
-        "'neighbours' by agreement with the nearest training images' captions (eval/reranking.py)",
-    )
-    p.add_argument("--candidates", type=int, default=5, help="beam candidates per image for --rerank (default 5)")
-    p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
-    p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
-    p.add_argument(
-        "--task",
-        default="caption",
-        choices=["caption", "vqa", "pope", "mmbench"],
-        help="caption (default) or questions: vqa (VQA accuracy), pope, mmbench (multiple choice, CircularEval)",
-    )
-    p.add_argument(
-        "--questions",
-        action="append",
-        metavar="FILE",
-        help="question file(s): VQA v2 *_questions.json, A-OKVQA json, POPE jsonl, MMBench tsv "
-        "(default: the run's data.tasks test files)",
-    )
-    p.add_argument("--images", help="image folder for --questions (POPE's COCO_val2014_ names map to COCO-2017 ids)")
-    p.add_argument("--blind", metavar="RUN_DIR", help="the blind run of the same recipe (connector.type none)")
-    p.add_argument(
-        "--unseen-only",
-        action="store_true",
-        help="questions: leave out those about photos in the run's training split (COCO photos matched by id)",
-    )
-    p.add_argument(
-        "--sugarcrepe",
-        metavar="DIR",
-        help="SugarCrepe folder (../shared/data/questions/sugar-crepe): does ITM (stage-1 runs) or the caption "
-        "likelihood prefer the true caption over its hard negative, per category (images: --images, default "
-        "coco2017-val/val2017 beside it; --limit N per category)",
-    )
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.set_defaults(func=cmd_eval)
+    add_eval_parsers(sub)
 
     p = sub.add_parser("make-tasks", help="write conversation / VQA / POPE / multiple-choice files from annotations")
     p.add_argument("out_dir")
@@ -564,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_with_eval_command(sys.argv[1:] if argv is None else list(argv)))
     from .run.lock import RunRefused
 
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, apply_settings, load_config
-from ..eval.baselines import finished_step, stale_keys
 from ..eval.captioning import ATTRIBUTE_COLUMNS
+from .baselines import finished_step, stale_keys
 from .recipes import find_recipe
 
 # (column, key in eval.json's model row, higher is better)
@@ -157,7 +157,7 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
                 AcceleratorState._reset_state()  # each run builds its own Accelerator
                 train(cfg, resume=True)
             if not _evaluated(run_dir):
-                evaluate_run(run_dir, split=suite.split, baselines=False, contact_images=suite.contact_images)
+                evaluate_run(run_dir, split=suite.split, baselines=None, contact_images=suite.contact_images)
             gc.collect()
     write_results(suite, out, variants)
     return out

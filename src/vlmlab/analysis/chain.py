@@ -231,7 +231,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
         for stage, run_dir in scored.items():
             started = time.time()
             result = evaluate_run(
-                run_dir, split=chain.forgetting_split, baselines=False, out_dir=out / "forgetting" / stage,
+                run_dir, split=chain.forgetting_split, baselines=None, out_dir=out / "forgetting" / stage,
                 contact_images=0,
             )  # fmt: skip
             timings[f"captions {stage}"] = time.time() - started

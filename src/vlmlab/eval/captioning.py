@@ -1,4 +1,4 @@
-"""`vlmlab eval`: caption metrics next to probes of whether the image reaches the text, and baselines.
+"""`vlmlab eval captions`: caption metrics next to probes of whether the image reaches the text, and baselines.
 
 Probes, all on the same split:
 - caption NLL per token under the true image, another image (a fixed derangement), the mean image
@@ -9,7 +9,11 @@ Probes, all on the same split:
 - the share of distinct captions, and of images whose caption changes when the image is swapped.
 
 Baselines, in the same table (see baselines.py): the blind LM, the frozen-connector control, and
-nearest-neighbour caption retrieval.
+nearest-neighbour caption retrieval. The two trained ones come in as finished run folders (trained by
+analysis/baselines.py beforehand): scoring a run never trains one.
+
+score_run computes the record (eval.json) and its notes; write_caption_eval writes eval.json, eval.md and the
+contact sheet; evaluate_run does both.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import gc
 import json
 import warnings
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import load_config
 from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..data.synthetic import ATTRIBUTES, attribute_correct
@@ -32,7 +37,7 @@ from ..model.language_model import cache_dir
 from ..model.nll import derangement, validation_loss
 from ..run import load_run
 from .attention_stats import attention_stats
-from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner, applicable_baselines, ensure_baseline
+from .baselines import TRAINED_BASELINES, NearestNeighbourCaptioner
 from .contact_sheet import contact_sheet
 from .metrics import caption_metrics
 from .reranking import Reranker, check_rerank, format_selection_table, selection_table
@@ -253,12 +258,28 @@ def _contact_cells(rows: dict[str, dict], main: str, count: int) -> list[dict]:
     return cells
 
 
+@dataclass
+class CaptionEval:
+    """What scoring a caption run found: `record` is eval.json; `notes` say in eval.md how each row was made."""
+
+    record: dict
+    notes: list[str]
+
+
+def check_caption_eval(run_dir: str | Path, rerank: str | None, num_candidates: int) -> None:
+    """Settings a run cannot be scored with, refused before a model loads or a baseline trains."""
+    if rerank is None:
+        return
+    check_rerank(rerank, num_candidates)
+    if load_config(Path(run_dir) / "config.yaml").data.retrieved_captions:
+        raise ValueError("--rerank is not built for runs with retrieved captions in the prompt (SmallCap)")
+
+
 def evaluate_run(
     run_dir: str | Path,
     data: list[str] | None = None,
     split: str = "test",
-    baselines: bool = True,
-    train_baselines: bool = True,
+    baselines: dict[str, Path | None] | None = None,
     retrieval_k: int | None = None,
     contact_images: int = 16,
     use_java: bool | None = None,
@@ -267,28 +288,56 @@ def evaluate_run(
     num_candidates: int = 5,
     **generate_kwargs,
 ) -> dict:
-    """Evaluates a run and its baselines on a split; writes eval.json, eval.md and contact_sheet.png.
+    """Scores a run (and the baselines handed to it) on a split; writes eval.json, eval.md and contact_sheet.png
+    into out_dir (default: the run dir) and returns eval.json's record. See score_run for the settings."""
+    out_dir = Path(out_dir) if out_dir else Path(run_dir)
+    evaluation = score_run(
+        run_dir,
+        data,
+        split,
+        baselines,
+        retrieval_k,
+        use_java,
+        rerank,
+        num_candidates,
+        log_dir=out_dir,
+        **generate_kwargs,
+    )
+    print(write_caption_eval(evaluation, out_dir, contact_images))
+    return evaluation.record
 
-    data: FORMAT:PATH specs to evaluate on (default: the run's own data); the baselines always train
-    on, and retrieval always searches, the run's own training split.
-    out_dir: where the three files go (default: the run dir), e.g. to keep evaluations with other settings apart.
+
+def score_run(
+    run_dir: str | Path,
+    data: list[str] | None = None,
+    split: str = "test",
+    baselines: dict[str, Path | None] | None = None,
+    retrieval_k: int | None = None,
+    use_java: bool | None = None,
+    rerank: str | None = None,
+    num_candidates: int = 5,
+    log_dir: str | Path | None = None,
+    **generate_kwargs,
+) -> CaptionEval:
+    """The rows of a run and its baselines on a split, their probes and selection tables; writes nothing but the
+    log of unreadable images (into log_dir).
+
+    data: FORMAT:PATH specs to evaluate on (default: the run's own data); retrieval always searches the run's
+    own training split.
+    baselines: the trained baselines' finished run folders by name, as analysis.baselines.train_baselines gives
+    them (None for one not trained: a note says so); with them come the retrieval row. None: the run's rows alone.
     rerank: 'mbr' or 'neighbours' (reranking.py): every trained row's captions are chosen among
     `num_candidates` beams by that rule; the neighbours are the retrieval baseline's (k tuned on val).
     """
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir
-    if rerank is not None:  # checked before anything loads
-        check_rerank(rerank, num_candidates)
+    check_caption_eval(run_dir, rerank, num_candidates)  # before anything loads
     model = load_run(run_dir)
-    if rerank is not None and model.cfg.data.retrieved_captions:
-        raise ValueError("--rerank is not built for runs with retrieved captions in the prompt (SmallCap)")
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = copy.deepcopy(model.cfg)
     eval_cfg = copy.deepcopy(model.cfg)
     if data:
         eval_cfg.data.datasets = list(data)
     cache = FeatureCache(cache_dir() / "features", model.vision)
-    split_data = load_split_features(eval_cfg, cache, splits=(split,), log_dir=out_dir)[split]
+    split_data = load_split_features(eval_cfg, cache, splits=(split,), log_dir=log_dir)[split]
     batch, seed = run_cfg.train.batch_size, run_cfg.train.seed
     main = f"model ({run_dir.name})"
     notes = []
@@ -322,7 +371,7 @@ def evaluate_run(
     else:
         rows = {main: evaluate_split(model, split_data, batch, seed, use_java, reranker, **generate_kwargs)}
     attention = None
-    if hasattr(model.connector, "queries"):  # a Q-Former: is its attention selective? (issue 15)
+    if hasattr(model.connector, "queries"):  # a Q-Former: is its attention selective?
         attention = attention_stats(model, split_data.features)
         notes.append(
             "Q-Former last-layer cross-attention: entropy {attn_entropy:.3f} nats (uniform {attn_entropy_uniform:.3f}), "
@@ -333,9 +382,8 @@ def evaluate_run(
     del model
     gc.collect()
 
-    if baselines:
-        for name in applicable_baselines(run_cfg):
-            baseline_dir = ensure_baseline(run_cfg, name, run_dir, train_missing=train_baselines)
+    if baselines is not None:
+        for name, baseline_dir in baselines.items():
             if baseline_dir is None:
                 notes.append(f"{BASELINE_LABELS[name]}: not trained yet (run without --no-train-baselines)")
                 continue
@@ -358,7 +406,7 @@ def evaluate_run(
         )
 
     first = rows[main]
-    result = {
+    record = {
         "run": str(run_dir),
         "split": split,
         "data": eval_cfg.data.datasets,
@@ -368,25 +416,41 @@ def evaluate_run(
         "rows": rows,
         "attention": attention,
     }
-    table = format_table(rows)
+    return CaptionEval(record, notes)
+
+
+def format_caption_eval(evaluation: CaptionEval) -> str:
+    """eval.md: the table of rows, the split and settings, the notes, and the selection table when reranked."""
+    record = evaluation.record
+    first = next(iter(record["rows"].values()))  # the run's own row
     text = (
-        table
-        + f"\n\n{split} split of {eval_cfg.data.datasets}: {first['images']} images; "
+        format_table(record["rows"])
+        + f"\n\n{record['split']} split of {record['data']}: {first['images']} images; "
         + f"tokenizer: {first['tokenizer']}"
         + ("" if first["java"] else " (no Java: plain tokenizer, METEOR skipped)")
         + f"; generation: {first['generation']}\n"
-        + "".join(f"- {note}\n" for note in notes)
+        + "".join(f"- {note}\n" for note in evaluation.notes)
     )
     if "selection" in first:
-        text += "\n" + format_selection_table(first["selection"], num_candidates) + "\n"
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        text += "\n" + format_selection_table(first["selection"], first["generation"]["candidates"]) + "\n"
+    return text
+
+
+def write_caption_eval(evaluation: CaptionEval, out_dir: str | Path, contact_images: int = 16) -> str:
+    """Writes eval.json, eval.md and (contact_images > 0) contact_sheet.png into out_dir; returns eval.md's text
+    with the contact sheet's path after it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = evaluation.record
+    text = format_caption_eval(evaluation)
+    (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
     (out_dir / "eval.md").write_text(text)
     if contact_images > 0:
+        rows, run_name = record["rows"], Path(record["run"]).name
         sheet = contact_sheet(
-            _contact_cells(rows, main, contact_images),
+            _contact_cells(rows, next(iter(rows)), contact_images),
             out_dir / "contact_sheet.png",
-            title=f"{run_dir.name}: {split} images, reference (grey) and captions",
+            title=f"{run_name}: {record['split']} images, reference (grey) and captions",
         )
         text += f"contact sheet: {sheet}\n"
-    print(text)
-    return result
+    return text

@@ -1,4 +1,4 @@
-"""Choosing a caption among the model's beam candidates by consensus (`vlmlab eval --rerank`).
+"""Choosing a caption among the model's beam candidates by consensus (`vlmlab eval captions --rerank`).
 
 Beam search returns the most likely caption, which is not the caption a metric of agreement with five human
 references prefers: the likeliest caption is often the blandest. Two rules pick among the model's own

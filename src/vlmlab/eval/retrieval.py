@@ -162,7 +162,7 @@ def evaluate_stage1_run(
     limit: int | None = None,
     out_dir: str | Path | None = None,
 ) -> dict:
-    """`vlmlab eval` of a stage-1 run: retrieval recall vs chance, ITM accuracy, attention statistics on the
+    """`vlmlab eval retrieval` of a stage-1 run: retrieval recall vs chance, ITM accuracy, attention statistics on the
     split, and SugarCrepe per category by ITM (when its folder and images are given); eval.json + eval.md."""
     from ..data.features import FeatureCache
     from ..data.pairs import load_split_features
@@ -227,10 +227,14 @@ def default_sugarcrepe_images(folder: str | Path) -> Path:
 
 
 def evaluate_sugarcrepe_captioner(
-    run_dir: str | Path, folder: str | Path, images: str | Path | None = None, limit: int | None = None
+    run_dir: str | Path,
+    folder: str | Path,
+    images: str | Path | None = None,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict:
     """SugarCrepe by a caption run's likelihood: per category, how often log p(true caption | image) exceeds
-    log p(negative | image) (chance 0.5); written to RUN_DIR/sugarcrepe.json."""
+    log p(negative | image) (chance 0.5); written to OUT_DIR/sugarcrepe.json (default: the run dir)."""
     from ..data.features import FeatureCache
     from ..model.language_model import cache_dir
     from ..run import load_run
@@ -245,5 +249,7 @@ def evaluate_sugarcrepe_captioner(
         print(
             f"SugarCrepe {category} (caption likelihood): {scores[category]['accuracy']:.3f} of {scores[category]['n']}"
         )
-    (Path(run_dir) / "sugarcrepe.json").write_text(json.dumps({"caption_likelihood": scores}, indent=2))
+    out_dir = Path(out_dir) if out_dir else Path(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sugarcrepe.json").write_text(json.dumps({"caption_likelihood": scores}, indent=2))
     return scores

@@ -1,4 +1,4 @@
-"""`vlmlab eval --task vqa|pope|mmbench`: answers to questions, scored as the field scores them, beside
+"""`vlmlab eval questions --task vqa|pope|mmbench`: answers to questions, scored as the field scores them, beside
 the controls that say whether the image mattered.
 
 Rows of every table:

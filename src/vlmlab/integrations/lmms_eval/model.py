@@ -1,8 +1,8 @@
 """A vlmlab run as an lmms-eval model: generate_until, loglikelihood and generate_until_multi_round.
 
-The prompt is exactly what `vlmlab eval --task` asks (`<image>` + the task's text, as one user turn in the run's
+The prompt is exactly what `vlmlab eval questions` asks (`<image>` + the task's text, as one user turn in the run's
 chat format) and generation is greedy with the same token budget, so both give the same answers. An empty
-context asks for a caption: the run's own caption prompt and generate settings, as `vlmlab eval` captions.
+context asks for a caption: the run's own caption prompt and generate settings, as `vlmlab eval captions`.
 """
 
 from __future__ import annotations
