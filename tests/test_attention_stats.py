@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vlmlab.analysis.attention_stats import attention_stats
+from vlmlab.eval.attention_stats import attention_stats
 from vlmlab.model.qformer import QFormerConnector
 
 

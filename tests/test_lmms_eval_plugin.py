@@ -23,8 +23,8 @@ def test_the_plugin_is_registered_through_the_entry_point_group():
 def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     from vlmlab.config import load_config
     from vlmlab.data.make_tasks import make_tasks
-    from vlmlab.eval.tasks import evaluate_task
-    from vlmlab.integrations.lmms_eval.tasks import write_lmms_tasks
+    from vlmlab.eval.question_scores import evaluate_task
+    from vlmlab.integrations.lmms_eval.question_scores import write_lmms_tasks
     from vlmlab.train.loop import train
 
     cfg = load_config(

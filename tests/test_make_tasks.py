@@ -17,10 +17,10 @@ import pytest
 from vlmlab.cli import main
 from vlmlab.config import load_config
 from vlmlab.data.formats import CaptionSample
+from vlmlab.data.grounded_questions import MC_SUFFIX, ImageFacts, pope_questions
 from vlmlab.data.make_tasks import grouped_turns, make_tasks, rotated_rows
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
 from vlmlab.data.synthetic import POSITIONS, SceneObject, render_scene
-from vlmlab.data.tasks import MC_SUFFIX, ImageFacts, pope_questions
 
 O = SceneObject  # noqa: E741 (colour, shape, size, position)
 COLUMN = {p: POSITIONS.index(p) % 3 for p in POSITIONS}
@@ -220,7 +220,7 @@ def test_popular_negatives_with_equal_counts_come_out_alike_in_every_process():
     import sys
 
     code = (
-        "from vlmlab.data.formats import CaptionSample; from vlmlab.data.tasks import ImageFacts, pope_questions\n"
+        "from vlmlab.data.formats import CaptionSample; from vlmlab.data.grounded_questions import ImageFacts, pope_questions\n"
         "f = lambda p, ns: ImageFacts(CaptionSample(p, p, ['c'], 'test'), [{'name': n, 'cx': None} for n in ns])\n"
         "names = ['oven', 'sink', 'bench', 'kite', 'fork', 'vase', 'bowl', 'cake']\n"
         "test = [f('/t.jpg', ['dog', 'cat', 'car'])]\n"
@@ -257,7 +257,7 @@ def test_the_command_writes_the_files_and_says_what_it_wrote(tmp_path, capsys):
 
 def _synthetic_facts(objects: list[SceneObject]) -> ImageFacts:
     sample = CaptionSample("/s.png", "/s.png", ["c"], "test", {"objects": [asdict(o) for o in objects]})
-    from vlmlab.data.tasks import image_facts
+    from vlmlab.data.grounded_questions import image_facts
 
     (facts,) = image_facts([sample])
     return facts
@@ -272,7 +272,7 @@ TWINS = [  # two circles: one name, two colours
 @pytest.mark.parametrize("objects", TWINS, ids=["same size", "other size"])
 def test_a_question_about_one_of_two_alike_shapes_names_one_object(objects):
     """'What colour is the circle?' with a red and a blue circle has two right answers; none may be asked."""
-    from vlmlab.data.tasks import choice_questions, short_questions
+    from vlmlab.data.grounded_questions import choice_questions, short_questions
 
     facts = _synthetic_facts(objects)
     for seed in range(40):
@@ -302,7 +302,7 @@ def test_every_right_answer_to_what_shape_scores_full_marks(tasks):
 
 def test_no_count_is_asked_of_a_category_annotated_as_a_crowd(tmp_path):
     from conftest import SHARED_DATA, require
-    from vlmlab.data.tasks import plural
+    from vlmlab.data.grounded_questions import plural
 
     root = require(SHARED_DATA / "coco2017-mini")
     data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
@@ -449,9 +449,9 @@ def test_adversarial_negatives_among_the_training_no_are_objects_that_cooccur(tm
     """The training "no" answers follow POPE's settings in turn, so some are absent objects that co-occur with what
     is there (the hard negatives a uniform draw almost never gives): on the mini, a share well above chance."""
     from conftest import SHARED_DATA, require
+    from vlmlab.data.grounded_questions import image_facts
     from vlmlab.data.make_tasks import boxes_presence_questions
     from vlmlab.data.pairs import load_samples
-    from vlmlab.data.tasks import image_facts
 
     root = require(SHARED_DATA / "coco2017-mini")
     facts = image_facts(load_samples(load_config(None, [f"data.datasets=[coco:{root}]"]))["train"])

@@ -13,9 +13,9 @@ from conftest import SHARED_DATA, require
 from vlmlab.analysis.chain import load_chain, run_chain
 from vlmlab.config import ConfigError, load_config
 from vlmlab.data.formats import CaptionSample
+from vlmlab.data.grounded_questions import ImageFacts, article, plural, pope_questions, short_questions
 from vlmlab.data.make_tasks import make_tasks
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
-from vlmlab.data.tasks import ImageFacts, article, plural, pope_questions, short_questions
 from vlmlab.run import load_run
 from vlmlab.run.checkpoint import TRAINABLE_FILE
 
@@ -261,7 +261,7 @@ def test_a_chain_from_another_replaces_only_its_own_keys(tmp_path, monkeypatch):
 
 
 def test_eval_tasks_reads_the_real_pope_and_aokvqa_files():
-    from vlmlab.eval.tasks import read_questions, resolve_pope_image
+    from vlmlab.eval.question_scores import read_questions, resolve_pope_image
 
     root = require(SHARED_DATA / "questions")
     images = SHARED_DATA / "coco2017-val" / "val2017"
@@ -347,7 +347,7 @@ def test_a_chain_scores_real_question_files_and_says_when_none_is_left(tiny_chai
 def test_a_question_set_about_one_photo_has_no_swapped_image_row(tiny_chain):
     """The real POPE files ask 6 questions about one photo each: a swap there would ask about the same photo, so
     the table has no swapped-image row (and no share of answers changed by it) instead of a vacuous one."""
-    from vlmlab.eval.tasks import evaluate_task
+    from vlmlab.eval.question_scores import evaluate_task
 
     tmp, _ = tiny_chain
     image = json.loads((tmp / "tasks" / "pope_test_random.json").read_text().splitlines()[0])["image"]

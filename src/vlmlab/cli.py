@@ -115,7 +115,7 @@ def cmd_eval_captions(args) -> None:
 
 def cmd_eval_questions(args) -> None:
     """VQA accuracy, POPE and multiple choice, each beside its controls."""
-    from .eval.tasks import evaluate_task
+    from .eval.question_scores import evaluate_task
     from .run.lock import run_lock
 
     _refuse_stage1(args.run_dir, "answerer")
@@ -330,7 +330,7 @@ def cmd_make_tasks(args) -> None:
 def cmd_presence_probe(args) -> None:
     from .data.features import FeatureCache
     from .eval.presence_probe import presence_probe
-    from .eval.tasks import read_questions, task_test_files
+    from .eval.question_scores import read_questions, task_test_files
     from .model.language_model import cache_dir
     from .model.vision import build_vision_encoder
 
@@ -377,7 +377,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_lmms_tasks(args) -> None:
-    from .integrations.lmms_eval.tasks import write_lmms_tasks
+    from .integrations.lmms_eval.question_scores import write_lmms_tasks
 
     names = write_lmms_tasks(args.tasks_dir, args.out_dir)
     print(f"wrote {', '.join(names)} to {args.out_dir}; run e.g.")

@@ -35,12 +35,12 @@ class Stage:
     what: str  # one line for people
 
 
-# train.stage: what a run trains on (train/stages.py chains stages; train/loop.py and train/qformer_stage1.py train)
+# train.stage: what a run trains on (train/stages.py chains stages; train/loop.py and train/stage1_loop.py train)
 STAGES = {
     "caption": Stage("captions", "image-caption pairs from data.datasets (alignment; BLIP-2 stage 2 / LLaVA stage 1)"),
     "instruct": Stage("conversations_{split}.json", "multi-turn conversations from data.tasks (LLaVA stage 2)"),
     "vqa": Stage("vqa_conversations_{split}.json", "single-turn short answers from data.tasks (VQA fine-tuning)"),
-    # the Q-Former alone with ITC/ITM/ITG (train/qformer_stage1.py); its run is a caption run's init_from
+    # the Q-Former alone with ITC/ITM/ITG (train/stage1_loop.py); its run is a caption run's init_from
     "qformer": Stage("captions", "image-caption pairs, Q-Former alone with ITC/ITM/ITG (BLIP-2 stage 1)"),
 }
 
@@ -349,7 +349,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.stage {t.stage!r} trains on conversations: set data.tasks to a `vlmlab make-tasks` folder"
         )
-    if t.stage == "qformer":  # BLIP-2 stage 1 (issue 15)
+    if t.stage == "qformer":  # BLIP-2 stage 1
         if c.type != "qformer":
             raise ConfigError(f"train.stage 'qformer' pretrains a Q-Former: connector.type is {c.type!r}")
         q = cfg.qformer_stage1

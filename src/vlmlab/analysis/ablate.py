@@ -31,7 +31,7 @@ MAIN_METRICS = [
     ("changed by swap", "swap_changed_share", True),
 ]
 ATTRIBUTE_METRICS = [(name, key, True) for name, key in ATTRIBUTE_COLUMNS]  # synthetic world only
-# Q-Former runs only (eval.json "attention", issue 15): is the attention selective, are the queries different?
+# Q-Former runs only (eval.json "attention"): is the attention selective, are the queries different?
 ATTENTION_METRICS = [
     ("attn entropy", "attn_entropy", False),
     ("attn uniform", "attn_entropy_uniform", False),
@@ -61,7 +61,7 @@ class Suite:
             pretrain = settings.pop("pretrain", None)
             apply_settings(cfg, settings)
             apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(out_dir / variant / f"seed{seed}")})
-            if pretrain is not None:  # the run starts from its stage-1 run (a variant's `pretrain:`; issue 15)
+            if pretrain is not None:  # the run starts from its stage-1 run (a variant's `pretrain:`)
                 cfg.train.init_from = str(self.pretrain_config(variant, seed, out_dir).train.output_dir)
         except ConfigError as e:
             raise ConfigError(f"suite {self.name!r}, variant {variant!r}: {e}") from e

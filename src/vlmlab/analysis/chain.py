@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from ..config import STAGES, Config, ConfigError, apply_settings, expand_data_root, load_config
-from ..eval.tasks import TASKS
+from ..eval.question_scores import TASKS
 from .recipes import find_recipe
 
 CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
@@ -170,7 +170,7 @@ def _read_chain(path: Path) -> dict:
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
-    from ..eval.tasks import TooFewQuestions, evaluate_task, task_test_files
+    from ..eval.question_scores import TooFewQuestions, evaluate_task, task_test_files
     from ..run.checkpoint import find_checkpoint
     from ..train.loop import train
 
@@ -246,7 +246,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
 
 
 def format_chain(summary: dict) -> str:
-    from ..eval.tasks import format_task_table
+    from ..eval.question_scores import format_task_table
 
     parts = []
     for label, rows in summary["tables"].items():  # a task, or "task: file" for a real question set

@@ -1,7 +1,7 @@
 """COCO categories that an image's human captions name: object facts for photos without boxes.
 
 coco2017-val has captions for all 2,278 photos but instances for 94, so questions grounded in boxes cover
-too few photos to learn object presence from (issue 14: the photos-recipe chain learned the answer prior).
+too few photos to learn object presence from (the photos-recipe chain learned the answer prior: docs/experiments/photo-chains.md).
 Captions are a second, weaker source: a category counts as present when at least `min_captions` of the
 image's captions name it through a word of its synonym list, the way CHAIR (Rohrbach et al., EMNLP 2018)
 maps caption words to COCO categories. Presence from two independent annotators is reliable; absence is
@@ -132,7 +132,7 @@ SYNONYMS: dict[str, list[str]] = {
 
 def regular_plural(word: str) -> str:
     """English plural by the regular rules (bus -> buses, lady -> ladies, dog -> dogs); irregular words are
-    listed where they matter (here in SYNONYMS, in data/tasks.py as IRREGULAR_PLURALS)."""
+    listed where they matter (here in SYNONYMS, in data/grounded_questions.py as IRREGULAR_PLURALS)."""
     if word.endswith(("s", "sh", "ch", "x")):
         return word + "es"
     if word.endswith("y") and word[-2:-1] not in "aeiou":

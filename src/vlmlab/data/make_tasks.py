@@ -29,9 +29,7 @@ from pathlib import Path
 
 from ..config import Config
 from .features import file_digest
-from .pairs import load_samples
-from .questions import IMAGE_PLACEHOLDER as IMAGE
-from .tasks import (
+from .grounded_questions import (
     TaskQuestion,
     choice_conversation,
     choice_questions,
@@ -42,6 +40,8 @@ from .tasks import (
     vocabulary_of,
     vqa_conversation,
 )
+from .pairs import load_samples
+from .questions import IMAGE_PLACEHOLDER as IMAGE
 
 
 def _llava(records: list[tuple[str, list[dict]]], root: Path) -> list[dict]:

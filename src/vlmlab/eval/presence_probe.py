@@ -18,8 +18,8 @@ import torch
 
 from ..data.caption_objects import objects_from_captions
 from ..data.formats import SkipReport
+from ..data.grounded_questions import image_facts
 from ..data.pairs import load_samples
-from ..data.tasks import image_facts
 from .pope import pope_scores, roc_auc
 
 LABELS = ("captions", "boxes")

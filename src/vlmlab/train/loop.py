@@ -159,8 +159,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     unless `resume` (the config must then match the recorded one) or `overwrite`; and nothing in it changes
     until config, data, checkpoint and resume match are known to be good.
     """
-    if cfg.train.stage == "qformer":  # BLIP-2 stage 1: the Q-Former alone, its own loop (issue 15)
-        from .qformer_stage1 import train_stage1
+    if cfg.train.stage == "qformer":  # BLIP-2 stage 1: the Q-Former alone, its own loop
+        from .stage1_loop import train_stage1
 
         return train_stage1(cfg, resume, overwrite)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # accelerate launch: rank 0 alone writes the folder

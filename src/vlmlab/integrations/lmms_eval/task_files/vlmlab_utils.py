@@ -10,7 +10,7 @@ vlmlab's caption metrics (pycocoevalcap CIDEr-D, PTB tokenizer when Java is pres
 from vlmlab.data.questions import Question
 from vlmlab.eval.multiple_choice import choice_scores, extract_choice
 from vlmlab.eval.pope import pope_scores
-from vlmlab.eval.tasks import question_text
+from vlmlab.eval.question_scores import question_text
 from vlmlab.eval.vqa import vqa_scores
 
 

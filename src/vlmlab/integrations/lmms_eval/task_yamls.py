@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ...eval.tasks import read_questions
+from ...eval.question_scores import read_questions
 
 HERE = Path(__file__).parent / "task_files"
 METRICS = {

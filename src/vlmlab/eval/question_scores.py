@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..data.grounded_questions import MC_SUFFIX, VQA_SUFFIX
 from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
-from ..data.tasks import MC_SUFFIX, VQA_SUFFIX
 from ..model.nll import derangement
 from .multiple_choice import choice_scores, extract_choice
 from .pope import pope_scores, pope_scores_by_setting, roc_auc

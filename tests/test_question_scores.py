@@ -151,7 +151,7 @@ def test_unseen_only_leaves_out_exactly_the_questions_about_training_photos():
     mini's folder differs, the photo is the same: matched by COCO id)."""
     from vlmlab.config import load_config
     from vlmlab.data.formats import hash_split
-    from vlmlab.eval.tasks import drop_trained_photos, photo_key, read_questions
+    from vlmlab.eval.question_scores import drop_trained_photos, photo_key, read_questions
 
     assert photo_key("a/000000000139.jpg") == photo_key("b/COCO_val2014_000000000139.jpg") == "coco:139"
     assert photo_key("x/dog.jpg") == "dog.jpg"
@@ -172,7 +172,7 @@ def test_unseen_only_leaves_out_exactly_the_questions_about_training_photos():
 
 def test_vqa_accuracy_by_question_type_per_answerer():
     from vlmlab.data.questions import Question
-    from vlmlab.eval.tasks import by_question_type
+    from vlmlab.eval.question_scores import by_question_type
 
     qs = [
         Question("1", "a.jpg", "What color is the circle?", ["red"] * 10, "other", "what color is the"),
