@@ -200,3 +200,14 @@ def test_add_from_a_question_task_keeps_the_model_beside_its_controls(tmp_path):
     assert record["kind"] == "questions" and record["figures"] == {"pope (4 questions)": rows}
     page = render([record])
     assert "| prior | 0.500 | 0.500 | 1.000 | 0.667 | 1.000 | 4 | - |" in page
+
+
+def test_add_from_the_demos_captions_json_keeps_both_nlls_and_the_swap_count(tmp_path):
+    run = tmp_path / "default"
+    run.mkdir()
+    written = {"split": "test", "images": 30, "captions": 8, "nll_true_images": 0.5431, "nll_shuffled_images": 0.879}
+    (run / "captions_test.json").write_text(json.dumps({**written, "captions_changed_by_swap": 7, "rows": []}))
+    record = record_from_run(run, "demo", command="make demo")
+    (table,) = record["figures"].values()
+    assert record["kind"] == "demo" and table["model"] == {"true images": 0.5431, "shuffled images": 0.879}
+    assert record["values"] == {"shown captions changed by a swap (of 8)": 7}

@@ -209,7 +209,8 @@ def check_page(results_dir: str | Path, page: str | Path) -> str | None:
 
 # ---- writing a record from a run's own JSON --------------------------------------------------------------
 def record_from_run(source: str | Path, name: str, command: str | None = None, repo: str | Path = ".") -> dict:
-    """A "run" record from what vlmlab wrote: eval.json, eval_<task>.json, chain.json or an ablation's folder."""
+    """A "run" record from what vlmlab wrote: eval.json, eval_<task>.json, chain.json, an ablation's folder, or
+    the captions_<split>.json of `vlmlab demo` / `vlmlab captions`."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
@@ -239,11 +240,12 @@ def _run_json(folder: Path) -> Path:
     for candidate in ("chain.json", "suite.json", "eval.json"):
         if (folder / candidate).exists():
             return folder / candidate
-    tasks = sorted(folder.glob("eval_*.json"))
+    tasks = sorted(folder.glob("eval_*.json")) or sorted(folder.glob("captions_*.json"))
     if len(tasks) == 1:
         return tasks[0]
     raise FileNotFoundError(
-        f"{folder} holds no chain.json, suite.json, eval.json or single eval_<task>.json; give the JSON file itself"
+        f"{folder} holds no chain.json, suite.json, eval.json or single eval_<task>.json / captions_<split>.json; "
+        "give the JSON file itself"
     )
 
 
@@ -267,6 +269,12 @@ def run_figures(result: dict, path: Path) -> tuple[str, dict, dict, str]:
         if result.get("attention"):
             figures["attention"] = {"Q-Former": _numeric(result["attention"])}
         return "retrieval", figures, {}, f"stage 1 of {result['run']}"
+    if "nll_true_images" in result:  # captions_<split>.json of `vlmlab demo` / `vlmlab captions`
+        label = f"{result['split']} split ({result['images']} images), caption NLL per token"
+        figures = {label: {"model": {"true images": result["nll_true_images"]}}}
+        figures[label]["model"]["shuffled images"] = result["nll_shuffled_images"]
+        values = {f"shown captions changed by a swap (of {result['captions']})": result["captions_changed_by_swap"]}
+        return "demo", figures, values, f"captions of {path.parent}"
     if "rows" in result and "split" in result:  # eval.json of a caption run
         label = f"{result['split']} split ({result['images']} images)"
         figures = {label: _numeric_rows(result["rows"])}
