@@ -205,8 +205,9 @@ def test_add_from_a_question_task_keeps_the_model_beside_its_controls(tmp_path):
 def test_add_from_the_demos_captions_json_keeps_both_nlls_and_the_swap_count(tmp_path):
     run = tmp_path / "default"
     run.mkdir()
-    written = {"split": "test", "images": 30, "captions": 8, "nll_true_images": 0.5431, "nll_shuffled_images": 0.879}
-    (run / "captions_test.json").write_text(json.dumps({**written, "captions_changed_by_swap": 7, "rows": []}))
+    rows = [{"image": f"{i}.png", "caption": "a", "caption_with_swapped_image": "b"} for i in range(8)]
+    written = {"split": "test", "images": 30, "captions": rows, "nll_true_images": 0.5431, "nll_shuffled_images": 0.879}
+    (run / "captions_test.json").write_text(json.dumps({**written, "captions_changed_by_swap": 7}))
     record = record_from_run(run, "demo", command="make demo")
     (table,) = record["figures"].values()
     assert record["kind"] == "demo" and table["model"] == {"true images": 0.5431, "shuffled images": 0.879}

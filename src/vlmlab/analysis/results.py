@@ -273,8 +273,9 @@ def run_figures(result: dict, path: Path) -> tuple[str, dict, dict, str]:
         label = f"{result['split']} split ({result['images']} images), caption NLL per token"
         figures = {label: {"model": {"true images": result["nll_true_images"]}}}
         figures[label]["model"]["shuffled images"] = result["nll_shuffled_images"]
-        values = {f"shown captions changed by a swap (of {result['captions']})": result["captions_changed_by_swap"]}
-        return "demo", figures, values, f"captions of {path.parent}"
+        shown = len(result["captions"])  # the captions shown, each with its swapped-image twin
+        values = {f"shown captions changed by a swap (of {shown})": result["captions_changed_by_swap"]}
+        return "demo", figures, values, f"captions of the {result['split']} split, true and swapped image"
     if "rows" in result and "split" in result:  # eval.json of a caption run
         label = f"{result['split']} split ({result['images']} images)"
         figures = {label: _numeric_rows(result["rows"])}
