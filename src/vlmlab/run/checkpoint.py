@@ -146,6 +146,12 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint a resume would start from (find_checkpoint's, verified); None when there is none."""
+    path = find_checkpoint(run_dir)
+    return None if path is None else int(json.loads((path / MANIFEST_FILE).read_text())["step"])
+
+
 def load_trainable(run_dir: Path, model: VLM) -> None:
     """Loads a run's trained weights after verifying them (find_checkpoint); a checkpoint without manifest is refused."""
     run_dir = Path(run_dir)
