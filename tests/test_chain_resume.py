@@ -14,9 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlmlab.analysis.chain import load_chain, run_chain
-from vlmlab.config import ConfigError, save_config
-from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE
+from vlmlab.analysis.chain import load_chain, plan_stages, run_chain
+from vlmlab.config import ConfigError, apply_settings, save_config
+from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError, save_checkpoint
 
 STEPS = {"caption": 12, "instruct": 8, "vqa": 4}
 
@@ -95,3 +95,96 @@ def test_a_chain_killed_in_any_stage_and_rerun_ends_with_the_uninterrupted_weigh
         assert resumed.keys() == reference.keys()
         differing = [k for k in reference if not torch.equal(resumed[k], reference[k])]
         assert not differing, f"{stage}: {len(differing)} tensors differ from the uninterrupted chain's"
+
+
+# ------------------------------------------------------------------- which stage folders a chain reuses, resumes, refuses
+
+
+class _Weights(torch.nn.Module):
+    """Stands in for a VLM in save_checkpoint: what the chain reads of a stage is its record and checkpoint step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+    def trainable_state_dict(self):
+        return {"w": self.w.detach()}
+
+
+def _stage_run(run_dir, cfg, step):
+    """A stage folder as training leaves it: config.yaml, and a checkpoint at `step` (none for 0)."""
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if step:
+        model = _Weights()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        save_checkpoint(run_dir, model, optimizer, scheduler, step, {"epoch": 0, "batches_into_epoch": step})
+
+
+@pytest.fixture
+def chain(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    return load_chain(str(_chain_file(tmp_path, tiny_clip_dir, tiny_gpt2_dir)))
+
+
+def _stage_config(chain, out, stage, *changes):
+    previous = {"caption": None, "instruct": out / "caption", "vqa": out / "instruct"}[stage]
+    return apply_settings(
+        chain.config(stage, out / stage, previous, blind=False),
+        {k: yaml.safe_load(v) for k, v in (c.split("=") for c in changes)},
+    )
+
+
+def _finished(chain, out):
+    return {p.stage: p.finished for p in plan_stages(chain, out, None)}
+
+
+def test_a_stage_is_finished_only_when_its_checkpoint_reached_its_steps(chain, tmp_path):
+    out = tmp_path / "out"
+    _stage_run(out / "caption", _stage_config(chain, out, "caption"), step=4)  # killed at step 5 of 12
+    assert _finished(chain, out) == {"caption": False, "instruct": False, "vqa": False}
+    (out / "caption" / CHECKPOINT / "manifest.json").unlink()  # and its manifest cannot be edited around
+    with pytest.raises(CheckpointError, match="manifest"):
+        plan_stages(chain, out, None)
+
+    out = tmp_path / "out2"
+    _stage_run(out / "caption", _stage_config(chain, out, "caption"), step=12)
+    _stage_run(out / "instruct", _stage_config(chain, out, "instruct", "train.eval_every=5"), step=0)
+    assert _finished(chain, out) == {"caption": True, "instruct": False, "vqa": False}  # killed before step 1
+    # a finished stage asked for more steps (the chain file edited): resumed to them, not taken as finished
+    chain.stages["caption"]["train.max_steps"] = 20
+    assert _finished(chain, out) == {"caption": False, "instruct": False, "vqa": False}
+
+
+def test_a_chain_folder_moved_whole_is_reused(chain, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for stage in STEPS:  # each stage recorded with the folders it was trained in, now under another name
+        _stage_run(new / stage, _stage_config(chain, old, stage), step=STEPS[stage])
+    assert _finished(chain, new) == {"caption": True, "instruct": True, "vqa": True}
+
+
+def test_a_stage_folder_holding_another_run_is_refused_before_anything_is_written(chain, tmp_path):
+    out = tmp_path / "out"
+    _stage_run(out / "caption", _stage_config(chain, out, "caption", "train.lr=0.5"), step=STEPS["caption"])
+    with pytest.raises(ConfigError, match=r"out/caption holds a run .*train.lr: recorded 0.5, now 0.0003"):
+        run_chain(chain, out)
+    assert not (tmp_path / "tasks").exists() and sorted(p.name for p in out.iterdir()) == ["caption"]
+
+
+def test_a_stage_trained_on_an_unfinished_one_is_refused(chain, tmp_path):
+    """What the chain did before stages had to be finished: instruct trained on a caption run killed at step 4."""
+    out = tmp_path / "out"
+    _stage_run(out / "caption", _stage_config(chain, out, "caption"), step=4)
+    _stage_run(out / "instruct", _stage_config(chain, out, "instruct"), step=STEPS["instruct"])
+    with pytest.raises(
+        ConfigError, match=r"out/instruct holds a run \(step 8\) trained from .*out/caption, which is not"
+    ):
+        plan_stages(chain, out, None)
+
+
+def test_a_stage_past_the_chains_steps_is_refused(chain, tmp_path):
+    out = tmp_path / "out"
+    _stage_run(out / "caption", _stage_config(chain, out, "caption"), step=STEPS["caption"])
+    chain.stages["caption"]["train.max_steps"] = 6
+    with pytest.raises(ConfigError, match="at step 12, past the chain's train.max_steps = 6"):
+        plan_stages(chain, out, None)
