@@ -261,6 +261,43 @@ def test_deleting_the_manifest_does_not_switch_integrity_checks_off(finished, tm
         train(finished[1](run, "train.max_steps=6"), resume=True)
 
 
+def test_a_weights_file_the_manifest_does_not_list_is_refused(finished, tmp_path, capsys):
+    run = _copy(finished, tmp_path)
+    weights = run / CHECKPOINT / TRAINABLE_FILE
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # the tensor bytes changed: safetensors itself loads them
+    weights.write_bytes(bytes(data))
+    manifest = json.loads((run / CHECKPOINT / MANIFEST_FILE).read_text())
+    del manifest["files"][TRAINABLE_FILE]  # ... and their line edited out of the manifest
+    (run / CHECKPOINT / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"{TRAINABLE_FILE}: not listed in {MANIFEST_FILE}"):
+        load_run(run)
+    assert cli_main(["caption", str(run), _an_image(run)]) == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()[-1]
+    assert captured.out == "" and error.startswith("vlmlab caption: error: ") and TRAINABLE_FILE in error
+    with pytest.raises(CheckpointError, match=TRAINABLE_FILE):
+        train(finished[1](run, "train.max_steps=6"), resume=True)
+
+
+def test_an_extra_file_in_a_checkpoint_is_refused(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    shutil.copy(run / CHECKPOINT / TRAINABLE_FILE, run / CHECKPOINT / "adapter.safetensors")
+    with pytest.raises(CheckpointError, match=rf"adapter.safetensors: not listed in {MANIFEST_FILE}"):
+        load_run(run)
+
+
+def test_a_manifest_step_edited_to_another_is_refused(finished, tmp_path):
+    """The step decides whether a run is finished (a chain reuses a finished stage): the manifest's must be that of
+    the weights it lists (their safetensors header, which its SHA-256 covers)."""
+    run = _copy(finished, tmp_path)
+    manifest = json.loads((run / CHECKPOINT / MANIFEST_FILE).read_text())
+    manifest["step"] = 400
+    (run / CHECKPOINT / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="step 400.*step 4"):
+        load_run(run)
+
+
 def test_nan_weights_with_a_matching_manifest_are_refused(finished, tmp_path):
     run = _copy(finished, tmp_path)
     _nan_weights(run)

@@ -33,11 +33,16 @@ A chain file:
 Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md. With `pretrained`, the blind chain
 starts from it too: its LoRA is loaded and its connector left out (the blind model has none), so the two arms
 differ only in whether stages 2-3 see the image.
+
+Run again (after a crash, a kill, or to score anew), a chain reuses each stage whose run is finished and resumes
+an unfinished one exactly, so it ends with the weights of an uninterrupted chain; a stage folder holding another
+run is refused before anything trains (plan_stages says which is which).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +172,78 @@ def _read_chain(path: Path) -> dict:
     return tree
 
 
+@dataclass
+class PlannedStage:
+    arm: str  # model | blind
+    stage: str
+    run_dir: Path
+    cfg: Config
+    finished: bool  # its checkpoint is at train.max_steps: reused as it is
+
+
+def plan_stages(chain: Chain, out: Path, pretrained: Path | None) -> list[PlannedStage]:
+    """Each stage of each arm, in training order, with whether its run is finished; refuses (ConfigError,
+    CheckpointError) a stage folder the chain cannot continue, before anything trains.
+
+    A stage is finished only when its run's own record says it reached its steps: its checkpoint (verified against
+    its manifest) is at train.max_steps, in its config.yaml and in the chain. A stage killed before that resumes
+    exactly, as `vlmlab train --resume` does: the same config, the same weights as an uninterrupted chain.
+    Refused, naming the folder:
+    - a stage folder whose recorded config differs from what the chain now asks on a key that changes the
+      weights (those `--resume` refuses to change: record.resume_differences): it holds another run, which
+      is never replaced or mixed; move it away, or give the chain another --out-dir. A changed train.max_steps
+      extends (or ends) a stage's run, as `--resume --set train.max_steps` does; cadence keys (eval_every,
+      save_every, ...) do not make a finished stage stale;
+    - a checkpoint past the chain's train.max_steps (a run is not trained backwards);
+    - a stage with a checkpoint after one that still has to train: its weights follow from a state of the
+      stage before it that is gone (the chain once trained on an unfinished stage), so move it away."""
+    from ..run.checkpoint import checkpoint_step
+    from ..run.record import recorded_config, resume_differences
+
+    planned: list[PlannedStage] = []
+    for arm in ("model", "blind") if chain.blind else ("model",):
+        previous, stages, upstream_trains = pretrained, list(chain.stages), False
+        if arm == "blind" and chain.blind_from:  # the model's run of that stage, its connector left out
+            previous, stages = out / chain.blind_from, stages[stages.index(chain.blind_from) + 1 :]
+            model_stages = list(chain.stages)[: list(chain.stages).index(chain.blind_from) + 1]
+            upstream_trains = any(not p.finished for p in planned if p.stage in model_stages)
+        for stage in stages:
+            run_dir = out / stage if arm == "model" else out / "blind" / stage
+            cfg = chain.config(stage, run_dir, previous, blind=arm == "blind")
+            step, recorded = checkpoint_step(run_dir) or 0, recorded_config(run_dir)
+            if recorded is not None and _same_stage_before(recorded, cfg):  # a chain folder moved or copied
+                recorded.train.init_from = cfg.train.init_from
+            if recorded is None and step:
+                raise ConfigError(f"{run_dir} has a checkpoint but no config.yaml: what it was trained with is "
+                                  f"unknown; move it away, or give the chain another --out-dir")  # fmt: skip
+            differences = resume_differences(recorded, cfg) if recorded is not None else []
+            if differences:
+                listed = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, a, b in differences)
+                raise ConfigError(f"{run_dir} holds a run with other settings than the chain's {stage} stage "
+                                  f"({listed}); move it away, or give the chain another --out-dir")  # fmt: skip
+            if step > cfg.train.max_steps:
+                raise ConfigError(f"{run_dir} is at step {step}, past the chain's train.max_steps = "
+                                  f"{cfg.train.max_steps} for {stage}; a run is not trained backwards")  # fmt: skip
+            if step and upstream_trains:
+                raise ConfigError(f"{run_dir} holds a run (step {step}) trained from {previous}, which is not "
+                                  f"finished and trains now: that run started from weights that are gone; "
+                                  f"move it away, or give the chain another --out-dir")  # fmt: skip
+            finished = recorded is not None and step == cfg.train.max_steps == recorded.train.max_steps
+            planned.append(PlannedStage(arm, stage, run_dir, cfg, finished))
+            upstream_trains |= not finished
+            previous = run_dir
+    return planned
+
+
+def _same_stage_before(recorded: Config, cfg: Config) -> bool:
+    """Whether a recorded init_from names the same run as the chain's, seen from each one's own folder: a chain
+    folder may be moved or copied whole (as a run folder may), its stages then still start from each other."""
+    a, b = recorded.train.init_from, cfg.train.init_from
+    if a is None or b is None:
+        return False
+    return os.path.relpath(a, recorded.train.output_dir) == os.path.relpath(b, cfg.train.output_dir)
+
+
 def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
@@ -183,6 +260,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
     missing = [q[k] for q in chain.questions for k in ("file", "images") if q.get(k) and not Path(q[k]).exists()]
     if missing:
         raise ConfigError(f"questions: {missing} do not exist")
+    planned = plan_stages(chain, out, pretrained)  # every stage folder checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     first = next(iter(chain.stages))
@@ -194,17 +272,12 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
                    vqa_turns=chain.vqa_turns)  # fmt: skip
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
-    for arm in ("model", "blind") if chain.blind else ("model",):
-        previous, stages = pretrained, list(chain.stages)
-        if arm == "blind" and chain.blind_from:  # the model's run of that stage, its connector left out
-            previous, stages = runs["model"][chain.blind_from], stages[stages.index(chain.blind_from) + 1 :]
-        for stage in stages:
-            run_dir = out / stage if arm == "model" else out / "blind" / stage
-            if find_checkpoint(run_dir) is None or not (run_dir / "config.yaml").exists():
-                started = time.time()
-                train(chain.config(stage, run_dir, previous, blind=arm == "blind"), resume=run_dir.exists())
-                timings[f"train {arm} {stage}"] = time.time() - started
-            runs[arm][stage] = previous = run_dir
+    for p in planned:  # in order: a stage trains only once the one it starts from is finished
+        if not p.finished:
+            started = time.time()
+            train(p.cfg, resume=p.run_dir.exists())  # an unfinished stage resumes exactly from its checkpoint
+            timings[f"train {p.arm} {p.stage}"] = time.time() - started
+        runs[p.arm][p.stage] = p.run_dir
     last = list(chain.stages)[-1]
     tables, not_scored = {}, {}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.features import file_digest
@@ -22,6 +23,7 @@ from .record import CHECKPOINT
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILES = (TRAINABLE_FILE, STATE_FILE)  # what save_checkpoint writes and the manifest lists
 
 
 class CheckpointError(RunRefused):
@@ -65,7 +67,7 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
     _write_durably(tmp / STATE_FILE, lambda p: torch.save(state, p))
     manifest = {
         "step": step,
-        "files": {name: file_digest(tmp / name, "sha256") for name in (TRAINABLE_FILE, STATE_FILE)},
+        "files": {name: file_digest(tmp / name, "sha256") for name in CHECKPOINT_FILES},
     }
     _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     _fault_point("checkpoint-written", step)
@@ -80,7 +82,10 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
 
 
 def verify_checkpoint(path: Path) -> int:
-    """Checks every file of a checkpoint folder against its manifest; returns its step or raises CheckpointError."""
+    """Checks every file of a checkpoint folder against its manifest; returns its step or raises CheckpointError.
+
+    Every file in the folder must be listed (and match its SHA-256), and the manifest's step must be the one
+    saved in the weights: a manifest edited around a changed file, or to another step, is refused."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists():
         # checkpoint/ is renamed into place only after its manifest is written, so a checkpoint without one was
@@ -94,11 +99,34 @@ def verify_checkpoint(path: Path) -> int:
         files, step = manifest["files"], int(manifest["step"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ('files' is no mapping of names to SHA-256)")
+    # a file the manifest does not list is checked by nothing: refused, or editing its line out of the manifest
+    # would let any weights through
+    for entry in sorted(path.iterdir()):
+        if entry.name != MANIFEST_FILE and entry.name not in files:
+            raise CheckpointError(
+                f"{entry}: not listed in {MANIFEST_FILE}, so its SHA-256 cannot be checked; not loaded"
+            )
+    unlisted = [name for name in CHECKPOINT_FILES if name not in files]
+    if unlisted:
+        raise CheckpointError(f"{manifest_path}: does not list {', '.join(unlisted)} (a checkpoint always has "
+                              f"{', '.join(CHECKPOINT_FILES)}); it was edited and is not trusted")  # fmt: skip
     for name, digest in files.items():
         if not (path / name).exists():
             raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
         if file_digest(path / name, "sha256") != digest:
             raise CheckpointError(f"{path / name}: SHA-256 does not match the manifest; the file is corrupt")
+    # the step says whether a run is finished (a chain reuses a finished stage): the manifest's must be the one
+    # saved in the weights, which their SHA-256 covers
+    try:
+        with safe_open(str(path / TRAINABLE_FILE), "pt") as f:
+            weights_step = (f.metadata() or {}).get("step")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path / TRAINABLE_FILE}: not a safetensors file ({e})") from e
+    if weights_step is not None and str(weights_step) != str(step):
+        raise CheckpointError(f"{manifest_path}: says step {step}, but {TRAINABLE_FILE} was saved at step "
+                              f"{weights_step}; the manifest was edited and is not trusted")  # fmt: skip
     return step
 
 
@@ -116,6 +144,12 @@ def find_checkpoint(run_dir: Path) -> Path | None:
         verify_checkpoint(old)
         return old
     return None
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint a resume would start from (find_checkpoint's, verified); None when there is none."""
+    path = find_checkpoint(run_dir)
+    return None if path is None else int(json.loads((path / MANIFEST_FILE).read_text())["step"])
 
 
 def load_trainable(run_dir: Path, model: VLM) -> None:
