@@ -76,6 +76,37 @@ def test_settings_that_cannot_apply_to_the_run_fail_in_one_line_before_anything_
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["captioner", "config.yaml", "config.yaml", "stage1"]
 
 
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_an_out_dir_that_is_another_run_or_holds_earlier_results_is_refused_unless_overwrite(tmp_path, capsys):
+    """`vlmlab eval RUN_O --out-dir RUN_B` would replace B's eval.json, eval.md, contact_sheet.png with O's."""
+    run_o, stage1 = run_folder(tmp_path / "O"), run_folder(tmp_path / "S", "train.stage=qformer")
+    run_b = run_folder(tmp_path / "B")
+    for name in ("eval.json", "eval.md", "contact_sheet.png"):
+        (run_b / name).write_text(f"B's {name}")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "eval_pope.json").write_text("{}")
+    o, b = str(run_o), str(run_b)
+    cases = [
+        (["eval", "captions", o, "--out-dir", b], f"--out-dir {b} is another run's folder (config.yaml)"),
+        (["eval", o, "--out-dir", b], "give another --out-dir, or --overwrite to write eval.json, eval.md, contact"),
+        (["eval", "questions", o, "--task", "pope", "--out-dir", b], "another run's folder"),
+        (["eval", "retrieval", str(stage1), "--out-dir", b], "another run's folder"),
+        (["eval", "retrieval", o, "--sugarcrepe", "DIR", "--out-dir", b], "another run's folder"),
+        (["eval", "questions", o, "--task", "pope", "--out-dir", str(earlier)], "already holds eval_pope.json;"),
+        (["eval", "captions", o, "--overwrite"], "--overwrite applies to --out-dir"),
+    ]
+    before = _tree(tmp_path)
+    for argv, message in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("vlmlab eval: error: ") and message in err and err.count("\n") == 1, err
+    assert _tree(tmp_path) == before  # no lock file, no folder, nothing replaced
+
+
 @pytest.fixture(scope="module")
 def caption_run(tmp_path_factory, tiny_config):
     from vlmlab.train.loop import train
@@ -96,6 +127,10 @@ def test_each_evaluator_scores_a_caption_run_and_none_trains_one(caption_run, tm
     assert "blind LM: not trained yet" in (out / "eval.md").read_text()
     assert not (caption_run / "baselines").exists()  # the baselines were not asked to train, so none did
     assert "training into" not in capsys.readouterr().out
+    assert cli_main(argv + ["--contact-images", "0", "--out-dir", str(out)]) == 2  # results there: refused ...
+    assert f"--out-dir {out} already holds eval.json, eval.md;" in capsys.readouterr().err
+    assert cli_main(argv + ["--contact-images", "0", "--out-dir", str(out), "--overwrite"]) == 0  # ... or replaced
+    assert json.loads((out / "eval.json").read_text())["generation"]["num_beams"] != 2
 
     image = next(iter(caption_run.parent.joinpath("world").rglob("*.png")))
     questions = tmp_path / "pope.jsonl"

@@ -1,10 +1,15 @@
 """Configs: YAML + overrides, and errors that name the key before any model loads."""
 
+import os
 import re
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from vlmlab.config import ConfigError, load_config, parse_override, save_config
+from vlmlab.config import ConfigError, append_whole, load_config, parse_override, save_config, write_atomic
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -88,3 +93,82 @@ def test_data_paths_fail_before_any_model_loads(spec, message, monkeypatch, tmp_
     with pytest.raises(ConfigError, match=re.escape(message)):
         train_module.train(cfg)
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+# ---------------------------------------------------------------------------------------------- writing files
+
+
+def test_write_atomic_writes_text_bytes_or_through_a_writer_and_keeps_the_permissions(tmp_path):
+    path = tmp_path / "eval.json"
+    write_atomic(path, "text ü")
+    assert path.read_text(encoding="utf-8") == "text ü"
+    path.chmod(0o600)
+    write_atomic(path, b"\x00bytes")
+    assert path.read_bytes() == b"\x00bytes" and path.stat().st_mode & 0o777 == 0o600
+    seen = []
+    write_atomic(tmp_path / "sheet.png", lambda tmp: (seen.append(tmp.suffix), tmp.write_bytes(b"png")))
+    assert seen == [".png"]  # a writer that picks the format by the suffix (savefig) sees the file's own
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "sheet.png"]
+
+
+def test_a_failing_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("the old, whole file\n")
+
+    def fails_half_way(tmp):
+        tmp.write_text("half a fi")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, fails_half_way)
+    assert path.read_text() == "the old, whole file\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+UNDER_A_LIMIT = """
+import errno, sys
+from pathlib import Path
+from vlmlab.config import append_whole, load_config, save_config, write_atomic
+folder = Path(sys.argv[1])
+for name, write in [
+    ("eval.json", lambda p: write_atomic(p, "x" * 4096)),
+    ("plot.png", lambda p: write_atomic(p, lambda tmp: tmp.write_bytes(b"y" * 4096))),
+    ("config.yaml", lambda p: save_config(load_config(None), p)),
+    ("metrics.jsonl", lambda p: append_whole(p, '{"step": 2}\\n' * 200)),
+]:
+    try:
+        write(folder / name)
+    except OSError as e:
+        assert e.errno == errno.EFBIG, e
+        print(name, "refused")
+"""
+
+
+def test_writes_past_a_file_size_limit_fail_and_leave_every_file_as_it_was(tmp_path):
+    """`ulimit -f 1` (1 KiB), as on a full disk: each write fails with EFBIG, and the files stay as they were."""
+    old = {"eval.json": "{}", "plot.png": "old picture", "config.yaml": "train: {}\n", "metrics.jsonl": '{"step": 1}\n'}
+    for name, text in old.items():
+        (tmp_path / name).write_text(text)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    done = subprocess.run(
+        [sys.executable, "-c", UNDER_A_LIMIT, str(tmp_path)],
+        preexec_fn=limited,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [w for name in old for w in (name, "refused")]
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old  # no temporary file either
+
+
+def test_a_log_line_appended_whole(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    append_whole(log, '{"step": 1}\n')
+    append_whole(log, '{"step": 2}\n')
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vlmlab.cli import main
-from vlmlab.config import load_config
+from vlmlab.config import load_config, save_config
 from vlmlab.data.formats import CaptionSample
 from vlmlab.data.grounded_questions import MC_SUFFIX, ImageFacts, pope_questions
 from vlmlab.data.make_tasks import grouped_turns, make_tasks, rotated_rows
@@ -253,6 +253,78 @@ def test_the_command_writes_the_files_and_says_what_it_wrote(tmp_path, capsys):
     for name, count in record["files"].items():
         assert (tmp_path / "tasks" / name).is_file() and f"{count:>7}  {tmp_path / 'tasks' / name}" in printed
     assert "SHA-1" in record["split_check"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("holds", ["the user's tasks.json", "a finished run", "an earlier make-tasks output"])
+def test_make_tasks_into_a_folder_that_holds_anything_is_refused_unless_overwrite(tmp_path, capsys, holds):
+    world = write_world(tmp_path / "world", {"train": TRAIN, "test": TEST})
+    out = tmp_path / "out"
+    command = ["make-tasks", str(out), "--data", f"karpathy:{world}"]
+    if holds == "the user's tasks.json":
+        out.mkdir()
+        (out / "tasks.json").write_text('{"my": "own task list"}')
+    elif holds == "a finished run":
+        out.mkdir()
+        save_config(load_config(None), out / "config.yaml")
+        (out / "checkpoint").mkdir()
+        (out / "checkpoint" / "trainable.safetensors").write_bytes(b"weights")
+        (out / "captions_test.json").write_text('{"captions": "of the run"}')  # `vlmlab captions` writes this name
+    else:
+        assert main(command) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vlmlab make-tasks: error: {out} is not empty (it holds ") and err.count("\n") == 1
+    assert "--overwrite" in err
+    assert _files(out) == before
+    assert main([*command, "--overwrite"]) == 0
+    assert "SHA-1" in json.loads((out / "tasks.json").read_text())["split_check"]
+    if holds == "a finished run":  # what make-tasks does not write is left as it was
+        assert all(_files(out)[name] == before[name] for name in ("config.yaml", "checkpoint/trainable.safetensors"))
+
+
+def test_make_tasks_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "a file").write_text("not a folder")
+    assert main(["make-tasks", str(tmp_path / "a file"), "--data", "karpathy:/nowhere.json"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "a file").read_text() == "not a folder"
+
+
+def test_a_rewrite_that_fails_part_way_leaves_no_tasks_json_and_no_torn_file(tmp_path, monkeypatch):
+    """Each file is whole (the old one or the new one), and the folder, no longer one finished set, has no
+    tasks.json: a chain writes it again rather than train on a mix."""
+    import vlmlab.data.make_tasks as module
+
+    world = write_world(tmp_path / "world", {"train": TRAIN, "test": TEST})
+    cfg = load_config(None, [f"data.datasets=[karpathy:{world}]"])
+    out = tmp_path / "tasks"
+    make_tasks(cfg, out)
+    monkeypatch.setattr(module, "write_atomic", _failing_after(2, module.write_atomic))
+    with pytest.raises(OSError, match="No space left"):
+        make_tasks(cfg, out)
+    assert not (out / "tasks.json").exists()
+    for path in out.glob("*.json"):  # every file whole (POPE's are JSON lines)
+        lines = path.read_text().splitlines() if "pope" in path.name else [path.read_text()]
+        assert all(json.loads(line) is not None for line in lines)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def _failing_after(count: int, write):
+    """write_atomic that fails, as on a full disk, once `count` files are written."""
+    done = []
+
+    def write_or_fail(path, content):
+        if len(done) == count:
+            raise OSError(28, "No space left on device")
+        done.append(path)
+        return write(path, content)
+
+    return write_or_fail
 
 
 def _synthetic_facts(objects: list[SceneObject]) -> ImageFacts:

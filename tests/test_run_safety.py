@@ -6,7 +6,9 @@ A finished tiny run is trained once per module and copied into each test's folde
 import hashlib
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmlab.cli import main as cli_main
-from vlmlab.config import ConfigError, check_model_sources, load_config
+from vlmlab.config import ConfigError, check_model_sources, load_config, save_config
 from vlmlab.run import load_run
 from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError
 from vlmlab.run.lock import LOCK_FILE, RunLocked, run_lock
@@ -172,6 +174,66 @@ def test_overwrite_refuses_a_folder_that_is_no_run(finished, tmp_path):
     with pytest.raises(ConfigError, match="does not look like a run folder"):
         train(finished[1](tmp_path / "notes"), overwrite=True)
     assert (tmp_path / "notes" / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+
+def _resume_under_file_size_limit(cfg, config_path, limit):
+    """`vlmlab train CONFIG --resume` in a process whose files cannot grow past `limit` bytes (`ulimit -f`), with
+    SIGXFSZ ignored: a write past the limit fails with EFBIG, as a write to a full disk fails, instead of a kill."""
+    save_config(cfg, config_path)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "vlmlab.cli", "train", str(config_path), "--resume"],
+        preexec_fn=limited,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _hidden_files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
+
+
+def test_a_full_disk_during_resume_leaves_every_file_of_the_run_as_it_was(finished, tmp_path):
+    """(ulimit -f 1; vlmlab train CFG --resume): config.yaml is larger than 1 KiB, so its rewrite fails, and the
+    config.yaml before it stays whole: the run still loads and resumes."""
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    assert (run / "config.yaml").stat().st_size > 1024
+    done = _resume_under_file_size_limit(finished[1](run, "train.max_steps=8"), tmp_path / "resume.yaml", 1024)
+    assert done.returncode != 0 and "File too large" in done.stderr, done.stderr[-2000:]
+    assert _snapshot(run) == before  # config.yaml included: not cut to 1024 bytes
+    assert _hidden_files(run) == []  # no temporary file left behind
+    load_run(run)
+    assert cli_main(["caption", str(run), _an_image(run)]) == 0
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_checkpoint_and_the_run_resumes(finished, tmp_path):
+    """A limit the small files fit under and the weights do not: the new checkpoint fails, checkpoint/ stays the
+    step-4 one, no checkpoint.tmp/ is left, the log's earlier lines are kept, and a resume finishes the run."""
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    checkpoint = {k: v for k, v in before.items() if k.startswith(CHECKPOINT + "/")}
+    small = max((run / name).stat().st_size for name in ("config.yaml", "model_info.json", "metrics.jsonl"))
+    limit = 2 * small + 8192  # room for the rewritten config and the log's new lines
+    assert limit < (run / CHECKPOINT / TRAINABLE_FILE).stat().st_size
+    old_log = (run / "metrics.jsonl").read_text()
+    done = _resume_under_file_size_limit(finished[1](run, "train.max_steps=8"), tmp_path / "resume.yaml", limit)
+    assert done.returncode != 0 and "File too large" in done.stderr, done.stderr[-2000:]
+    assert {k: v for k, v in _snapshot(run).items() if k.startswith(CHECKPOINT + "/")} == checkpoint
+    assert not (run / (CHECKPOINT + ".tmp")).exists() and _hidden_files(run) == []
+    assert (run / "metrics.jsonl").read_text().startswith(old_log)
+    _records(run)  # every line whole
+    train(finished[1](run, "train.max_steps=8"), resume=True)
+    assert max(r["step"] for r in _records(run)) == 8
 
 
 # ---------------------------------------------------------------------------------------------- probe 4

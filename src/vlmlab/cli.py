@@ -76,6 +76,17 @@ def _refuse_stage1(run_dir: str, evaluator: str) -> None:
         )
 
 
+def _check_out_dir(args, outputs: list[str]) -> None:
+    """--out-dir that is another run's folder, or already holds these outputs: only with --overwrite."""
+    from .config import ConfigError
+    from .run.record import check_out_dir
+
+    if args.out_dir:
+        check_out_dir(args.out_dir, args.run_dir, outputs, args.overwrite)
+    elif args.overwrite:
+        raise ConfigError("--overwrite applies to --out-dir; the results in RUN_DIR itself are always replaced")
+
+
 def cmd_eval_captions(args) -> None:
     from .analysis.baselines import train_baselines
     from .config import ConfigError
@@ -89,6 +100,7 @@ def cmd_eval_captions(args) -> None:
     if args.rerank:  # bad settings fail before a lock or a model
         check_rerank(args.rerank, candidates)
     _refuse_stage1(args.run_dir, "captioner")
+    _check_out_dir(args, ["eval.json", "eval.md", "contact_sheet.png"])
     kwargs = {
         "num_beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
@@ -119,6 +131,7 @@ def cmd_eval_questions(args) -> None:
     from .run.lock import run_lock
 
     _refuse_stage1(args.run_dir, "answerer")
+    _check_out_dir(args, [f"eval_{args.task}.json", f"eval_{args.task}.md"])
     with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
         evaluate_task(
             args.run_dir,
@@ -143,6 +156,7 @@ def cmd_eval_retrieval(args) -> None:
     if _is_stage1(args.run_dir):
         from .eval.retrieval import evaluate_stage1_run
 
+        _check_out_dir(args, ["eval.json", "eval.md"])
         with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):
             evaluate_stage1_run(
                 args.run_dir, args.split or "test", args.sugarcrepe, args.images, args.limit, args.out_dir
@@ -157,6 +171,7 @@ def cmd_eval_retrieval(args) -> None:
         raise ConfigError("--split applies to a stage-1 run's recall; SugarCrepe has its own images")
     from .eval.retrieval import evaluate_sugarcrepe_captioner
 
+    _check_out_dir(args, ["sugarcrepe.json"])
     with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):  # sugarcrepe.json
         evaluate_sugarcrepe_captioner(args.run_dir, args.sugarcrepe, args.images, args.limit, args.out_dir)
 
@@ -298,7 +313,7 @@ def demo_run_dir() -> Path:
 
 
 def cmd_make_tasks(args) -> None:
-    from .data.make_tasks import make_tasks
+    from .data.make_tasks import check_out_folder, make_tasks
 
     cfg = _config(args)
     if args.data:
@@ -310,6 +325,7 @@ def cmd_make_tasks(args) -> None:
 
         raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
     min_captions = 2 if args.objects_min_captions is None else args.objects_min_captions
+    check_out_folder(args.out_dir, args.overwrite)
     summary = make_tasks(
         cfg,
         args.out_dir,
@@ -398,6 +414,12 @@ def cmd_prepare(args) -> None:
     print(f"{SMOLLM2_NAME}: {smollm2_dir()}")
 
 
+OVERWRITE_HELP = (
+    "let --out-dir be another run's folder, or one that already holds these results (refused without it); "
+    "their files of the same names are replaced"
+)
+
+
 class _OtherEvaluatorsFlag(argparse.Action):
     """A flag of another `vlmlab eval` evaluator: refused by name, with the evaluators it belongs to."""
 
@@ -451,6 +473,7 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--candidates", type=int, help="beam candidates per image for --rerank (default 5)")
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
     p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_eval_captions)
 
     p = evaluators.add_parser(
@@ -479,6 +502,7 @@ def add_eval_parsers(sub) -> None:
     )
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--out-dir", help="write eval_TASK.json and .md here (default: RUN_DIR)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_eval_questions)
 
     p = evaluators.add_parser(
@@ -497,6 +521,7 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--images", help="SugarCrepe's images (default: coco2017-val/val2017 beside its folder)")
     p.add_argument("--limit", type=int, help="SugarCrepe: only the first N items per category")
     p.add_argument("--out-dir", help="write the results here (default: RUN_DIR)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_eval_retrieval)
 
     # each evaluator refuses the others' flags by name (argparse has no public way to read a parser's flags back)
@@ -576,6 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="K",
         help="stage-3 conversations ask K questions of one photo each, LLaVA-1.5's way (default 1)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an OUT that is not empty (refused without it, an earlier make-tasks output included): "
+        "its files of the same names are replaced, the others left",
     )
     p.set_defaults(func=cmd_make_tasks)
 

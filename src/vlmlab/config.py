@@ -2,7 +2,8 @@
 
 Unknown keys and wrong types fail at load time, before any model is built, naming the key. This module is the
 bottom of the package and imports nothing of it: the names a config value may take (connector types, stages,
-dataset formats) are defined here, and the modules that act on them import them from here.
+dataset formats) are defined here, and the modules that act on them import them from here. It also holds the one
+way the package writes a file (write_atomic, append_whole), so that every layer, this one included, writes so.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import secrets
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -458,13 +461,80 @@ def _check_model_source(key: str, name: str) -> None:
         raise ConfigError(f"{key} = {name!r}: {where}, and the hub cannot be reached ({type(e).__name__})") from None
 
 
+# ---------------------------------------------------------------------------------------------- writing files
+
+
+def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:
+    """Writes a file whole or not at all: a full disk, a file-size limit or a crash leaves the old file (or none).
+
+    content is the text or bytes, or a function that writes the file at the path it is given (savefig, torch.save):
+    it writes a temporary file in the same folder, which is flushed to disk and renamed over `path` (a rename
+    within a folder is atomic); on any error the temporary file is removed and `path` is as it was.
+    """
+    path = Path(path)
+    # hidden, and ending as `path` does: writers that pick the format by the suffix (savefig) still see it
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        if callable(content):
+            content(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            data = content.encode() if isinstance(content, str) else content
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)  # a rewritten file keeps its permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def append_whole(path: str | Path, text: str) -> None:
+    """Appends text to a log (metrics.jsonl) whole or not at all: a failed append cuts the file back to where it
+    ended, so the lines before stay as they were and no torn line follows them."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(text.encode())
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.ftruncate(fd, end)  # shrinking a file: allowed under a file-size limit and on a full disk
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """The rename itself reaches the disk (POSIX); skipped where a folder cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def check_data_paths(cfg: Config) -> None:

@@ -9,7 +9,9 @@ evaluations are skipped on a rerun, so an interrupted suite continues where it s
 from __future__ import annotations
 
 import csv
+import functools
 import gc
+import io
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, apply_settings, load_config
+from ..config import Config, ConfigError, apply_settings, load_config, write_atomic
 from ..eval.captioning import ATTRIBUTE_COLUMNS
 from .baselines import finished_step, stale_keys
 from .recipes import find_recipe
@@ -128,7 +130,7 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
         "base": suite.base,
         "overrides": suite.overrides,
     }
-    (out / "suite.json").write_text(json.dumps(described, indent=1))
+    write_atomic(out / "suite.json", json.dumps(described, indent=1))
     for variant in variants:
         for seed in suite.seeds:
             cfg = suite.config(variant, seed, out)
@@ -192,7 +194,7 @@ def _model_info(run_dir: Path) -> dict:
     if not path.exists():
         from ..model.vlm import build_vlm
 
-        path.write_text(json.dumps(build_vlm(load_config(run_dir / "config.yaml")).model_info()))
+        write_atomic(path, json.dumps(build_vlm(load_config(run_dir / "config.yaml")).model_info()))
     return json.loads(path.read_text())
 
 
@@ -231,10 +233,11 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
     metrics = metrics_present(records)
     keys = ["variant", "seed", "trainable_params", "visual_tokens"] + [key for _, key, _ in metrics]
     extra = sorted({k for r in records for k in r} - set(keys) - {"val_curve"})
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys + extra, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys + extra, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomic(out / "results.csv", table.getvalue())
 
     lines = [
         f"# {suite.name}: {suite.split} split, mean +- std over seeds {suite.seeds}",
@@ -256,7 +259,7 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
         )
         lines[-1] += " | ".join(cells) + " |"
     lines += stage1_table(suite, out, variants)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(records, metrics, variants, out)
     print("\n".join(lines))
     return records
@@ -324,7 +327,7 @@ def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -
         ax.set_ylabel(name + (" (higher is better)" if higher else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / f"bar_{key.replace('-', '_')}.png", dpi=100)
+        write_atomic(out / f"bar_{key.replace('-', '_')}.png", functools.partial(fig.savefig, dpi=100))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for v in present:
@@ -339,5 +342,5 @@ def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=100)
+    write_atomic(out / "val_loss.png", functools.partial(fig.savefig, dpi=100))
     plt.close(fig)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import STAGES, Config, ConfigError, apply_settings, expand_data_root, load_config
+from ..config import STAGES, Config, ConfigError, apply_settings, expand_data_root, load_config, write_atomic
 from ..eval.question_scores import TASKS
 from .recipes import find_recipe
 
@@ -312,8 +312,8 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
             forgetting[stage] = {k: row[k] for k in ("CIDEr-D", "BLEU-4", "nll_true") if k in row}
     summary = {"runs": {a: {s: str(p) for s, p in r.items()} for a, r in runs.items()}, "tables": tables,
                "not_scored": not_scored, "forgetting": forgetting, "seconds": timings}  # fmt: skip
-    (out / "chain.json").write_text(json.dumps(summary, indent=1))
-    (out / "chain.md").write_text(format_chain(summary))
+    write_atomic(out / "chain.json", json.dumps(summary, indent=1))
+    write_atomic(out / "chain.md", format_chain(summary))
     print(format_chain(summary))
     return summary
 

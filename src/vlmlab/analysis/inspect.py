@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..config import write_atomic
 from ..data.formats import load_image
 from ..model.connector import QFormerConnector
 from ..model.language_model import base_causal_lm
@@ -108,7 +109,7 @@ def draw_inspection(result: Inspection, out_png: str | Path, title: str = "", la
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
+    write_atomic(out_png, lambda path: fig.savefig(path, dpi=90))
     plt.close(fig)
     return out_png
 
@@ -146,5 +147,5 @@ def inspect_run(
         "nearest_tokens": result.nearest,
         "attention": None if result.attention is None else result.attention.round(4).tolist(),
     }
-    (out / f"{stem}.json").write_text(json.dumps(record))
+    write_atomic(out / f"{stem}.json", json.dumps(record))
     return png, result

@@ -13,6 +13,7 @@ import io
 import json
 from pathlib import Path
 
+from ..config import write_atomic
 from .ablate import STAGE1_METRICS, _mean_std, metric_cells, metrics_present, stage1_rows
 
 PARTS = [
@@ -175,7 +176,7 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None, inspect_im
 
     page = HTML_PAGE.format(title=html.escape(title), body="\n".join(parts))
     out = Path(out or runs_dir / "report.html")
-    out.write_text(page)
+    write_atomic(out, page)
     return out
 
 

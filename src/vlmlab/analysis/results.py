@@ -37,6 +37,8 @@ import subprocess
 from datetime import date
 from pathlib import Path
 
+from ..config import write_atomic
+
 KINDS = {  # kind -> section title, in page order
     "captions": "Captions: the model beside its baselines",
     "chain": "Chains: caption -> instruct -> vqa, the model beside its controls",
@@ -192,7 +194,7 @@ def _anchor(name: str) -> str:
 
 def write_page(results_dir: str | Path, page: str | Path) -> Path:
     page = Path(page)
-    page.write_text(render(load_records(results_dir)))
+    write_atomic(page, render(load_records(results_dir)))
     return page
 
 
@@ -362,5 +364,5 @@ def add_record(
     record = record_from_run(source, name, command, repo=Path(results_dir).resolve().parent)
     check_record(record, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path

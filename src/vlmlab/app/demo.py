@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import write_atomic
 from ..data.features import FeatureCache
 from ..data.pairs import load_split_features
 from ..model.language_model import cache_dir
@@ -78,6 +79,6 @@ def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8
         "captions_changed_by_swap": changed,
     }
     out = run_dir / f"captions_{split}.json"
-    out.write_text(json.dumps(report, indent=2))
+    write_atomic(out, json.dumps(report, indent=2))
     print(f"written to {out}")
     return report

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..config import parse_spec, split_at
+from ..config import parse_spec, split_at, write_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -45,9 +45,7 @@ class SkipReport:
         return "skipped " + ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts().items()))
 
     def write(self, path: str | Path) -> None:
-        with open(path, "w") as f:
-            for kind, where, why in self.entries:
-                f.write(f"{kind}\t{where}\t{why}\n")
+        write_atomic(path, "".join(f"{kind}\t{where}\t{why}\n" for kind, where, why in self.entries))
 
     def __len__(self) -> int:
         return len(self.entries)

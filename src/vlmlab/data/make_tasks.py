@@ -11,6 +11,10 @@ The files are in their authors' formats, so the same readers (questions.py) read
     OUT/captions_test.json                         the test images and their reference captions (lmms-eval captioning)
     OUT/tasks.json                                 what was written, from which data, and the split check
 
+OUT is a new or empty folder: `vlmlab make-tasks` refuses one that holds anything (check_out_folder) unless
+--overwrite. Each file is written whole or not at all, tasks.json last, and a rewrite removes the old tasks.json
+first: a folder with a tasks.json holds one whole set of files.
+
 With `--objects-from-captions`, training photos without boxes get the objects their captions name; with
 `--presence-from-boxes` as well, those photos feed the instruct conversations only, and the stage-3 files ask
 about photos with boxes alone. With `--vqa-turns K`, the stage-3 questions of one photo are asked K to a
@@ -22,12 +26,13 @@ files and the evaluation files, checked by the SHA-1 of the file bytes.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from itertools import zip_longest
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, ConfigError, write_atomic
 from .features import file_digest
 from .grounded_questions import (
     TaskQuestion,
@@ -66,8 +71,8 @@ def _vqa_files(questions, out: Path, split: str) -> int:
                 "question_type": q.question_type,
             }
         )
-    (out / f"vqa_{split}_questions.json").write_text(json.dumps({"questions": qs}))
-    (out / f"vqa_{split}_annotations.json").write_text(json.dumps({"annotations": anns}))
+    write_atomic(out / f"vqa_{split}_questions.json", json.dumps({"questions": qs}))
+    write_atomic(out / f"vqa_{split}_annotations.json", json.dumps({"annotations": anns}))
     return len(qs)
 
 
@@ -137,6 +142,21 @@ def grouped_turns(records: list[tuple[str, list[dict]]], turns: int, rng: random
     return out
 
 
+def check_out_folder(out_dir: str | Path, overwrite: bool = False) -> None:
+    """`vlmlab make-tasks OUT`: OUT is new or empty, or overwrite is given. A folder holding anything (the user's own
+    tasks.json, a run, an earlier make-tasks output) is refused before anything is created or written."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        listed = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise ConfigError(
+            f"{out} is not empty (it holds {listed}); make-tasks writes into a new or empty folder: give another "
+            "OUT, or --overwrite to write into this one (its files of the same names are replaced, others left)"
+        )
+
+
 def make_tasks(
     cfg: Config,
     out_dir: str | Path,
@@ -174,9 +194,10 @@ def make_tasks(
         raise ValueError(f"{cfg.data.datasets}: no image has annotated objects (COCO instances or a synthetic world)")
     rng = random.Random(seed)
     summary: dict = {"datasets": cfg.data.datasets, "split_seed": cfg.data.split_seed, "files": {}}
+    (out / "tasks.json").unlink(missing_ok=True)  # written again last: until then the folder is no finished set
 
     def write_json(name: str, obj) -> None:
-        (out / name).write_text(json.dumps(obj))
+        write_atomic(out / name, json.dumps(obj))
         summary["files"][name] = len(obj)
 
     for split in ("train", "val", "test"):
@@ -221,7 +242,7 @@ def make_tasks(
             json.dumps({"question_id": i, "image": str(Path(img).resolve()), "text": text, "label": label})
             for i, (img, text, label) in enumerate(items)
         ]
-        (out / f"pope_test_{setting}.json").write_text("".join(line + "\n" for line in lines))
+        write_atomic(out / f"pope_test_{setting}.json", "".join(line + "\n" for line in lines))
         summary["files"][f"pope_test_{setting}.json"] = len(lines)
 
     rows = []
@@ -229,10 +250,11 @@ def make_tasks(
         for question, options, right in choice_questions(f, vocabulary, rng):
             category = "count" if question.startswith("How many") else "attribute" if "colour" in question else "object"
             rows += rotated_rows(len(rows), f.sample.image_path, question, options, right, category)
-    with open(out / "mmbench_test.tsv", "w", newline="") as fh:
-        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        writer.writerow(["index", "group", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table, delimiter="\t", lineterminator="\n")
+    writer.writerow(["index", "group", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+    writer.writerows(rows)
+    write_atomic(out / "mmbench_test.tsv", table.getvalue())
     summary["files"]["mmbench_test.tsv"] = len(rows)
 
     write_json(
@@ -253,5 +275,5 @@ def make_tasks(
     if presence_from_boxes:
         summary["presence_from_boxes"] = {split: len(stage3[split]) for split in ("train", "val")}
     summary["split_check"] = "no evaluation image file equals a training or validation image file (SHA-1)"
-    (out / "tasks.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "tasks.json", json.dumps(summary, indent=1))
     return summary

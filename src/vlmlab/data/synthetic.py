@@ -8,7 +8,6 @@ The world is written in Karpathy's split format, so the ordinary 'karpathy' read
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from ..config import write_atomic
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
@@ -194,9 +195,7 @@ def generate_world(
             }
         )
     world = {"dataset": "synthetic", "seed": seed, "params": params, "images": entries}
-    tmp = json_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(world))
-    tmp.replace(json_path)
+    write_atomic(json_path, json.dumps(world))  # last: the images are a world only once it is there
     return json_path
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import load_config
+from ..config import load_config, write_atomic
 from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..data.synthetic import ATTRIBUTES, attribute_correct
@@ -443,8 +443,8 @@ def write_caption_eval(evaluation: CaptionEval, out_dir: str | Path, contact_ima
     out_dir.mkdir(parents=True, exist_ok=True)
     record = evaluation.record
     text = format_caption_eval(evaluation)
-    (out_dir / "eval.json").write_text(json.dumps(record, indent=2))
-    (out_dir / "eval.md").write_text(text)
+    write_atomic(out_dir / "eval.json", json.dumps(record, indent=2))
+    write_atomic(out_dir / "eval.md", text)
     if contact_images > 0:
         rows, run_name = record["rows"], Path(record["run"]).name
         sheet = contact_sheet(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from ..config import write_atomic
 from ..data.formats import load_image
 
 
@@ -82,6 +83,6 @@ def contact_sheet(
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.15 / height)
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=90, bbox_inches="tight")
+    write_atomic(out_png, lambda path: fig.savefig(path, dpi=90, bbox_inches="tight"))
     plt.close(fig)
     return out_png

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..config import write_atomic
 from ..data.grounded_questions import MC_SUFFIX, VQA_SUFFIX
 from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
 from ..model.nll import derangement
@@ -316,10 +317,10 @@ def evaluate_task(
             for i, q in enumerate(questions)
         ],
     }
-    (out / f"eval_{task}.json").write_text(json.dumps(record, indent=1))
+    write_atomic(out / f"eval_{task}.json", json.dumps(record, indent=1))
     if task == "vqa" and len({q.question_type for q in questions}) > 1:
         table += "\n\nVQA accuracy by question type:\n\n" + by_question_type(questions, answers)
-    (out / f"eval_{task}.md").write_text(table + "\n")
+    write_atomic(out / f"eval_{task}.md", table + "\n")
     print(f"{task}: {len(questions)} questions from {', '.join(str(f) for f in files)}")
     if unseen_only:
         print(f"left out {dropped} questions about photos the run trained on")

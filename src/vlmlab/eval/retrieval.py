@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import write_atomic
+
 KS = (1, 5, 10)
 
 
@@ -215,8 +217,8 @@ def evaluate_stage1_run(
         lines.append(f"SugarCrepe {category} (ITM): {s['accuracy']:.3f} of {s['n']} (chance 0.5)")
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "eval.md").write_text(text)
+    write_atomic(out_dir / "eval.json", json.dumps(result, indent=2))
+    write_atomic(out_dir / "eval.md", text)
     print(text)
     return result
 
@@ -251,5 +253,5 @@ def evaluate_sugarcrepe_captioner(
         )
     out_dir = Path(out_dir) if out_dir else Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sugarcrepe.json").write_text(json.dumps({"caption_likelihood": scores}, indent=2))
+    write_atomic(out_dir / "sugarcrepe.json", json.dumps({"caption_likelihood": scores}, indent=2))
     return scores

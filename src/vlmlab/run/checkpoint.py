@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import write_atomic
 from ..data.features import file_digest
 from ..model.vlm import VLM
 from .lock import RunRefused
@@ -51,6 +52,24 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
     if tmp.exists():
         shutil.rmtree(tmp)  # a partial write from a crashed run: never a candidate for loading
     tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, model, optimizer, scheduler, step, data_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a file-size limit: the previous checkpoint stays
+        raise
+    _fault_point("checkpoint-written", step)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.replace(old)
+    _fault_point("checkpoint-swapping", step)
+    tmp.replace(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_files(tmp: Path, model: VLM, optimizer, scheduler, step: int, data_state: dict) -> None:
+    """The checkpoint's files, each flushed to disk, into checkpoint.tmp/: the weights, the state, the manifest."""
     _write_durably(
         tmp / TRAINABLE_FILE, lambda p: save_file(model.trainable_state_dict(), p, metadata={"step": str(step)})
     )
@@ -70,15 +89,6 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
         "files": {name: file_digest(tmp / name, "sha256") for name in CHECKPOINT_FILES},
     }
     _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
-    _fault_point("checkpoint-written", step)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.replace(old)
-    _fault_point("checkpoint-swapping", step)
-    tmp.replace(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def verify_checkpoint(path: Path) -> int:
@@ -183,6 +193,4 @@ def truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line torn by the kill itself
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in keep))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate
+from ..config import Config, ConfigError, check_data_paths, check_model_sources, save_config, validate, write_atomic
 from .checkpoint import find_checkpoint, verify_checkpoint
 from .lock import run_lock
 from .record import CONFIG_FILE, MODEL_INFO_FILE, check_run_folder, remove_previous_run
@@ -45,7 +45,7 @@ class TrainingStart:
     def write_record(self, model_info: dict) -> None:
         """Writes what the run is (config.yaml, model_info.json), once it is known to be valid."""
         save_config(self.cfg, self.run_dir / CONFIG_FILE)
-        (self.run_dir / MODEL_INFO_FILE).write_text(json.dumps(model_info))
+        write_atomic(self.run_dir / MODEL_INFO_FILE, json.dumps(model_info))
 
 
 @contextlib.contextmanager

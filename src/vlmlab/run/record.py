@@ -124,6 +124,29 @@ def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
         )
 
 
+def check_out_dir(out_dir: str | Path, run_dir: str | Path, outputs: list[str], overwrite: bool) -> None:
+    """An --out-dir for what a command writes about RUN_DIR (eval.json, ...): refused, before anything is created or
+    loaded, when it is another run's folder (a run folder belongs to its run) or already holds one of `outputs`,
+    unless overwrite. RUN_DIR itself is the command's own folder: its results there are replaced, as always."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out} is a file, not a folder")
+    if overwrite or not out.is_dir() or out.resolve() == Path(run_dir).resolve():
+        return
+    run_files = [name for name in (CONFIG_FILE, CHECKPOINT, CHECKPOINT + ".old") if (out / name).exists()]
+    if run_files:
+        raise ConfigError(
+            f"--out-dir {out} is another run's folder ({', '.join(run_files)}); a run folder belongs to its run: "
+            f"give another --out-dir, or --overwrite to write {', '.join(outputs)} into it"
+        )
+    present = [name for name in outputs if (out / name).exists()]
+    if present:
+        raise ConfigError(
+            f"--out-dir {out} already holds {', '.join(present)}; give another --out-dir, or --overwrite to replace "
+            f"{'it' if len(present) == 1 else 'them'}"
+        )
+
+
 def remove_previous_run(run_dir: Path) -> list[str]:
     """--overwrite, once the new run is set up: removes the old run's artefacts; returns their names."""
     removed = []

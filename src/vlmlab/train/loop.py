@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import STAGES, Config, ConfigError
+from ..config import STAGES, Config, ConfigError, append_whole, write_atomic
 from ..data.batching import LengthBucketBatchSampler, pair_lengths
 from ..data.features import FeatureCache
 from ..data.formats import SkipReport
@@ -89,7 +89,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    write_atomic(out_png, lambda path: fig.savefig(path, dpi=100))
     plt.close(fig)
 
 
@@ -202,13 +202,15 @@ def report_cut_captions(s: Session) -> int:
     log = s.run_dir / SKIP_LOG
     if log.exists():  # a resume whose data had nothing else to skip keeps the earlier log: no line twice
         kept = [line for line in log.read_text().splitlines(keepends=True) if not line.startswith("cut captions\t")]
-        log.write_text("".join(kept))
+        write_atomic(log, "".join(kept))
     if cut:
-        with open(log, "a") as f:
-            for row, caption, n in cut:
-                f.write(
-                    f"cut captions\t{s.train_split.samples[row].image_id}\t{n} tokens cut to {limit}: {caption!r}\n"
-                )
+        append_whole(
+            log,
+            "".join(
+                f"cut captions\t{s.train_split.samples[row].image_id}\t{n} tokens cut to {limit}: {caption!r}\n"
+                for row, caption, n in cut
+            ),
+        )
         print(
             f"{len(cut)} of {len(pairs)} training captions are longer than data.max_caption_tokens = {limit} "
             f"tokens and are cut to it; each listed in {s.run_dir / SKIP_LOG}"
@@ -359,13 +361,12 @@ def fit(s: Session, step: int, consumed: int) -> None:
     metrics_path = run_dir / METRICS_FILE
 
     if main and step == 0:
-        metrics_path.write_text("")
+        write_atomic(metrics_path, "")
     trace_dir = os.environ.get("VLMLAB_TRACE_DATA")  # tests: which pairs each rank trained on, per step
 
     def log(record: dict) -> None:
         if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_whole(metrics_path, json.dumps(record) + "\n")
 
     def evaluate_and_log(step: int) -> None:
         if not val_split.pairs:
@@ -437,8 +438,8 @@ def fit(s: Session, step: int, consumed: int) -> None:
                         scheduler.step()
                     optimizer.zero_grad()
             if trace_dir:
-                with open(Path(trace_dir) / f"rank{accelerator.process_index}.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step + 1, "pairs": indices.tolist()}) + "\n")
+                trace = Path(trace_dir) / f"rank{accelerator.process_index}.jsonl"
+                append_whole(trace, json.dumps({"step": step + 1, "pairs": indices.tolist()}) + "\n")
             if not accelerator.sync_gradients:
                 continue
             if not window_ok:  # the update was dropped: this step is redone with the next batch

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, append_whole, write_atomic
 from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..model.language_model import cache_dir
@@ -110,11 +110,10 @@ def fit_stage1(cfg, model, optimizer, scheduler, train_split, val_split, step: i
     run_dir = Path(t.output_dir)
     metrics = run_dir / METRICS_FILE
     if step == 0:
-        metrics.write_text("")
+        write_atomic(metrics, "")
 
     def log(record: dict) -> None:
-        with open(metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_whole(metrics, json.dumps(record) + "\n")
 
     per_epoch = len(train_split.pairs) // t.batch_size
     if step == 0 and val_split.pairs:

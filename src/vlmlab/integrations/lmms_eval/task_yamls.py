@@ -11,9 +11,9 @@ Data paths are written absolute: lmms-eval expands variables only in its cache d
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from ...config import write_atomic
 from ...eval.question_scores import read_questions
 
 HERE = Path(__file__).parent / "task_files"
@@ -88,7 +88,7 @@ def _yaml(kind: str, data: Path, max_new_tokens: int) -> str:
 def write_lmms_tasks(tasks_dir: str | Path, out_dir: str | Path, max_new_tokens: int = 10) -> list[str]:
     tasks_dir, out = Path(tasks_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(HERE / "vlmlab_utils.py", out / "vlmlab_utils.py")
+    write_atomic(out / "vlmlab_utils.py", (HERE / "vlmlab_utils.py").read_bytes())
     names = []
     for kind, files in SOURCES.items():
         if kind == "caption":
@@ -96,7 +96,7 @@ def write_lmms_tasks(tasks_dir: str | Path, out_dir: str | Path, max_new_tokens:
         else:
             docs = [_doc(kind, q) for f in files for q in read_questions(tasks_dir / f)[1]]
         data = (out / f"vlmlab_{kind}.jsonl").resolve()
-        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        (out / f"vlmlab_{kind}.yaml").write_text(_yaml(kind, data, max_new_tokens))
+        write_atomic(data, "".join(json.dumps(d) + "\n" for d in docs))
+        write_atomic(out / f"vlmlab_{kind}.yaml", _yaml(kind, data, max_new_tokens))
         names.append(f"vlmlab_{kind}")
     return names
