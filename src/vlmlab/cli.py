@@ -689,10 +689,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     args = build_parser().parse_args(_with_eval_command(sys.argv[1:] if argv is None else list(argv)))
+    from PIL import UnidentifiedImageError
+
     from .data.formats import InputError, UnreadableImage
     from .run.lock import RunRefused
 
-    refused = (ConfigError, InputError, UnreadableImage, FileNotFoundError, RunRefused)
+    # an input file no decoder reads names itself: PIL's "cannot identify image file 'PATH'", UnreadableImage
+    refused = (ConfigError, InputError, UnreadableImage, UnidentifiedImageError, FileNotFoundError, RunRefused)
     try:
         return args.func(args) or 0  # a command over many inputs returns 1 when some of them failed
     except refused as e:  # a user's mistake (a setting, a file, a row of it) or a refusal: one line
