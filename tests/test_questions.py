@@ -1,9 +1,11 @@
 """Readers for conversation and question sets, on small files written here and on the real sets in ../shared."""
 
 import base64
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from conftest import SHARED_DATA, require
 from vlmlab.data.questions import (
@@ -98,14 +100,16 @@ def test_pope_lines_and_setting_from_the_file_name(tmp_path):
 
 def test_mmbench_tsv_with_base64_and_path_images(tmp_path):
     (tmp_path / "pic.jpg").write_bytes(b"not decoded here")
-    b64 = base64.b64encode(b"\xff\xd8 fake jpeg").decode()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, "JPEG")  # base64 is checked to hold an image (its header), not decoded
+    b64 = base64.b64encode(jpeg.getvalue()).decode()
     header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
     (tmp_path / "mm.tsv").write_text(
         header + f"0\tWhat is it?\tnan\tcat\tdog\tbird\tfish\tB\tobject\t{b64}\n"
         "1\tHow many?\tlook closely\t1\t2\t\t\tA\tcount\tpic.jpg\n"
     )
     a, b = read_mmbench_tsv(tmp_path / "mm.tsv")
-    assert a.image is None and a.image_data == b"\xff\xd8 fake jpeg" and a.answer_index == 1 and a.hint == ""
+    assert a.image is None and a.image_data == jpeg.getvalue() and a.answer_index == 1 and a.hint == ""
     assert b.image == str(tmp_path / "pic.jpg") and b.choices == ["1", "2"] and b.hint == "look closely"
     (tmp_path / "mm.tsv").write_text(header + "0\tQ\t\tcat\tdog\t\t\tC\tx\tpic.jpg\n")
     with pytest.raises(QuestionFileError, match="row 2: answer 'C'"):

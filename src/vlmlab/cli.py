@@ -325,6 +325,11 @@ def cmd_make_tasks(args) -> None:
 
         raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
     min_captions = 2 if args.objects_min_captions is None else args.objects_min_captions
+    for flag, value in (("--objects-min-captions", min_captions), ("--vqa-turns", args.vqa_turns)):
+        if value < 1:
+            from .config import ConfigError
+
+            raise ConfigError(f"{flag} {value}: at least 1")
     check_out_folder(args.out_dir, args.overwrite)
     summary = make_tasks(
         cfg,
@@ -362,15 +367,23 @@ def cmd_presence_probe(args) -> None:
 
 
 def cmd_chat(args) -> int:
+    """A prompt too long for the run's LM is refused, not cut: the answer would be to another question."""
+    from .data.formats import load_image
+    from .model.context import PromptTooLong
     from .run import load_run
 
+    image = None if args.image.lower() == "none" else load_image(args.image)  # an unreadable one: before the model
     model = load_run(args.run_dir)
-    image = None if args.image.lower() == "none" else args.image
     kwargs = {"max_new_tokens": args.max_new_tokens}
     if args.questions_file:
-        questions = [q.strip() for q in Path(args.questions_file).read_text().splitlines() if q.strip()]
-        convs = [[{"role": "user", "content": "<image>\n" + q}] for q in questions]
-        for q, a in zip(questions, model.chat_batch([image] * len(convs), convs, **kwargs)):
+        lines = Path(args.questions_file).read_text().splitlines()
+        numbered = [(n, q.strip()) for n, q in enumerate(lines, 1) if q.strip()]
+        convs = [[{"role": "user", "content": "<image>\n" + q}] for _, q in numbered]
+        try:
+            answers = model.chat_batch([image] * len(convs), convs, **kwargs)
+        except PromptTooLong as e:
+            raise PromptTooLong(f"{args.questions_file}: line {numbered[e.row][0]}: {e}") from e
+        for (_, q), a in zip(numbered, answers):
             print(json.dumps({"question": q, "answer": a}))
         return 0
     if args.question:
@@ -385,9 +398,13 @@ def cmd_chat(args) -> int:
             break
         if not text:
             break
-        messages.append({"role": "user", "content": ("<image>\n" if not messages else "") + text})
-        reply = model.chat(image, messages, **kwargs)
-        messages.append({"role": "assistant", "content": reply})
+        asked = messages + [{"role": "user", "content": ("<image>\n" if not messages else "") + text}]
+        try:
+            reply = model.chat(image, asked, **kwargs)
+        except PromptTooLong as e:  # the session goes on without this turn
+            print(f"vlmlab chat: {e}; this turn is not asked", file=sys.stderr)
+            continue
+        messages = asked + [{"role": "assistant", "content": reply}]
         print(f"vlm> {reply}")
     return 0
 
@@ -703,11 +720,16 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     args = build_parser().parse_args(_with_eval_command(sys.argv[1:] if argv is None else list(argv)))
+    from PIL import UnidentifiedImageError
+
+    from .data.formats import InputError, UnreadableImage
     from .run.lock import RunRefused
 
+    # an input file no decoder reads names itself: PIL's "cannot identify image file 'PATH'", UnreadableImage
+    refused = (ConfigError, InputError, UnreadableImage, UnidentifiedImageError, FileNotFoundError, RunRefused)
     try:
         return args.func(args) or 0  # a command over many inputs returns 1 when some of them failed
-    except (ConfigError, FileNotFoundError, RunRefused) as e:  # a user's mistake or a refusal: one line
+    except refused as e:  # a user's mistake (a setting, a file, a row of it) or a refusal: one line
         print(f"vlmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 SMOLLM2_NAME = "smollm2-135m-instruct"  # the embedded default LM (model/language_model.py converts its GGUF)
 CONNECTOR_TYPES = ("qformer", "meanpool", "linear", "mlp", "none")  # built by model/connector.py
 DATASET_FORMATS = ("coco", "karpathy", "flickr8k", "synthetic")  # read by data/formats.py
+# vision.name: one of these (model/efficientnet_lite.py LITE_VARIANTS), or "hf:<hub name or local dir>"
+LITE_ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,11 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value is not None:
             _check_range(key, value, low, high)
+    name = cfg.vision.name
+    if name not in LITE_ENCODERS and not (name.startswith("hf:") and name[3:].strip()):
+        raise ConfigError(
+            f"vision.name {name!r} is unknown; allowed: {list(LITE_ENCODERS)} or 'hf:<hub name or folder>'"
+        )
     if c.type not in CONNECTOR_TYPES:
         raise ConfigError(f"connector.type {c.type!r} is unknown; allowed: {list(CONNECTOR_TYPES)}")
     if c.merge > 1 and c.type not in ("linear", "mlp", "none"):  # none: a blind twin of a merged run
@@ -551,6 +558,11 @@ def check_data_paths(cfg: Config) -> None:
                 raise ConfigError(f"data.tasks = {cfg.data.tasks!r}: {path} does not exist (run `vlmlab make-tasks`)")
     if cfg.train.init_from is not None and not (Path(cfg.train.init_from).expanduser() / "config.yaml").is_file():
         raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: not a finished run (no config.yaml)")
+    check_datasets(cfg)
+
+
+def check_datasets(cfg: Config) -> None:
+    """Every data.datasets spec names a known format and an existing path, and no dataset is listed twice."""
     seen: dict[tuple, str] = {}
     for i, spec in enumerate(cfg.data.datasets):
         key = f"data.datasets[{i}]"

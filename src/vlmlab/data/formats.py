@@ -22,6 +22,11 @@ from ..config import parse_spec, split_at, write_atomic
 SPLITS = ("train", "val", "test")
 
 
+class InputError(ValueError):
+    """An input file (captions, annotations, questions, a prompt) that cannot be used as given: the message
+    names the file and the row or key. The command line prints it as one line and exits 2."""
+
+
 class SkipReport:
     """What the readers and the image decoder left out, and why.
 
@@ -71,7 +76,7 @@ def load_captions(
 
     seed / val_fraction / test_fraction only matter where the format has no split of its own (COCO, and
     Flickr8k images that no split file lists). Entries left out (empty captions, captions of unlisted images)
-    go to `skipped`; without one, a warning says how many. Broken files raise ValueError naming file and line.
+    go to `skipped`; without one, a warning says how many. Broken files raise InputError naming file and line.
     """
     report = SkipReport() if skipped is None else skipped
     before = len(report)
@@ -106,7 +111,7 @@ class UnreadableImage(OSError):
     """An image file whose pixels cannot be decoded (truncated, corrupt); the message names the file."""
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(InputError):
     """More pixels than MAX_IMAGE_PIXELS: a decompression bomb, or a scan nobody meant to caption."""
 
 
@@ -175,7 +180,7 @@ def filter_readable(samples: list[CaptionSample]) -> tuple[list[CaptionSample], 
 def _existing(path: str, spec: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise ValueError(f"dataset spec {spec!r}: path {str(p)!r} does not exist")
+        raise InputError(f"dataset spec {spec!r}: path {str(p)!r} does not exist")
     return p
 
 
@@ -227,18 +232,18 @@ def _read_json(path: Path, kind: str):
     try:
         return json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (Windows editors write one) is no error
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
+        raise InputError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not a {kind} file (JSON error: {e.msg})") from e
+        raise InputError(f"{path}:{e.lineno}: not a {kind} file (JSON error: {e.msg})") from e
 
 
 def _fields(record, keys: tuple[str, ...], where: str) -> tuple:
-    """The named fields of one JSON record, the first hashable (an id or a split name), or ValueError naming it."""
+    """The named fields of one JSON record, the first hashable (an id or a split name), or InputError naming it."""
     try:
         values = tuple(record[k] for k in keys)
         hash(values[0])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{where} lacks {'/'.join(keys)}") from e
+        raise InputError(f"{where} lacks {'/'.join(keys)}") from e
     return values
 
 
@@ -249,7 +254,7 @@ def _read_coco(
     if path.is_dir():
         files = sorted((path / "annotations").glob("captions_*.json"))
         if not files:
-            raise ValueError(f"{path}: no annotations/captions_*.json found (expected a COCO root)")
+            raise InputError(f"{path}: no annotations/captions_*.json found (expected a COCO root)")
     else:
         files = [path]
     by_id: dict[str, CaptionSample] = {}
@@ -262,20 +267,20 @@ def _read_coco(
             if not isinstance(image_list, list) or not isinstance(annotations, list):
                 raise TypeError("'images' and 'annotations' must be lists")
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{f}: not a COCO captions file ({type(e).__name__}: {e})") from e
+            raise InputError(f"{f}: not a COCO captions file ({type(e).__name__}: {e})") from e
         images: dict = {}
         owner: dict = {}  # file_name -> (id, record) that first listed it
         for i, im in enumerate(image_list):
             image_id, file_name = _fields(im, ("id", "file_name"), f"{f}: images[{i}]")
             if not isinstance(file_name, str) or not file_name:
-                raise ValueError(f"{f}: images[{i}] has file_name {file_name!r}")
+                raise InputError(f"{f}: images[{i}] has file_name {file_name!r}")
             if images.get(image_id, file_name) != file_name:
-                raise ValueError(
+                raise InputError(
                     f"{f}: images[{i}]: id {image_id!r} is listed with two files, "
                     f"{images[image_id]!r} and {file_name!r}"
                 )
             if owner.setdefault(file_name, (image_id, i))[0] != image_id:  # one picture, two samples: refused
-                raise ValueError(
+                raise InputError(
                     f"{f}: images[{i}]: file {file_name!r} is listed under two ids, {owner[file_name][0]!r} "
                     f"(images[{owner[file_name][1]}]) and {image_id!r}"
                 )
@@ -313,7 +318,7 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
         if not isinstance(images, list):
             raise TypeError("'images' must be a list")
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a Karpathy split file ({type(e).__name__}: {e})") from e
+        raise InputError(f"{path}: not a Karpathy split file ({type(e).__name__}: {e})") from e
     name = data.get("dataset") or path.stem.removeprefix("dataset_")
     root = image_root if image_root is not None else path.parent
     by_id: dict[str, CaptionSample] = {}
@@ -321,9 +326,9 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
     for i, im in enumerate(images):
         raw_split, filename, sentences = _fields(im, ("split", "filename", "sentences"), f"{path}: images[{i}]")
         if not isinstance(filename, str) or not filename or not isinstance(sentences, list):
-            raise ValueError(f"{path}: images[{i}] needs a file name and a list of sentences")
+            raise InputError(f"{path}: images[{i}] needs a file name and a list of sentences")
         if raw_split not in _KARPATHY_SPLITS:
-            raise ValueError(f"{path}: images[{i}] has split {raw_split!r}, expected one of {sorted(_KARPATHY_SPLITS)}")
+            raise InputError(f"{path}: images[{i}] has split {raw_split!r}, expected one of {sorted(_KARPATHY_SPLITS)}")
         captions = []
         for j, sentence in enumerate(sentences):
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
@@ -339,7 +344,7 @@ def _read_karpathy(path: Path, image_root: Path | None, skipped: SkipReport) -> 
         image_path = _abs(root / im.get("filepath", "") / filename)
         meta = {k: v for k, v in im.items() if k not in _KARPATHY_KEYS}
         if owner.setdefault(image_path, (key, i))[0] != key:  # one picture under two ids: two samples of it
-            raise ValueError(
+            raise InputError(
                 f"{path}: images[{i}]: {image_path} is listed under two ids, {owner[image_path][0]!r} "
                 f"(images[{owner[image_path][1]}]) and {key!r}"
             )
@@ -365,7 +370,7 @@ def _text_lines(path: Path):
         try:
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[:60]!r})") from e
+            raise InputError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[:60]!r})") from e
 
 
 def _read_flickr8k(
@@ -375,10 +380,10 @@ def _read_flickr8k(
     text_dirs = [root, root / "Flickr8k_text"]  # the official text zip unpacks into Flickr8k_text/
     token_file = next((d / "Flickr8k.token.txt" for d in text_dirs if (d / "Flickr8k.token.txt").is_file()), None)
     if token_file is None:
-        raise ValueError(f"{root}: no Flickr8k.token.txt found (looked in {', '.join(map(str, text_dirs))})")
+        raise InputError(f"{root}: no Flickr8k.token.txt found (looked in {', '.join(map(str, text_dirs))})")
     image_dir = next((root / d for d in _FLICKR_IMAGE_DIRS if (root / d).is_dir()), None)
     if image_dir is None:
-        raise ValueError(f"{root}: no image folder found (expected one of {', '.join(_FLICKR_IMAGE_DIRS)})")
+        raise InputError(f"{root}: no image folder found (expected one of {', '.join(_FLICKR_IMAGE_DIRS)})")
 
     split_of: dict[str, tuple[str, Path]] = {}
     for split, fname in _FLICKR_SPLIT_FILES.items():
@@ -390,7 +395,7 @@ def _read_flickr8k(
             if not name:
                 continue
             if name in split_of and split_of[name][0] != split:
-                raise ValueError(f"{f}: {name} is also listed in {split_of[name][1]}")
+                raise InputError(f"{f}: {name} is also listed in {split_of[name][1]}")
             split_of[name] = (split, f)
 
     captions: dict[str, list[str]] = {}
@@ -400,7 +405,7 @@ def _read_flickr8k(
         head, tab, caption = line.partition("\t")
         name, hash_, _ = head.rpartition("#")
         if not tab or not hash_ or not name.strip():
-            raise ValueError(f"{token_file}:{lineno}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r}")
+            raise InputError(f"{token_file}:{lineno}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r}")
         caps = captions.setdefault(name, [])
         if caption.strip():
             caps.append(caption.strip())

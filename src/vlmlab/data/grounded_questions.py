@@ -16,6 +16,7 @@ scene description (colour, shape, size, grid position of each object). From them
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .caption_objects import objects_from_captions as named_objects
 from .caption_objects import regular_plural
-from .formats import CaptionSample
+from .formats import CaptionSample, InputError
 from .synthetic import COLOURS, POSITIONS, SHAPES
 
 IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis"}
@@ -92,21 +93,83 @@ def coco_instances(samples: list[CaptionSample]) -> dict[str, list[dict]]:
         path = folder.parent / "annotations" / f"instances_{group[0].meta['coco_split']}.json"
         if not path.exists():
             continue
-        data = json.loads(path.read_text())
-        names = {c["id"]: c["name"] for c in data["categories"]}
-        files = {im["id"]: (im["file_name"], im["width"]) for im in data["images"]}
-        objects: dict[str, list[dict]] = defaultdict(list)
-        for ann in data["annotations"]:
-            file_name, width = files[ann["image_id"]]
-            x, _, w, _ = ann["bbox"]
-            obj = {"name": names[ann["category_id"]], "cx": (x + w / 2) / width}
-            if ann.get("iscrowd"):  # a crowd region: the category is present, its number is not known
-                obj |= {"crowd": True, "cx": None}
-            objects[file_name].append(obj)
+        objects = read_instances(path)
         for s in group:
             if s.meta["file_name"] in objects:
                 out[s.image_path] = objects[s.meta["file_name"]]
     return out
+
+
+BOX_SLACK = 1.0  # pixels a box may reach past its image's edge: rounding (boxes of rescaled photos pass by 0.43)
+
+
+def read_instances(path: Path) -> dict[str, list[dict]]:
+    """A COCO instances file -> objects per image file name, every record checked first.
+
+    The answers of every question make-tasks writes come from these records, so a record that cannot be
+    what it says (no box, a category or image the file does not list, a box that is not finite, has a negative
+    size or lies outside its image) refuses the whole file, naming the record: skipped, it would make the
+    counts and the presence answers of its image wrong without a word."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); JSON files must be UTF-8") from e
+    except json.JSONDecodeError as e:
+        what = "empty" if not path.read_bytes().strip() else f"JSON error at line {e.lineno}: {e.msg}"
+        raise InputError(f"{path}: not a COCO instances file ({what})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a COCO instances file (a {type(data).__name__}, not an object)")
+    for key in ("categories", "images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise InputError(f"{path}: not a COCO instances file ({key!r} is {data.get(key)!r}, not a list)")
+    names, sizes = {}, {}
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not _hashable(c.get("id")):
+            raise InputError(f"{path}: categories[{i}] needs an id and a name, got {c!r:.120}")
+        names[c["id"]] = c["name"]
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or not _hashable(im.get("id")):
+            raise InputError(f"{path}: images[{i}] needs an id and a file_name, got {im!r:.120}")
+        width, height = im.get("width"), im.get("height")
+        if not all(_finite(v) and v > 0 for v in (width, height)):
+            raise InputError(f"{path}: images[{i}] (id {im['id']!r}) has width {width!r}, height {height!r}")
+        sizes[im["id"]] = (im["file_name"], width, height)
+    objects: dict[str, list[dict]] = defaultdict(list)
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]" + (f" (id {ann['id']!r})" if isinstance(ann, dict) and "id" in ann else "")
+        if not isinstance(ann, dict):
+            raise InputError(f"{where} is {ann!r:.80}, not a record")
+        missing = [k for k in ("image_id", "category_id", "bbox") if k not in ann]
+        if missing:
+            raise InputError(f"{where} lacks {', '.join(map(repr, missing))}")
+        if not _hashable(ann["category_id"]) or ann["category_id"] not in names:
+            raise InputError(f"{where}: category_id {ann['category_id']!r} is not in the file's categories")
+        if not _hashable(ann["image_id"]) or ann["image_id"] not in sizes:
+            raise InputError(f"{where}: image_id {ann['image_id']!r} is not in the file's images")
+        file_name, width, height = sizes[ann["image_id"]]
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)):
+            raise InputError(f"{where}: bbox {box!r:.80} is not 4 finite numbers [x, y, width, height]")
+        x, y, w, h = box
+        if w < 0 or h < 0:
+            raise InputError(f"{where}: bbox {box} has a negative width or height")
+        if x < -BOX_SLACK or y < -BOX_SLACK or x + w > width + BOX_SLACK or y + h > height + BOX_SLACK:
+            raise InputError(f"{where}: bbox {box} lies outside its image ({width} x {height}, {file_name})")
+        obj = {"name": names[ann["category_id"]], "cx": (x + w / 2) / width}
+        if ann.get("iscrowd"):  # a crowd region: the category is present, its number is not known
+            obj |= {"crowd": True, "cx": None}
+        objects[file_name].append(obj)
+    return objects
+
+
+def _hashable(value) -> bool:
+    """An id a JSON file can give: a number or a string (not a list, a mapping or null)."""
+    return isinstance(value, int | float | str) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """A JSON number that is one: not a boolean, not NaN or Infinity (Python's json reads both)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def image_facts(

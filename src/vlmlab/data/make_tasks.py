@@ -32,8 +32,9 @@ import random
 from itertools import zip_longest
 from pathlib import Path
 
-from ..config import Config, ConfigError, write_atomic
+from ..config import Config, ConfigError, check_datasets, write_atomic
 from .features import file_digest
+from .formats import InputError
 from .grounded_questions import (
     TaskQuestion,
     choice_conversation,
@@ -183,15 +184,23 @@ def make_tasks(
     if min_captions < 1:
         raise ValueError(f"min_captions is how many captions must name an object: at least 1, got {min_captions}")
     grouped_turns([], vqa_turns, random.Random(0))  # refuses a bad count before anything is read
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # everything is read and checked before OUT is made: a refused input leaves no folder behind
+    check_datasets(cfg)
     samples = load_samples(cfg)
     facts = {
         split: image_facts(samples[split], objects_from_captions and split != "test", min_captions) for split in samples
     }
     vocabulary = vocabulary_of([f for fs in facts.values() for f in fs])
     if not vocabulary:
-        raise ValueError(f"{cfg.data.datasets}: no image has annotated objects (COCO instances or a synthetic world)")
+        raise InputError(f"{cfg.data.datasets}: no image has annotated objects (COCO instances or a synthetic world)")
+    train_digests = {file_digest(f.sample.image_path) for split in ("train", "val") for f in facts[split]}
+    leaked = [f.sample.image_path for f in facts["test"] if file_digest(f.sample.image_path) in train_digests]
+    if leaked:
+        raise InputError(f"{len(leaked)} evaluation images are also training images (same bytes), e.g. {leaked[0]}")
+    if presence_from_boxes and not any(not f.from_captions for f in facts["train"]):
+        raise InputError(f"presence_from_boxes: no training photo of {cfg.data.datasets} has boxes")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     summary: dict = {"datasets": cfg.data.datasets, "split_seed": cfg.data.split_seed, "files": {}}
     (out / "tasks.json").unlink(missing_ok=True)  # written again last: until then the folder is no finished set
@@ -213,8 +222,6 @@ def make_tasks(
         population = [f for split in ("train", "val") for f in facts[split] if not f.from_captions]
         for split in ("train", "val"):
             stage3[split] = [f for f in facts[split] if not f.from_captions]
-            if split == "train" and not stage3[split]:
-                raise ValueError(f"presence_from_boxes: no training photo of {cfg.data.datasets} has boxes")
             short[split] = [q for f in stage3[split] for q in short_questions(f, vocabulary, rng)]
             short[split] = [q for q in short[split] if q.question_type != "is there a"]
             short[split] += boxes_presence_questions(stage3[split], seed, population)
@@ -262,10 +269,6 @@ def make_tasks(
         [{"image": str(Path(s.image_path).resolve()), "captions": s.captions} for s in samples["test"]],
     )
 
-    train_digests = {file_digest(f.sample.image_path) for split in ("train", "val") for f in facts[split]}
-    leaked = [f.sample.image_path for f in facts["test"] if file_digest(f.sample.image_path) in train_digests]
-    if leaked:
-        raise ValueError(f"{len(leaked)} evaluation images are also training images (same bytes), e.g. {leaked[0]}")
     summary["images"] = {split: len(facts[split]) for split in facts}
     summary["objects_from_captions"] = {split: sum(f.from_captions for f in facts[split]) for split in facts}
     if objects_from_captions:

@@ -21,11 +21,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
+from .formats import InputError
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-class QuestionFileError(ValueError):
+class QuestionFileError(InputError):
     """A question or conversation file that cannot be read as its format says: names the file and record."""
 
 
@@ -174,10 +178,15 @@ def read_pope(path: str | Path, image_root=None, setting: str | None = None) -> 
             continue
         try:
             r = json.loads(line)
-            label = str(r["label"]).strip().lower()
-            q = Question(str(r["question_id"]), _image_path(image_root, r["image"]), r["text"], [label])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except json.JSONDecodeError as e:
             raise QuestionFileError(f"{path}: line {n} is not a POPE record ({e})") from e
+        if not isinstance(r, dict):
+            raise QuestionFileError(f"{path}: line {n} is not a POPE record (a {type(r).__name__}, not an object)")
+        missing = [k for k in ("question_id", "image", "text", "label") if k not in r]
+        if missing:
+            raise QuestionFileError(f"{path}: line {n} lacks {', '.join(map(repr, missing))}")
+        label = str(r["label"]).strip().lower()
+        q = Question(str(r["question_id"]), _image_path(image_root, r["image"]), str(r["text"]), [label])
         if label not in ("yes", "no"):
             raise QuestionFileError(f"{path}: line {n}: label {r['label']!r} is not yes/no")
         q.question_type, q.answer_type = setting, "yes/no"
@@ -208,6 +217,10 @@ def read_mmbench_tsv(path: str | Path, image_root=None) -> list[Question]:
                 data = base64.b64decode(image, validate=True)
             except ValueError as e:
                 raise QuestionFileError(f"{path}: row {n}: image is neither a file under {root} nor base64") from e
+            try:  # the header only: a picture that is no image is named here, not mid-evaluation
+                Image.open(io.BytesIO(data)).close()
+            except (OSError, Image.DecompressionBombError) as e:
+                raise QuestionFileError(f"{path}: row {n}: image is base64 but not of an image ({e})") from e
         hint = (r.get("hint") or "").strip()
         out.append(
             Question(

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import write_atomic
 from ..data.grounded_questions import MC_SUFFIX, VQA_SUFFIX
-from ..data.questions import Question, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
+from ..data.questions import Question, QuestionFileError, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
 from ..model.nll import derangement
 from .multiple_choice import choice_scores, extract_choice
 from .pope import pope_scores, pope_scores_by_setting, roc_auc
@@ -40,16 +40,21 @@ def detect_format(path: Path) -> str:
     """vqa_v2 | aokvqa | pope | mmbench, from the file itself."""
     if path.suffix == ".tsv":
         return "mmbench"
-    text = path.read_text(encoding="utf-8-sig").lstrip()
+    try:
+        text = path.read_text(encoding="utf-8-sig").lstrip()
+    except UnicodeDecodeError as e:
+        raise QuestionFileError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from e
     if not text:
-        raise ValueError(f"{path} is empty: no questions")
+        raise QuestionFileError(f"{path} is empty: no questions")
     if text.startswith("["):
         return "aokvqa"
     try:
         first = json.loads(text.splitlines()[0])
     except json.JSONDecodeError:
         first = None
-    return "pope" if isinstance(first, dict) and "label" in first else "vqa_v2"
+    # a record on the first line is JSON lines (POPE; read_pope names a record that lacks a key); a VQA v2 file is
+    # one object holding a `questions` list, on one line or many
+    return "pope" if isinstance(first, dict) and "questions" not in first else "vqa_v2"
 
 
 def read_questions(path: str | Path, images: str | Path | None = None) -> tuple[str, list[Question]]:
@@ -141,14 +146,32 @@ def image_of(q: Question):
     return q.image
 
 
+ANSWER_TOKENS = 10  # a short answer or an option's letter
+
+
 def answer_all(model, task: str, questions: list[Question], images: list, batch_size: int = 16, desc="") -> list[str]:
-    """The model's reply to every question, asked about the given image (or None: no visual tokens)."""
+    """The model's reply to every question, asked about the given image (or None: no visual tokens). A question
+    too long for the LM's context is asked cut to fit (long_questions counts them): one such question of a set
+    must not cost the whole evaluation, and its answer, likely wrong, still counts."""
     out = []
     for start in tqdm(range(0, len(questions), batch_size), desc=desc or "answering", unit="batch", leave=False):
         chunk = questions[start : start + batch_size]
         convs = [[{"role": "user", "content": prompt_of(task, q)}] for q in chunk]
-        out += model.chat_batch(images[start : start + batch_size], convs, max_new_tokens=10)
+        out += model.chat_batch(images[start : start + batch_size], convs, cut_long=True, max_new_tokens=ANSWER_TOKENS)
     return out
+
+
+def long_questions(model, task: str, questions: list[Question]) -> list[str]:
+    """The ids of the questions whose prompt, with the image's visual tokens and the answer's, is longer than the
+    LM's context: answer_all asks them cut to fit, and the record says which."""
+    budget = model.prompt_budget(image=True, new_tokens=ANSWER_TOKENS)
+    if budget is None:
+        return []
+    return [
+        q.question_id
+        for q in questions
+        if len(model.encode_messages([{"role": "user", "content": prompt_of(task, q)}], generation=True).ids) > budget
+    ]
 
 
 YES_NO = [["yes", "Yes"], ["no", "No"]]
@@ -160,7 +183,7 @@ def yes_no_margins(model, questions: list[Question], images: list, batch_size: i
     for start in tqdm(range(0, len(questions), batch_size), desc=desc or "yes/no margins", unit="batch", leave=False):
         chunk = questions[start : start + batch_size]
         convs = [[{"role": "user", "content": prompt_of("pope", q)}] for q in chunk]
-        logprobs = model.reply_logprobs(images[start : start + batch_size], convs, YES_NO)
+        logprobs = model.reply_logprobs(images[start : start + batch_size], convs, YES_NO, cut_long=True)
         out += (logprobs[:, 0] - logprobs[:, 1]).tolist()
     return out
 
@@ -279,6 +302,12 @@ def evaluate_task(
         swapped = [shift.get(str(im), swapped[i]) for i, im in enumerate(true_images)]
 
     model = load_run(run_dir)
+    cut = long_questions(model, task, questions)
+    if cut:
+        print(
+            f"{task}: {len(cut)} of {len(questions)} questions are longer than the language model's context "
+            f"({model.context_length} positions with the image and the answer): asked cut to fit, e.g. {cut[0]}"
+        )
     asked = {"model": true_images, "swapped image": swapped, "no image": [None] * len(questions)}
     if len(distinct) == 1:  # e.g. the real POPE files (one photo each): a swap would ask about the same photo
         del asked["swapped image"]
@@ -309,6 +338,7 @@ def evaluate_task(
         "files": [str(f) for f in files],
         "questions": len(questions),
         "dropped_trained_photos": dropped if unseen_only else None,
+        "questions_cut_to_fit": cut,
         "rows": rows,
         "answers": [
             {"question_id": q.question_id, "question_type": q.question_type, "question": q.question}

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import Config
 from .chat_format import end_token_for, resolve_format
 from .connector import build_connector
+from .context import PromptTooLong, context_length, fit_prompt, too_long
 from .conversation import conversation_batch, encode_conversation
 from .language_model import add_lora, base_causal_lm, choose_end_token, embedding_rms, load_language_model
 from .sequence import (
@@ -235,14 +236,19 @@ class VLM(nn.Module):
         num_return_sequences: int = 1,
     ) -> list[str]:
         g = self.cfg.generate
+        max_new_tokens = max_new_tokens or g.max_new_tokens
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
         embeds, mask, _ = self._embed(visual, text, visual_first_pad=visual_first_pad)
+        if self.context_length is not None and embeds.shape[1] + max_new_tokens > self.context_length:
+            # what the chat paths fit row by row (fit_prompt); here e.g. a caption with --max-new-tokens too many
+            num_visual = 0 if visual is None else visual.shape[1]
+            raise PromptTooLong(too_long(embeds.shape[1] - num_visual, num_visual, max_new_tokens, self.context_length))
         was_training = self.training
         self.eval()
         out = self.lm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
-            max_new_tokens=max_new_tokens or g.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             num_beams=num_beams or g.num_beams,
             repetition_penalty=repetition_penalty or g.repetition_penalty,
             do_sample=False,
@@ -286,6 +292,24 @@ class VLM(nn.Module):
         """The token that ends an assistant turn in this run's conversation format."""
         return self._conversation_setup()[1]
 
+    @property
+    def context_length(self) -> int | None:
+        """The positions the LM reads (visual tokens, prompt and generated tokens together); model/context.py."""
+        return context_length(base_causal_lm(self.lm).config)
+
+    def prompt_budget(self, image: bool, new_tokens: int) -> int | None:
+        """Text tokens a prompt may have with (or without) the image and `new_tokens` to generate; None: no limit."""
+        if self.context_length is None:
+            return None
+        return self.context_length - (self.num_visual_tokens if image else 0) - new_tokens
+
+    def _fitted(self, conversations, present: list[bool], new_tokens: int, cut_long: bool, with_visual: bool):
+        """The generation prompts of a batch, each fitted to the context (fit_prompt: refused, or cut_long: cut).
+        with_visual: the batch carries visual tokens (every row's sequence holds their slots)."""
+        visual, context = (self.num_visual_tokens if with_visual else 0), self.context_length
+        encoded = [self.encode_messages(m, generation=True, image=has) for m, has in zip(conversations, present)]
+        return [fit_prompt(e, visual, new_tokens, context, cut_long, row) for row, e in enumerate(encoded)]
+
     def encode_messages(self, messages: list[dict], generation: bool = False, image: bool = True):
         return encode_conversation(
             self.tokenizer,
@@ -317,33 +341,48 @@ class VLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def chat_batch(self, images, conversations: list[list[dict]], **generate_kwargs) -> list[str]:
-        """The next assistant reply for each (image, conversation); an image may be None (no visual tokens)."""
-        image_tokens = None if self.blind else self._image_tokens_of(images)
+    def chat_batch(self, images, conversations: list[list[dict]], cut_long: bool = False, **generate_kwargs):
+        """The next assistant reply for each (image, conversation); an image may be None (no visual tokens).
+
+        A prompt too long for the LM's context raises PromptTooLong (its `row` says which) before the images are
+        read; cut_long=True cuts it to fit instead (model/context.py fit_prompt)."""
         present = [im is not None and not self.blind for im in images]
-        return self._chat(image_tokens, present, conversations, **generate_kwargs)
+        new_tokens = generate_kwargs.get("max_new_tokens") or self.cfg.generate.max_new_tokens
+        encoded = self._fitted(conversations, present, new_tokens, cut_long, any(present))
+        image_tokens = None if self.blind else self._image_tokens_of(images)
+        return self._chat(image_tokens, encoded, **generate_kwargs)
 
     @torch.no_grad()
-    def chat_from_tokens(self, image_tokens: torch.Tensor | None, conversations: list[list[dict]], **generate_kwargs):
+    def chat_from_tokens(
+        self,
+        image_tokens: torch.Tensor | None,
+        conversations: list[list[dict]],
+        cut_long: bool = False,
+        **generate_kwargs,
+    ):
         """chat_batch from cached image tokens [B, N, D] (None: no visual tokens), as evaluation holds them."""
         present = [image_tokens is not None and not self.blind] * len(conversations)
-        return self._chat(None if self.blind else image_tokens, present, conversations, **generate_kwargs)
+        new_tokens = generate_kwargs.get("max_new_tokens") or self.cfg.generate.max_new_tokens
+        encoded = self._fitted(conversations, present, new_tokens, cut_long, any(present))
+        return self._chat(None if self.blind else image_tokens, encoded, **generate_kwargs)
 
-    def _chat(self, image_tokens, present: list[bool], conversations, **generate_kwargs) -> list[str]:
-        encoded = [self.encode_messages(m, generation=True, image=has) for m, has in zip(conversations, present)]
+    def _chat(self, image_tokens, encoded, **generate_kwargs) -> list[str]:
         text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
         return self._generate(image_tokens, text, self.turn_end_id, **generate_kwargs)
 
     @torch.no_grad()
-    def reply_logprobs(self, images, conversations: list[list[dict]], words: list[list[str]]) -> torch.Tensor:
+    def reply_logprobs(
+        self, images, conversations: list[list[dict]], words: list[list[str]], cut_long: bool = False
+    ) -> torch.Tensor:
         """log p(the next reply starts with one of each group of words) for every (image, conversation): [B, G].
 
         POPE's yes/no as a score instead of a parsed answer ([["yes", "Yes"], ["no", "No"]]): its margin ranks the
         questions, so an AUC says whether the model tells present from absent at all, whatever its threshold.
-        Each word counts by its first token; the casings of one answer add up."""
-        image_tokens = None if self.blind else self._image_tokens_of(images)
+        Each word counts by its first token; the casings of one answer add up. A prompt too long for the context:
+        as chat_batch (refused, or cut_long: cut)."""
         present = [im is not None and not self.blind for im in images]
-        encoded = [self.encode_messages(m, generation=True, image=has) for m, has in zip(conversations, present)]
+        encoded = self._fitted(conversations, present, 0, cut_long, any(present))
+        image_tokens = None if self.blind else self._image_tokens_of(images)
         text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
         embeds, mask, _ = self._embed(visual, text)
@@ -364,10 +403,13 @@ class VLM(nn.Module):
     def loglikelihood(self, image, messages: list[dict], continuation: str) -> tuple[float, bool]:
         """log p(continuation | image, conversation) as the start of the next assistant reply, and whether greedy
         decoding would write exactly it (lmms-eval's `loglikelihood`; multiple choice by likelihood)."""
-        prompt = self.encode_messages(messages, generation=True, image=image is not None and not self.blind)
+        has_image = image is not None and not self.blind
+        prompt = self.encode_messages(messages, generation=True, image=has_image)
         cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not cont:
             return 0.0, True
+        visual = self.num_visual_tokens if has_image else 0
+        prompt = fit_prompt(prompt, visual, len(cont), self.context_length, cut=False)  # a score of a cut prompt: none
         row = type(prompt)(prompt.ids + cont, [IGNORE_INDEX] * len(prompt.ids) + cont, prompt.image_position)
         text = conversation_batch([row], self.specials.pad_id)
         image_tokens = None if self.blind or image is None else self._image_tokens_of([image])
