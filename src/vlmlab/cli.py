@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -716,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FULL_DISK = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space, over a file-size limit, over a quota
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
@@ -732,6 +736,15 @@ def main(argv: list[str] | None = None) -> int:
     except refused as e:  # a user's mistake (a setting, a file, a row of it) or a refusal: one line
         print(f"vlmlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in FULL_DISK:
+            raise
+        # the machine's fault, not the input's: every file is written whole or not at all (config.write_atomic)
+        print(
+            f"vlmlab {args.command}: error: {e.strerror}: {e.filename or 'a file'}; nothing half-written",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -70,9 +71,7 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
 
 def _write_files(tmp: Path, model: VLM, optimizer, scheduler, step: int, data_state: dict) -> None:
     """The checkpoint's files, each flushed to disk, into checkpoint.tmp/: the weights, the state, the manifest."""
-    _write_durably(
-        tmp / TRAINABLE_FILE, lambda p: save_file(model.trainable_state_dict(), p, metadata={"step": str(step)})
-    )
+    _write_durably(tmp / TRAINABLE_FILE, lambda p: _save_weights(model.trainable_state_dict(), p, step))
     _fault_point("checkpoint-partial", step)
     state = {
         "step": step,
@@ -89,6 +88,19 @@ def _write_files(tmp: Path, model: VLM, optimizer, scheduler, step: int, data_st
         "files": {name: file_digest(tmp / name, "sha256") for name in CHECKPOINT_FILES},
     }
     _write_durably(tmp / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+
+
+def _save_weights(tensors: dict, path: Path, step: int) -> None:
+    """save_file, with its I/O failures raised as the OSError they are: safetensors reports a full disk as a
+    SafetensorError whose text ends in "(os error 27)" (seen under `ulimit -f`), which no caller can tell from a
+    bad tensor."""
+    try:
+        save_file(tensors, path, metadata={"step": str(step)})
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def verify_checkpoint(path: Path) -> int:
