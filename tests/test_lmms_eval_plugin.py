@@ -24,7 +24,7 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
     from vlmlab.config import load_config
     from vlmlab.data.make_tasks import make_tasks
     from vlmlab.eval.question_scores import evaluate_task
-    from vlmlab.integrations.lmms_eval.question_scores import write_lmms_tasks
+    from vlmlab.integrations.lmms_eval.task_yamls import write_lmms_tasks
     from vlmlab.train.loop import train
 
     cfg = load_config(

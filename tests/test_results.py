@@ -155,17 +155,17 @@ def test_add_from_a_tiny_chain_keeps_every_table_and_its_controls(tmp_path, tiny
     chain = {
         "name": "tiny",
         "base": None,
-        "overrides": [
-            f"vision.name=hf:{tiny_clip_dir}",
-            f"lm.name={tiny_gpt2_dir}",
-            f"data.datasets=[synthetic:{tmp_path / 'world'}]",
-            "data.synthetic_images=40",
-            "train.batch_size=4",
-            "train.eval_every=2",
-            "train.save_every=2",
-            "train.max_steps=2",
-            "connector.num_queries=4",
-        ],  # fmt: skip
+        "overrides": {
+            "vision.name": f"hf:{tiny_clip_dir}",
+            "lm.name": str(tiny_gpt2_dir),
+            "data.datasets": [f"synthetic:{tmp_path / 'world'}"],
+            "data.synthetic_images": 40,
+            "train.batch_size": 4,
+            "train.eval_every": 2,
+            "train.save_every": 2,
+            "train.max_steps": 2,
+            "connector.num_queries": 4,
+        },
         "tasks": str(tmp_path / "tasks"),
         "stages": {"caption": {}, "vqa": {}},
         "blind": True,

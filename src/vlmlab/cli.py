@@ -411,7 +411,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_lmms_tasks(args) -> None:
-    from .integrations.lmms_eval.question_scores import write_lmms_tasks
+    from .integrations.lmms_eval.task_yamls import write_lmms_tasks
 
     names = write_lmms_tasks(args.tasks_dir, args.out_dir)
     print(f"wrote {', '.join(names)} to {args.out_dir}; run e.g.")
