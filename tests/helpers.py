@@ -22,3 +22,23 @@ def png_header_only(path, width, height):
 def supervised_text(tokenizer, enc):
     """The text of the tokens an encoded conversation trains on (label not ignored)."""
     return tokenizer.decode([t for t, lab in zip(enc.ids, enc.labels) if lab != IGNORE_INDEX])
+
+
+# /proc/cpuinfo as Linux writes it on three CPUs: with AVX512-BF16, with AVX-512 but no bf16, aarch64 with BF16
+EPYC_BF16 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni avx512_bf16
+processor\t: 1
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni avx512_bf16
+"""
+XEON_NO_BF16 = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni
+"""
+GRAVITON = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics sve bf16 i8mm
+CPU implementer\t: 0x41
+"""

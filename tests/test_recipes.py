@@ -138,7 +138,7 @@ def test_the_hub_gpu_recipe_names_hub_models_and_trains_two_steps_with_tiny_stan
     shipped = load_config(path)
     assert shipped.vision.name.startswith("hf:") and "siglip" in shipped.vision.name.lower()
     assert shipped.lm.name.startswith("HuggingFaceTB/SmolLM2-") and shipped.lm.name.endswith("-Instruct")
-    assert shipped.train.mixed_precision == "bf16" and shipped.data.datasets[0].startswith("karpathy:")
+    assert shipped.train.mixed_precision == "auto" and shipped.data.datasets[0].startswith("karpathy:")
 
     monkeypatch.setenv("VLMLAB_CACHE", str(tmp_path / "cache"))
     cfg = load_config(

@@ -241,8 +241,8 @@ def test_conversation_stages_need_their_task_files(tmp_path):
 
 def test_a_chain_from_another_replaces_only_its_own_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMLAB_DATA", str(tmp_path))  # the data root the photo chain names must exist
-    parent = load_chain("photos-hour-bf16")
-    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"from": "photos-hour-bf16", "vqa_turns": 2}))
+    parent = load_chain("photos-hour")
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"from": "photos-hour", "vqa_turns": 2}))
     child = load_chain(str(tmp_path / "child.yaml"))
     assert child.vqa_turns == 2 and child.name == "child"  # its own key; a name is never inherited
     assert child.questions == parent.questions and child.stages == parent.stages and len(child.questions) == 4
@@ -255,7 +255,7 @@ def test_a_chain_from_another_replaces_only_its_own_keys(tmp_path, monkeypatch):
     (tmp_path / "orphan.yaml").write_text(yaml.safe_dump({"from": "no-such-chain"}))
     with pytest.raises(ConfigError, match="no chain 'no-such-chain'"):
         load_chain(str(tmp_path / "orphan.yaml"))
-    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"from": "photos-hour-bf16", "stage": {}}))
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"from": "photos-hour", "stage": {}}))
     with pytest.raises(ConfigError, match="unknown: \\['stage'\\]"):
         load_chain(str(tmp_path / "typo.yaml"))
 

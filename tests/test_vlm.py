@@ -100,3 +100,35 @@ def test_every_connector_type_trains_and_captions(tiny_clip_dir, tiny_gpt2_dir, 
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
     assert len(model.generate_from_tokens(image)) == 2
+
+
+def test_remembered_images_are_encoded_once_and_answer_as_before(tiny_vlm, tmp_path, monkeypatch):
+    """An evaluation asks many questions of one photo: with remember_images each photo is read and encoded once,
+    and the answers and yes/no scores are those of encoding it every time."""
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"photo{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    asked = [paths[0], paths[1], paths[0], None, paths[2], paths[0]]  # repeats, and a question without a photo
+    conversations = [[{"role": "user", "content": "<image>\nIs there a cat?"}]] * len(asked)
+    words = [["yes", "Yes"], ["no", "No"]]
+    tiny_vlm.eval()
+    tiny_vlm.image_token_memo = None
+    answers, scores = tiny_vlm.chat_batch(asked, conversations), tiny_vlm.reply_logprobs(asked, conversations, words)
+
+    encoded = []
+    encode = tiny_vlm.encode_images
+    monkeypatch.setattr(tiny_vlm, "encode_images", lambda images: encoded.append(len(images)) or encode(images))
+    tiny_vlm.remember_images()
+    try:
+        again = tiny_vlm.chat_batch(asked, conversations)
+        again_scores = tiny_vlm.reply_logprobs(asked, conversations, words)
+    finally:
+        tiny_vlm.image_token_memo = None
+    assert encoded == [1, 1, 1]  # three photos, each once, alone; the second pass read none
+    assert again == answers
+    assert torch.equal(again_scores, scores)

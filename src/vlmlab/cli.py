@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chain", help="train caption -> instruct -> vqa stages, then score VQA / POPE / multiple choice")
     p.add_argument(
         "chain",
-        help="a chain YAML file, or a recipe's name (recipes/chain-NAME.yaml): synthetic, photos-hour-bf16",
+        help="a chain YAML file, or a recipe's name (recipes/chain-NAME.yaml): synthetic, photos-hour",
     )
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
     p.set_defaults(func=cmd_chain)

@@ -146,7 +146,7 @@ class TrainConfig:
     eval_batches: int = 4
     save_every: int = 50
     log_every: int = 10
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPUs)
+    mixed_precision: str = "auto"  # bf16 where native, else float32 (train/precision.py) | "no" | "bf16" | "fp16"
     feature_batch_size: int = 32
     on_nonfinite: str = "stop"  # "stop": a NaN/inf loss or gradient ends the run | "skip": drop that batch's update
 
@@ -379,8 +379,13 @@ def validate(cfg: Config) -> None:
         )
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite {t.on_nonfinite!r} is unknown; allowed: 'stop', 'skip'")
-    if t.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError("train.mixed_precision must be one of 'no', 'bf16', 'fp16'")
+    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError("train.mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'")
+    if t.stage == "qformer" and t.mixed_precision in ("bf16", "fp16"):
+        raise ConfigError(
+            f"train.stage 'qformer' (BLIP-2 stage 1) trains in float32: train.mixed_precision {t.mixed_precision!r} "
+            "would be ignored; use 'auto' or 'no'"
+        )
     if not cfg.data.datasets:
         raise ConfigError("data.datasets must name at least one FORMAT:PATH spec")
 

@@ -95,7 +95,7 @@ class Chain:
 
 
 def load_chain(spec: str) -> Chain:
-    """A chain file, or a shipped recipe's name (`photos-hour-bf16` -> recipes/chain-photos-hour-bf16.yaml)."""
+    """A chain file, or a shipped recipe's name (`photos-hour` -> recipes/chain-photos-hour.yaml)."""
     path = find_recipe(spec, "chain")
     tree = chain_tree(path)
     if not isinstance(tree.get("overrides") or {}, dict):

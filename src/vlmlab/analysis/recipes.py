@@ -1,6 +1,6 @@
 """The shipped recipes: the few complete files in recipes/ (repository root) that a user runs, found by name.
 
-`vlmlab chain photos-hour-bf16` reads recipes/chain-photos-hour-bf16.yaml, `vlmlab ablate roles`
+`vlmlab chain photos-hour` reads recipes/chain-photos-hour.yaml, `vlmlab ablate roles`
 recipes/suite-roles.yaml, and `base: photo-captions` in a chain or suite recipes/photo-captions.yaml. The folder is
 read where the source tree has it (vlmlab is installed editable), so the recipe a user edits is the one that runs.
 Records of past experiments are not here: docs/experiments/ holds them, each a file to copy and run.
@@ -17,7 +17,7 @@ PREFIXES = {"config": "", "chain": "chain-", "suite": "suite-"}  # a recipe's ki
 
 
 def recipe_names(kind: str) -> list[str]:
-    """The names the shipped recipes of one kind are asked for by, e.g. ['photos-hour-bf16', 'synthetic']."""
+    """The names the shipped recipes of one kind are asked for by, e.g. ['photos-hour', 'synthetic']."""
     prefix, others = PREFIXES[kind], tuple(p for p in PREFIXES.values() if p)
     stems = [p.stem for p in sorted(RECIPE_DIR.glob(f"{prefix}*.yaml"))]
     return [s.removeprefix(prefix) for s in stems if prefix or not s.startswith(others)]

@@ -7,7 +7,7 @@ that quotes it links here instead of copying it:
       "name":    "photos-hour-bf16",            # the file's stem, results/NAME.json
       "kind":    "chain",                       # captions | questions | chain | ablation | retrieval | benchmark | demo
       "title":   "the photo chain in an hour, bf16",   # optional: one line of what was measured
-      "command": "vlmlab chain photos-hour-bf16",      # what produced the figures
+      "command": "vlmlab chain photos-hour",      # what produced the figures
       "commit":  "09decff...",                  # `git rev-parse HEAD` of the code that ran ("unknown" outside git)
       "date":    "2026-12-04",
       "machine": "AMD EPYC (AVX512-BF16), 2 cores",
@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -38,6 +36,7 @@ from datetime import date
 from pathlib import Path
 
 from ..config import write_atomic
+from ..run.hardware import cpu_info
 
 KINDS = {  # kind -> section title, in page order
     "captions": "Captions: the model beside its baselines",
@@ -338,19 +337,8 @@ def git_commit(repo: str | Path = ".") -> str:
 
 
 def machine() -> str:
-    """The CPU model (with AVX512-BF16 when it has it: bf16 speed depends on it) and the cores this process sees."""
-    model, bf16 = None, False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model is None:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and "avx512_bf16" in line.split():
-                bf16 = True
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}{' (AVX512-BF16)' if bf16 else ''}, {cores} cores"
+    """The CPU model, whether it runs bfloat16 natively (bf16 speed depends on it) and the cores this process sees."""
+    return cpu_info().describe()
 
 
 def add_record(

@@ -302,6 +302,7 @@ def evaluate_task(
         swapped = [shift.get(str(im), swapped[i]) for i, im in enumerate(true_images)]
 
     model = load_run(run_dir)
+    model.remember_images()  # each photo encoded once, not once per question, answerer and margin
     cut = long_questions(model, task, questions)
     if cut:
         print(
@@ -319,6 +320,7 @@ def evaluate_task(
     del model
     if blind_run is not None:
         blind = load_run(blind_run)
+        blind.remember_images()
         answers["blind model"] = answer_all(blind, task, questions, true_images, desc="blind model")
         if task == "pope":
             margins["blind model"] = yes_no_margins(blind, questions, true_images, desc="blind model")

@@ -44,6 +44,8 @@ class VLM(nn.Module):
         self.specials = choose_end_token(tokenizer, cfg.lm.chat_format, cfg.lm.end_token)
         self.prompt_ids = prompt_token_ids(tokenizer, cfg.data.prompt, cfg.lm.chat_format)
         self.caption_datastore = None  # runs with data.retrieved_captions: their training split, built on first use
+        # photo path -> its image tokens, while an evaluation asks many questions of one photo (remember_images)
+        self.image_token_memo: dict[str, torch.Tensor] | None = None
 
     # ---- building blocks -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -333,12 +335,31 @@ class VLM(nn.Module):
 
         if all(im is None for im in images):
             return None
+        if self.image_token_memo is not None and all(isinstance(im, str | Path) or im is None for im in images):
+            return self._remembered_tokens_of(images)
         loaded = [load_image(im) if isinstance(im, str | Path) else im for im in images]
         present = [im for im in loaded if im is not None]
         tokens = self.encode_images(present)
         out = torch.zeros(len(images), *tokens.shape[1:], dtype=tokens.dtype, device=tokens.device)
         out[[i for i, im in enumerate(loaded) if im is not None]] = tokens
         return out
+
+    def remember_images(self) -> None:
+        """From now on each photo (by path) is read and encoded once: an evaluation asks up to 24 questions of
+        one photo (POPE: 6 questions x answers and yes/no margins x true and swapped images), and the frozen
+        encoder gives the same tokens each time. Each photo is encoded alone, so its tokens do not depend on
+        which photos shared its batch."""
+        self.image_token_memo = {}
+
+    def _remembered_tokens_of(self, images) -> torch.Tensor:
+        from ..data.formats import load_image
+
+        memo = self.image_token_memo
+        for path in dict.fromkeys(str(im) for im in images if im is not None and str(im) not in memo):
+            memo[path] = self.encode_images([load_image(path)])[0]
+        rows = [None if im is None else memo[str(im)] for im in images]
+        zeros = torch.zeros_like(next(r for r in rows if r is not None))  # a row without an image: masked out
+        return torch.stack([zeros if r is None else r for r in rows])
 
     @torch.no_grad()
     def chat_batch(self, images, conversations: list[list[dict]], cut_long: bool = False, **generate_kwargs):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -49,8 +49,10 @@ from ..run.checkpoint import (
     truncate_metrics,
     verify_checkpoint,
 )
+from ..run.hardware import device_description
 from ..run.lifecycle import TrainingStart, training_run
-from ..run.record import METRICS_FILE
+from ..run.record import METRICS_FILE, MODEL_INFO_FILE
+from .precision import Precision, resolve_precision
 from .stages import initialise_from
 
 MAX_SKIPPED_IN_A_ROW = 20
@@ -93,7 +95,8 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-def build_optimizer(model: VLM, cfg: Config):
+def build_optimizer(model: VLM, cfg: Config, fused: bool | None = None):
+    """AdamW over what trains, one learning rate per part; fused=True: torch's fused kernel (benchmarks compare)."""
     t = cfg.train
     connector = [] if model.blind else [p for p in model.connector.parameters() if p.requires_grad]
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
@@ -106,7 +109,7 @@ def build_optimizer(model: VLM, cfg: Config):
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: the connector is frozen and LoRA is off")
-    return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused)
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Session:
     train_split: SplitFeatures
     val_split: SplitFeatures
     val_order: list[int] | None  # a derangement of the validation images: the shuffled-image probe
+    precision: Precision  # what train.mixed_precision resolved to on this device
     running_loss: tuple[float, int] = (0.0, 0)  # (sum, steps) of the train-loss log window; restored on resume
     skipped: SkipReport = field(default_factory=SkipReport)  # inputs left out; written by record_start
 
@@ -182,11 +186,28 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 def record_start(s: Session, start: TrainingStart) -> None:
     """Writes what the run is (skipped_inputs.log, config.yaml, model_info.json), once it is known to be valid;
     --overwrite first removes the previous run's artefacts."""
+    if start.checkpoint is not None:
+        warn_precision_change(s)
     start.clear_previous_run(also=(SKIP_LOG,))
     if len(s.skipped):
         s.skipped.write(s.run_dir / SKIP_LOG)
     report_cut_captions(s)
-    start.write_record(s.vlm.model_info())
+    start.write_record({**s.vlm.model_info(), "precision": s.precision.as_record(s.cfg.train.mixed_precision)})
+
+
+def warn_precision_change(s: Session) -> None:
+    """A run resumed in another precision than it began in (`auto` on another machine) continues, but not bit for
+    bit as it would have: say so once."""
+    try:
+        before = json.loads((s.run_dir / MODEL_INFO_FILE).read_text()).get("precision", {}).get("used")
+    except (OSError, ValueError):
+        return
+    now = s.precision.as_record(s.cfg.train.mixed_precision)["used"]
+    if before is not None and before != now:
+        print(
+            f"--resume: the run began in {before} and continues in {now} ({s.precision.reason}); "
+            "its continuation is not bit-identical to an uninterrupted run"
+        )
 
 
 def report_cut_captions(s: Session) -> int:
@@ -243,20 +264,27 @@ def setup(cfg: Config) -> Session:
         # already been initialized and cannot be changed"): an ablation suite or a chain with a bf16 arm after an
         # fp32 one died on it. A single-process run owns the process, so each run starts from a fresh state.
         AcceleratorState._reset_state(reset_partial_state=True)
+    device = PartialState().device  # the device accelerate will train on, known before the Accelerator
+    if t.mixed_precision == "fp16" and device.type == "cpu":
+        # accelerate would silently train in float32: say so instead
+        raise ConfigError(
+            "train.mixed_precision = 'fp16' needs a GPU (fp16 autocast + loss scaling); on the CPU use 'auto' or 'no'"
+        )
+    precision = resolve_precision(t.mixed_precision, device)
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision.mode,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, not steps x processes
     )
-    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # accelerate would silently train in float32: say so instead
-        raise ConfigError(
-            "train.mixed_precision = 'fp16' needs a GPU (fp16 autocast + loss scaling); on the CPU use 'bf16' or 'no'"
-        )
     set_seed(t.seed)
     run_dir = Path(t.output_dir)
     main = accelerator.is_main_process
+    if main:
+        print(
+            f"device: {device_description(device)}; "
+            f"precision: {precision.as_record(t.mixed_precision)['used']} ({precision.reason})"
+        )
     # config.yaml and model_info.json are written by record_start once the run is known to be valid
 
     model = build_vlm(cfg)
@@ -318,6 +346,7 @@ def setup(cfg: Config) -> Session:
         train_split,
         val_split,
         val_order,
+        precision,
         skipped=skipped,
     )
 
@@ -429,7 +458,7 @@ def fit(s: Session, step: int, consumed: int) -> None:
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                     # under fp16 the loss scaler skips overflowing steps itself (and lowers its scale)
-                    if window_ok and t.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                    if window_ok and s.precision.mode != "fp16" and not torch.isfinite(grad_norm):
                         window_ok = False
                         nonfinite("gradient norm", grad_norm.item())
                         skipped += 1

@@ -95,7 +95,12 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
             torch.manual_seed(t.seed)
         start.clear_previous_run()
         total = sum(p.numel() for p in model.parameters())
-        info = {"total_params": total, "trainable_params": sum(p.numel() for p in params), "stage": "qformer"}
+        info = {
+            "total_params": total,
+            "trainable_params": sum(p.numel() for p in params),
+            "stage": "qformer",
+            "precision": {"requested": t.mixed_precision, "used": "float32", "reason": "stage 1 trains in float32"},
+        }
         start.write_record(info)
         print(
             f"stage 1: {len(train_split.pairs)} training pairs, {info['trainable_params']:,} trainable parameters; "
