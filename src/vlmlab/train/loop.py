@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -264,7 +264,10 @@ def setup(cfg: Config) -> Session:
         # already been initialized and cannot be changed"): an ablation suite or a chain with a bf16 arm after an
         # fp32 one died on it. A single-process run owns the process, so each run starts from a fresh state.
         AcceleratorState._reset_state(reset_partial_state=True)
-    device = PartialState().device  # the device accelerate will train on, known before the Accelerator
+    # the device accelerate will train on, before the Accelerator exists (it takes the precision); building a
+    # PartialState here instead made every process of `accelerate launch` its main one
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    device = torch.device("cpu" if use_cpu else "cuda")
     if t.mixed_precision == "fp16" and device.type == "cpu":
         # accelerate would silently train in float32: say so instead
         raise ConfigError(
