@@ -282,3 +282,14 @@ def test_serve_without_a_run_trains_the_demo_run_first_with_a_progress_bar_then_
     assert (run / "metrics.jsonl").read_text() == metrics  # not one more step
     assert sorted(p.stat().st_mtime_ns for p in (run / "checkpoint").rglob("*") if p.is_file()) == weights
     assert load_run(run).caption([load_samples(tiny)["test"][0].image_path])[0]  # it captions
+
+
+def test_a_model_whose_data_is_elsewhere_is_served_with_uploads_only(capsys):
+    """A zoo model served on a machine without its training data: no test images to pick, no failure."""
+    from vlmlab.app.web import test_images
+
+    def absent(cfg):
+        raise FileNotFoundError("coco:/nowhere/coco2017-val does not exist")
+
+    assert test_images(None, absent) == {}
+    assert "upload images instead" in capsys.readouterr().out

@@ -41,9 +41,12 @@ def cmd_demo(args) -> None:
 def cmd_captions(args) -> None:
     from .app.demo import caption_report
     from .run.lock import run_lock
+    from .run.record import check_out_dir
 
-    with run_lock(args.run_dir, create=False):  # writes RUN_DIR/captions_SPLIT.json
-        caption_report(args.run_dir, args.split, args.num_images)
+    if args.out_dir:
+        check_out_dir(args.out_dir, args.run_dir, [f"captions_{args.split}.json"], args.overwrite)
+    with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):  # writes captions_SPLIT.json there
+        caption_report(args.run_dir, args.split, args.num_images, args.out_dir)
 
 
 EVAL_COMMANDS = ("captions", "questions", "retrieval")
@@ -276,6 +279,39 @@ def cmd_caption(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args) -> None:
+    from .analysis.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, args.dtype, args.command, args.records, args.overwrite)
+    print(
+        f"exported {args.run_dir} -> {out} (model card: {out / 'README.md'}); load it with `vlmlab caption {out} IMAGE`"
+    )
+
+
+def cmd_zoo(args) -> None:
+    """One line per released model: name, stage, data, the model's headline figures from its card's records."""
+    import yaml
+
+    from .run.release import zoo_dir, zoo_names
+
+    names = zoo_names()
+    if not names:
+        print(f"no models in {zoo_dir()}")
+    for name in names:
+        card = (zoo_dir() / name / "README.md").read_text().split("---")[1]
+        front = yaml.safe_load(card)
+        figures = [
+            f"{m['name']} {m['value']:.3g}"
+            for entry in front.get("model-index") or []
+            for result in entry["results"][:1]
+            for m in result["metrics"][:3]
+        ]
+        print(
+            f"zoo:{name}\t{' '.join(front.get('tags', [])[2:])}\t{', '.join(front.get('datasets', []))}\t"
+            f"{'; '.join(figures) or 'no recorded figures'}"
+        )
+
+
 def cmd_params(args) -> None:
     from .model.vlm import build_vlm, format_parameter_table
 
@@ -298,7 +334,18 @@ def cmd_serve(args) -> None:
         raise FileNotFoundError(f"vlmlab serve needs the app extra (pip install -e '.[app]'): {e}") from e
     from .app.web import serve
 
-    serve(args.run_dir or demo_run_dir(), host=args.host, port=args.port)
+    serve(args.run_dir or served_by_default(), host=args.host, port=args.port)
+
+
+SERVED_FIRST = ("photo-chat", "photo-captioner", "demo")  # what `vlmlab serve` shows with no run: the zoo's first
+
+
+def served_by_default() -> Path:
+    """The zoo's photo chat model (no training first), else its next model, else the demo run."""
+    from .run.release import zoo_dir, zoo_names
+
+    present = [name for name in SERVED_FIRST if name in zoo_names()]
+    return zoo_dir() / present[0] if present else demo_run_dir()
 
 
 def demo_run_dir() -> Path:
@@ -589,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--out-dir", help="write captions_SPLIT.json here (default: RUN_DIR; needed for a zoo model)")
+    p.add_argument("--overwrite", action="store_true", help="let --out-dir be another run's folder or replace")
     p.set_defaults(func=cmd_captions)
 
     add_eval_parsers(sub)
@@ -707,14 +756,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("serve", help="a web page to try a run: captions, swapped image, chat, attention maps, run card")
-    p.add_argument("run_dir", nargs="?", help="a finished run (default: the demo run, trained first if absent)")
+    p.add_argument("run_dir", nargs="?", help="a run or zoo:NAME (default: the zoo's photo chat model, else the demo)")
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     p.add_argument("--port", type=int, default=None, help="default: gradio's (7860, or the next free one)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="convert the default LM's GGUF to cached safetensors (done once)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("export", help="a finished run -> a release folder with a model card (loads anywhere)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir", help="the release folder, e.g. zoo/NAME (its name is the model's)")
+    p.add_argument("--dtype", default="float16", help="float16 (default) or bfloat16: the trained weights' type")
+    p.add_argument("--command", help="the command that trained the run, for the card")
+    p.add_argument("--records", nargs="*", default=[], metavar="JSON", help="more result JSON for the card")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("zoo", help="the released models in zoo/, one line each (use them as zoo:NAME)")
+    p.set_defaults(func=cmd_zoo)
     return parser
+
+
+WRITES_INTO_RUN = {  # commands that write into RUN_DIR unless given --out-dir: an exported model is read-only
+    "captions": "captions_SPLIT.json",
+    "inspect": "inspect/",
+    "eval": "eval.json and its tables",
+}
+
+
+def _resolve_models(args) -> None:
+    """zoo:NAME / hf:ORG/NAME -> the folder, for every argument that names a run; and no command writes into an
+    exported model's folder."""
+    from .run.release import ReleaseError, is_release, resolve_model
+
+    for key in ("run_dir", "blind"):
+        value = getattr(args, key, None)
+        if isinstance(value, str) and args.command != "export":
+            setattr(args, key, str(resolve_model(value)))
+    run_dir = getattr(args, "run_dir", None)
+    if args.command in WRITES_INTO_RUN and run_dir and is_release(run_dir) and not getattr(args, "out_dir", None):
+        raise ReleaseError(
+            f"{run_dir} is an exported model, kept as released: vlmlab {args.command} writes "
+            f"{WRITES_INTO_RUN[args.command]} into it; "
+            + ("pass --out-dir" if hasattr(args, "out_dir") else "copy the folder and give the copy")
+        )
 
 
 FULL_DISK = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space, over a file-size limit, over a quota
@@ -726,12 +812,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_with_eval_command(sys.argv[1:] if argv is None else list(argv)))
     from PIL import UnidentifiedImageError
 
+    from .analysis.export import ExportError
     from .data.formats import InputError, UnreadableImage
+    from .run.checkpoint import CheckpointError
     from .run.lock import RunRefused
+    from .run.release import ReleaseError
 
     # an input file no decoder reads names itself: PIL's "cannot identify image file 'PATH'", UnreadableImage
     refused = (ConfigError, InputError, UnreadableImage, UnidentifiedImageError, FileNotFoundError, RunRefused)
+    refused += (ReleaseError, ExportError, CheckpointError)
     try:
+        _resolve_models(args)
         return args.func(args) or 0  # a command over many inputs returns 1 when some of them failed
     except refused as e:  # a user's mistake (a setting, a file, a row of it) or a refusal: one line
         print(f"vlmlab {args.command}: error: {e}", file=sys.stderr)

@@ -31,12 +31,12 @@ import csv
 import json
 import re
 import statistics
-import subprocess
 from datetime import date
 from pathlib import Path
 
 from ..config import write_atomic
 from ..run.hardware import cpu_info
+from ..run.record import git_commit
 
 KINDS = {  # kind -> section title, in page order
     "captions": "Captions: the model beside its baselines",
@@ -326,14 +326,6 @@ def _numeric(cells: dict) -> dict:
 
 def _numeric_rows(rows: dict) -> dict:
     return {row: _numeric(cells) for row, cells in rows.items()}
-
-
-def git_commit(repo: str | Path = ".") -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
 def machine() -> str:

@@ -48,9 +48,12 @@ def format_caption_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8) -> dict:
+def caption_report(
+    run_dir: str | Path, split: str = "test", num_images: int = 8, out_dir: str | Path | None = None
+) -> dict:
     """Loads a run, captions `num_images` images of a split (true and swapped image) and scores the
-    split's caption NLL with true vs shuffled images. Prints a table; writes captions_<split>.json."""
+    split's caption NLL with true vs shuffled images. Prints a table; writes captions_<split>.json into
+    out_dir (default: the run's folder)."""
     run_dir = Path(run_dir)
     model = load_run(run_dir)
     cfg = model.cfg
@@ -78,7 +81,8 @@ def caption_report(run_dir: str | Path, split: str = "test", num_images: int = 8
         "nll_shuffled_images": shuffled_loss,
         "captions_changed_by_swap": changed,
     }
-    out = run_dir / f"captions_{split}.json"
+    out = Path(out_dir or run_dir) / f"captions_{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(report, indent=2))
     print(f"written to {out}")
     return report

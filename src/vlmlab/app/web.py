@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..run.release import is_release
+
 MIN_IMAGE_SIDE = 8  # below this the encoder's resize invents the picture; a 1x1 "image" is an upload mistake
 UPLOAD_HINT = "Upload an image (JPEG, PNG, WebP, ...) or pick one of the run's test images."
 BAD_UPLOAD = "**Could not use this upload.**"
@@ -62,6 +64,19 @@ def _failure(e: Exception) -> str:
     return f"{FAILED} {type(e).__name__}: {e}"
 
 
+def test_images(cfg, load_samples) -> dict[str, str]:
+    """The run's test images by name; none when its data is not on this machine (a zoo model served elsewhere):
+    the page then swaps between uploads only."""
+    from ..config import ConfigError
+    from ..data.formats import InputError
+
+    try:
+        return {Path(s.image_path).name: s.image_path for s in load_samples(cfg)["test"]}
+    except (FileNotFoundError, InputError, ConfigError) as e:
+        print(f"vlmlab serve: no test images to pick from ({e}); upload images instead")
+        return {}
+
+
 class RunSession:
     """A loaded run and what the page asks of it. Model calls are serialised (one model, shared by all tabs)."""
 
@@ -73,7 +88,7 @@ class RunSession:
         self.run_dir = Path(run_dir)
         self.model = load_run(self.run_dir)
         self.stage = self.model.cfg.train.stage
-        self.test_images = {Path(s.image_path).name: s.image_path for s in load_samples(self.model.cfg)["test"]}
+        self.test_images = test_images(self.model.cfg, load_samples)
         self.has_queries = isinstance(self.model.connector, QFormerConnector)
         self._lock = threading.Lock()
         self._work = Path(tempfile.mkdtemp(prefix="vlmlab-serve-"))  # gradio serves files from the temp dir
@@ -184,10 +199,13 @@ class RunSession:
             "#### Parameters",
             "```\n" + format_parameter_table(self.model.parameter_table()) + "\n```",
         ]
+        card = self.run_dir / "README.md"
+        if card.exists() and is_release(self.run_dir):  # a released model: its card, figures from its records
+            parts.append(card.read_text().split("---", 2)[-1])
         tables = sorted(self.run_dir.glob("eval*.md"))
         for table in tables:
             parts += [f"#### {table.name}", table.read_text()]
-        if not tables:
+        if not tables and not card.exists():
             parts.append("*This run is not evaluated yet: `vlmlab eval RUN_DIR` writes eval.md.*")
         parts += ["#### config.yaml", "```yaml\n" + (self.run_dir / "config.yaml").read_text() + "\n```"]
         return "\n\n".join(parts)

@@ -9,6 +9,7 @@ training trajectory must equal the recorded one; only the keys in RESUME_MAY_CHA
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 from ..config import Config, ConfigError, config_to_dict, load_config
@@ -160,3 +161,16 @@ def remove_previous_run(run_dir: Path) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+PACKAGE_REPO = Path(__file__).resolve().parents[3]  # the checkout this package runs from (src/vlmlab/run/..)
+
+
+def git_commit(repo: str | Path = PACKAGE_REPO) -> str:
+    """`git rev-parse HEAD` of the code (what a run's model_info.json and every record name); "unknown" outside
+    git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"

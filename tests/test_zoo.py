@@ -1,0 +1,52 @@
+"""The models committed in zoo/: each loads verified and answers a real photo; the zoo stays small; and (slow)
+each re-scores to the figures its card states, read from the record the card was written from."""
+
+import json
+
+import pytest
+from vlmlab.app.demo import caption_report
+from vlmlab.run import load_run
+from vlmlab.run.release import RELEASE_MANIFEST, verify_release, zoo_dir, zoo_names
+
+from conftest import SHARED_DATA, require
+
+ZOO = zoo_names()
+MAX_ZOO_MB = 40
+
+
+def a_photo():
+    return sorted(require(SHARED_DATA / "coco2017-mini").rglob("*.jpg"))[0]
+
+
+def test_the_zoo_holds_the_demo_model_and_stays_small():
+    assert "demo" in ZOO
+    total = sum(p.stat().st_size for p in zoo_dir().rglob("*") if p.is_file())
+    assert total < MAX_ZOO_MB * 2**20, f"zoo/ is {total / 2**20:.1f} MB (at most {MAX_ZOO_MB})"
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_each_model_loads_verified_and_answers_a_photo(name):
+    manifest = verify_release(zoo_dir() / name)
+    model = load_run(f"zoo:{name}")
+    assert json.loads((zoo_dir() / name / RELEASE_MANIFEST).read_text()) == manifest
+    caption = model.caption([a_photo()])[0]
+    assert caption.strip(), f"zoo:{name} wrote an empty caption"
+    if model.cfg.train.stage in ("instruct", "vqa"):
+        answer = model.chat(a_photo(), [{"role": "user", "content": "<image>\nIs there a person in the image?"}])
+        assert answer.strip()
+
+
+RESCORED = [(name, r.name) for name in ZOO for r in sorted((zoo_dir() / name / "records").glob("captions_*.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "record"), RESCORED)
+def test_each_model_rescores_to_its_card(name, record, tmp_path):
+    """The split's caption NLL with true and shuffled images, recomputed from the released (float16) weights,
+    within 0.01 of the record its card shows (the float32 run's)."""
+    stated = json.loads((zoo_dir() / name / "records" / record).read_text())
+    split = stated["split"]
+    again = caption_report(f"zoo:{name}", split, num_images=2, out_dir=tmp_path)
+    assert again["images"] == stated["images"]
+    assert again["nll_true_images"] == pytest.approx(stated["nll_true_images"], abs=0.01)
+    assert again["nll_shuffled_images"] == pytest.approx(stated["nll_shuffled_images"], abs=0.01)
