@@ -108,3 +108,12 @@ def test_serve_without_a_run_serves_the_zoos_chat_model_first(finished_run, tmp_
     assert served_by_default() == tmp_path / "zoo" / "demo"  # no training first
     export_run(finished_run, tmp_path / "zoo" / "photo-chat")
     assert served_by_default() == tmp_path / "zoo" / "photo-chat"
+
+
+def test_a_blind_twins_card_takes_its_own_row_of_the_chain_tables():
+    from vlmlab.analysis.export import model_index
+
+    tables = [("chain.json", "chain", {"pope": {"model": {"f1": 0.74}, "blind model": {"f1": 0.66}}}, {}, "chain")]
+    assert model_index("blind", tables, "blind model")[0]["results"][0]["metrics"][0]["value"] == 0.66
+    assert model_index("model", tables)[0]["results"][0]["metrics"][0]["value"] == 0.74
+    assert model_index("other", tables, "no such row") == []

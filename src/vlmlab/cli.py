@@ -282,7 +282,7 @@ def cmd_caption(args) -> int:
 def cmd_export(args) -> None:
     from .analysis.export import export_run
 
-    out = export_run(args.run_dir, args.out_dir, args.dtype, args.command, args.records, args.overwrite)
+    out = export_run(args.run_dir, args.out_dir, args.dtype, args.command, args.records, args.overwrite, args.row)
     print(
         f"exported {args.run_dir} -> {out} (model card: {out / 'README.md'}); load it with `vlmlab caption {out} IMAGE`"
     )
@@ -770,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", help="float16 (default) or bfloat16: the trained weights' type")
     p.add_argument("--command", help="the command that trained the run, for the card")
     p.add_argument("--records", nargs="*", default=[], metavar="JSON", help="more result JSON for the card")
+    p.add_argument(
+        "--row", default="model", help="this model's row in the records' tables (a blind twin's: 'blind model')"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=cmd_export)
 

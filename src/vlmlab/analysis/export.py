@@ -43,7 +43,10 @@ def export_run(
     command: str | None = None,
     extra_records: list[str | Path] = (),
     overwrite: bool = False,
+    own_row: str = "model",
 ) -> Path:
+    """own_row: the row of the records' tables that is this model (a chain's blind twin is "blind model"): the
+    card's model-index takes its figures from that row; the body shows every row."""
     run_dir, out = Path(run_dir), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
@@ -85,7 +88,7 @@ def export_run(
         kind, figures, values, title = run_figures(json.loads(source.read_text()), source)
         tables.append((source.name, kind, figures, values, title))
     name = out.name
-    (tmp / "README.md").write_text(model_card(name, cfg, info, step, dtype, tables, command or ""))
+    (tmp / "README.md").write_text(model_card(name, cfg, info, step, dtype, tables, command or "", own_row))
 
     files = [RELEASE_WEIGHTS, CONFIG_FILE, MODEL_INFO_FILE, *(f"records/{p.name}" for p in sources)]
     manifest = {
@@ -101,13 +104,13 @@ def export_run(
     return out
 
 
-def model_index(name: str, tables: list) -> list[dict]:
+def model_index(name: str, tables: list, own_row: str = "model") -> list[dict]:
     """The card's machine-readable results (Hugging Face `model-index`): the model's own row of each table; the
     controls beside it are in the card's body."""
     results = []
     for source, kind, figures, _, _ in tables:
         for label, rows in figures.items():
-            own = rows.get("model")
+            own = rows.get(own_row)
             if not own:
                 continue
             metrics = [{"type": k, "name": k, "value": v} for k, v in own.items() if isinstance(v, int | float)]
@@ -122,15 +125,24 @@ def model_index(name: str, tables: list) -> list[dict]:
     return [{"name": name, "results": results}] if results else []
 
 
-def model_card(name: str, cfg, info: dict, step: int, dtype: str, tables: list, command: str) -> str:
-    data = [d.split(":", 1)[-1].replace("$VLMLAB_DATA/", "") for d in cfg.data.datasets]
+def dataset_name(spec: str) -> str:
+    """'coco:/any/root/coco2017-val' -> 'coco2017-val': the card names data, not the folder of the machine that
+    trained on it (the config keeps the full path; it is read only by commands that need the data)."""
+    path = spec.split(":", 1)[-1]
+    return Path(path).name if "/" in path else path
+
+
+def model_card(
+    name: str, cfg, info: dict, step: int, dtype: str, tables: list, command: str, own_row: str = "model"
+) -> str:
+    data = [dataset_name(d) for d in cfg.data.datasets]
     front = {
         "library_name": "vlmlab",
         "pipeline_tag": TASKS.get(tables[0][1], "image-to-text") if tables else "image-to-text",
         "tags": ["vision-language", "lora", cfg.connector.type, f"stage-{cfg.train.stage}"],
         "base_model": BASE_MODELS.get(cfg.lm.name, cfg.lm.name),
         "datasets": data,
-        "model-index": model_index(name, tables),
+        "model-index": model_index(name, tables, own_row),
     }
     precision = info.get("precision", {}).get("used", "float32")
     trained = command or f"vlmlab train CONFIG (the config is config.yaml here; stage {cfg.train.stage})"
@@ -162,7 +174,8 @@ def model_card(name: str, cfg, info: dict, step: int, dtype: str, tables: list, 
         "",
         "## Results",
         "",
-        "Read from the run's own result files (in `records/`), each beside its controls:",
+        f"Read from the run's own result files (in `records/`), each beside its controls; this model is the row "
+        f"`{own_row}`:",
     ]
     if not tables:
         lines += ["", "None recorded: the run was not evaluated before its export."]
