@@ -4,11 +4,11 @@ each re-scores to the figures its card states, read from the record the card was
 import json
 
 import pytest
+
+from conftest import SHARED_DATA, require
 from vlmlab.app.demo import caption_report
 from vlmlab.run import load_run
 from vlmlab.run.release import RELEASE_MANIFEST, verify_release, zoo_dir, zoo_names
-
-from conftest import SHARED_DATA, require
 
 ZOO = zoo_names()
 MAX_ZOO_MB = 40
