@@ -30,7 +30,7 @@ def test_auto_is_bf16_only_on_a_cpu_with_native_bfloat16(on_cpu):
     on_cpu(XEON_NO_BF16)
     chosen = resolve_precision("auto", "cpu")
     assert chosen.mode == "no" and "float32" in chosen.reason
-    assert chosen.as_record("auto") == {"requested": "auto", "used": "float32", "reason": chosen.reason}
+    assert chosen.as_record() == {"requested": "auto", "used": "float32", "reason": chosen.reason}
 
 
 def test_explicit_bf16_on_an_emulating_cpu_trains_as_asked_with_a_warning(on_cpu):

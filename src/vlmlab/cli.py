@@ -290,16 +290,13 @@ def cmd_export(args) -> None:
 
 def cmd_zoo(args) -> None:
     """One line per released model: name, stage, data, the model's headline figures from its card's records."""
-    import yaml
-
-    from .run.release import zoo_dir, zoo_names
+    from .run.release import read_card, zoo_dir, zoo_names
 
     names = zoo_names()
     if not names:
         print(f"no models in {zoo_dir()}")
     for name in names:
-        card = (zoo_dir() / name / "README.md").read_text().split("---")[1]
-        front = yaml.safe_load(card)
+        front, _ = read_card(zoo_dir() / name / "README.md")
         figures = [
             f"{m['name']} {m['value']:.3g}"
             for entry in front.get("model-index") or []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..run.release import is_release
+from ..run.release import is_release, read_card
 
 MIN_IMAGE_SIDE = 8  # below this the encoder's resize invents the picture; a 1x1 "image" is an upload mistake
 UPLOAD_HINT = "Upload an image (JPEG, PNG, WebP, ...) or pick one of the run's test images."
@@ -201,7 +201,7 @@ class RunSession:
         ]
         card = self.run_dir / "README.md"
         if card.exists() and is_release(self.run_dir):  # a released model: its card, figures from its records
-            parts.append(card.read_text().split("---", 2)[-1])
+            parts.append(read_card(card)[1])
         tables = sorted(self.run_dir.glob("eval*.md"))
         for table in tables:
             parts += [f"#### {table.name}", table.read_text()]

@@ -88,3 +88,11 @@ def verify_release(path: Path) -> dict:
         if file_digest(path / name, "sha256") != digest:
             raise ReleaseError(f"{path / name}: SHA-256 does not match the manifest; the file is corrupt or edited")
     return manifest
+
+
+def read_card(path: Path) -> tuple[dict, str]:
+    """A model card (README.md) -> (its front matter, its body): what `vlmlab zoo` lists and `serve` shows."""
+    import yaml
+
+    _, front, body = path.read_text().split("---\n", 2)
+    return yaml.safe_load(front) or {}, body

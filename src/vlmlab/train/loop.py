@@ -192,8 +192,7 @@ def record_start(s: Session, start: TrainingStart) -> None:
     if len(s.skipped):
         s.skipped.write(s.run_dir / SKIP_LOG)
     report_cut_captions(s)
-    precision = s.precision.as_record(s.cfg.train.mixed_precision)
-    start.write_record({**s.vlm.model_info(), "precision": precision, "commit": git_commit()})
+    start.write_record({**s.vlm.model_info(), "precision": s.precision.as_record(), "commit": git_commit()})
 
 
 def warn_precision_change(s: Session) -> None:
@@ -203,10 +202,9 @@ def warn_precision_change(s: Session) -> None:
         before = json.loads((s.run_dir / MODEL_INFO_FILE).read_text()).get("precision", {}).get("used")
     except (OSError, ValueError):
         return
-    now = s.precision.as_record(s.cfg.train.mixed_precision)["used"]
-    if before is not None and before != now:
+    if before is not None and before != s.precision.used:
         print(
-            f"--resume: the run began in {before} and continues in {now} ({s.precision.reason}); "
+            f"--resume: the run began in {before} and continues in {s.precision.used} ({s.precision.reason}); "
             "its continuation is not bit-identical to an uninterrupted run"
         )
 
@@ -285,10 +283,7 @@ def setup(cfg: Config) -> Session:
     run_dir = Path(t.output_dir)
     main = accelerator.is_main_process
     if main:
-        print(
-            f"device: {device_description(device)}; "
-            f"precision: {precision.as_record(t.mixed_precision)['used']} ({precision.reason})"
-        )
+        print(f"device: {device_description(device)}; precision: {precision.used} ({precision.reason})")
     # config.yaml and model_info.json are written by record_start once the run is known to be valid
 
     model = build_vlm(cfg)

@@ -26,6 +26,7 @@ from ..model.qformer_stage1 import QFormerStage1, build_stage1
 from ..run.checkpoint import STATE_FILE, load_trainable_from, save_checkpoint, truncate_metrics
 from ..run.lifecycle import training_run
 from ..run.record import METRICS_FILE
+from .precision import Precision
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -99,7 +100,7 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
             "total_params": total,
             "trainable_params": sum(p.numel() for p in params),
             "stage": "qformer",
-            "precision": {"requested": t.mixed_precision, "used": "float32", "reason": "stage 1 trains in float32"},
+            "precision": Precision(t.mixed_precision, "no", "stage 1 trains in float32").as_record(),
         }
         start.write_record(info)
         print(
