@@ -1,6 +1,7 @@
 """Shared fixtures: real tokenizers, a tiny randomly initialised GPT-2 of the real vocabulary, data paths, the
 tiny training config and model most tests use. Plain helper functions are in helpers.py."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,40 @@ def pytest_sessionfinish(session, exitstatus):
         for nodeid in _skipped:
             print(f"  {nodeid}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory, tiny_config):
+    """Two variants x two seeds of a tiny model, trained and evaluated once for the session's tests (ablate, arm
+    records, report): (suite file, its output folder)."""
+    import yaml
+
+    from vlmlab.analysis.ablate import load_suite, run_suite
+    from vlmlab.config import save_config
+
+    tmp_path = tmp_path_factory.mktemp("suite")
+    base = tiny_config(tmp_path, "train.max_steps=4", "train.eval_every=2", "generate.max_new_tokens=6")
+    save_config(base, tmp_path / "base.yaml")
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "base": "base.yaml",
+                "seeds": [0, 1],
+                "split": "val",
+                "contact_images": 2,
+                "variants": {"qformer": {}, "meanpool": {"connector.type": "meanpool", "connector.num_queries": 2}},
+            }
+        )
+    )
+    old = os.environ.get("VLMLAB_CACHE")
+    os.environ["VLMLAB_CACHE"] = str(tmp_path / "cache")
+    try:
+        out = run_suite(load_suite(str(suite_file)), tmp_path / "out")
+    finally:
+        if old is None:
+            del os.environ["VLMLAB_CACHE"]
+        else:
+            os.environ["VLMLAB_CACHE"] = old
+    return suite_file, out

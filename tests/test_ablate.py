@@ -1,7 +1,6 @@
 """`vlmlab ablate`: a tiny two-variant, two-seed suite runs, tabulates, plots, and is skipped on a rerun."""
 
 import csv
-import os
 import shutil
 import subprocess
 
@@ -11,7 +10,7 @@ import yaml
 from PIL import Image
 
 from vlmlab.analysis.ablate import load_suite, run_suite
-from vlmlab.config import ConfigError, save_config
+from vlmlab.config import ConfigError
 
 
 def test_the_roles_recipe_loads_and_names_the_roles():
@@ -38,35 +37,6 @@ def test_a_bad_variant_is_refused_before_anything_trains(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"variants": {"a": {}}, "sedes": [1]}))
     with pytest.raises(ConfigError, match="unknown: \\['sedes'\\]"):
         load_suite(str(tmp_path / "t.yaml"))
-
-
-@pytest.fixture(scope="module")
-def tiny_suite(tmp_path_factory, tiny_config):
-    """Two variants x two seeds of a tiny model, trained and evaluated once for this module's tests."""
-    tmp_path = tmp_path_factory.mktemp("suite")
-    old = os.environ.get("VLMLAB_CACHE")
-    os.environ["VLMLAB_CACHE"] = str(tmp_path / "cache")
-    base = tiny_config(tmp_path, "train.max_steps=4", "train.eval_every=2", "generate.max_new_tokens=6")
-    save_config(base, tmp_path / "base.yaml")
-    suite_file = tmp_path / "suite.yaml"
-    suite_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "base": "base.yaml",
-                "seeds": [0, 1],
-                "split": "val",
-                "contact_images": 2,
-                "variants": {"qformer": {}, "meanpool": {"connector.type": "meanpool", "connector.num_queries": 2}},
-            }
-        )
-    )
-    out = run_suite(load_suite(str(suite_file)), tmp_path / "out")
-    yield suite_file, out
-    if old is None:
-        del os.environ["VLMLAB_CACHE"]
-    else:
-        os.environ["VLMLAB_CACHE"] = old
 
 
 @pytest.mark.slow

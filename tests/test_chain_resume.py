@@ -1,6 +1,7 @@
 """A chain killed in any stage and run again ends with the weights of an uninterrupted chain: a stage counts as
 finished only when its checkpoint reached its train.max_steps, an unfinished one resumes exactly, and a stage
-folder holding another run is refused before anything trains."""
+folder holding another run is refused before anything trains. A stage exported on one machine stands in for its
+run on another (`--use STAGE=MODEL`), once it is checked to be that stage."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vlmlab.analysis.chain import load_chain, plan_stages, run_chain
+from vlmlab.analysis.export import export_run
 from vlmlab.config import ConfigError, apply_settings, save_config
 from vlmlab.run.checkpoint import CHECKPOINT, MANIFEST_FILE, TRAINABLE_FILE, CheckpointError, save_checkpoint
 
@@ -64,9 +66,11 @@ def test_a_chain_killed_in_any_stage_and_rerun_ends_with_the_uninterrupted_weigh
     env = {**os.environ, "VLMLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "chain.log", "a")
 
+    def launch_args(out):
+        return [sys.executable, "-m", "vlmlab.cli", "chain", str(chain), "--out-dir", str(tmp_path / out)]
+
     def launch(out):
-        args = [sys.executable, "-m", "vlmlab.cli", "chain", str(chain), "--out-dir", str(tmp_path / out)]
-        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(launch_args(out), env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def kill_during(stage):
         """Runs the chain until `stage` has saved a checkpoint short of its end, then SIGKILLs it."""
@@ -95,6 +99,18 @@ def test_a_chain_killed_in_any_stage_and_rerun_ends_with_the_uninterrupted_weigh
         assert resumed.keys() == reference.keys()
         differing = [k for k in reference if not torch.equal(resumed[k], reference[k])]
         assert not differing, f"{stage}: {len(differing)} tensors differ from the uninterrupted chain's"
+
+    # on another machine: the caption stage exported (float32: exact), the chain continues from the release
+    export_run(tmp_path / "reference" / "caption", tmp_path / "released-caption", dtype="float32")
+    args = ["--use", f"caption={tmp_path / 'released-caption'}"]
+    done = subprocess.run([*launch_args("elsewhere"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "elsewhere" / "caption").exists()  # not trained again
+    for stage in ("instruct", "vqa"):
+        continued = load_file(tmp_path / "elsewhere" / stage / CHECKPOINT / TRAINABLE_FILE)
+        reference = load_file(tmp_path / "reference" / stage / CHECKPOINT / TRAINABLE_FILE)
+        differing = [k for k in reference if not torch.equal(continued[k], reference[k])]
+        assert not differing, f"{stage}: {len(differing)} tensors differ from the chain trained in one sitting"
 
 
 # ------------------------------------------------------------------- which stage folders a chain reuses, resumes, refuses
@@ -188,3 +204,34 @@ def test_a_stage_past_the_chains_steps_is_refused(chain, tmp_path):
     chain.stages["caption"]["train.max_steps"] = 6
     with pytest.raises(ConfigError, match="at step 12, past the chain's train.max_steps = 6"):
         plan_stages(chain, out, None)
+
+
+# ------------------------------------------------------------------- a stage exported on another machine (--use)
+
+
+def _released(chain, tmp_path, stage="caption", *changes):
+    """A finished stage run exported as a release (float32), as another machine would have committed it."""
+    made = tmp_path / "made-elsewhere"
+    _stage_run(made / stage, _stage_config(chain, made, stage, *changes), step=STEPS[stage])
+    return export_run(made / stage, tmp_path / f"release-{stage}", dtype="float32")
+
+
+def test_an_exported_stage_stands_in_for_its_run(chain, tmp_path):
+    release, out = _released(chain, tmp_path), tmp_path / "out"
+    planned = plan_stages(chain, out, None, {"caption": release})
+    assert [(p.stage, p.finished, p.run_dir) for p in planned][0] == ("caption", True, release)
+    assert planned[1].cfg.train.init_from == str(release)  # instruct starts from the release's weights
+    assert not out.exists()
+
+
+def test_an_exported_stage_of_another_experiment_is_refused(chain, tmp_path):
+    release, out = _released(chain, tmp_path, "caption", "train.lr=0.5"), tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"other settings than the chain's caption stage \(train.lr: released 0.5"):
+        plan_stages(chain, out, None, {"caption": release})
+    release = _released(chain, tmp_path, "instruct")  # caption still has to train: instruct did not start from it
+    with pytest.raises(ConfigError, match="a stage before it trains now"):
+        plan_stages(chain, out, None, {"instruct": release})
+    with pytest.raises(ConfigError, match=r"--use blind/vqa: no such stage of this chain \(its stages: caption,"):
+        plan_stages(chain, out, None, {"blind/vqa": release})
+    with pytest.raises(ConfigError, match="not an exported model"):
+        plan_stages(chain, out, None, {"caption": tmp_path})

@@ -42,6 +42,27 @@ def test_an_export_loads_with_the_runs_weights_and_says_what_it_is(finished_run,
     assert "shuffled images" in card.text  # the control beside the figure
 
 
+def test_a_float32_export_holds_the_weights_exactly_and_records_of_one_name_keep_apart(finished_run, tmp_path):
+    copies = []
+    for folder in ("coco_pope_random", "coco_pope_popular"):  # as a chain writes them: eval/<set>/eval_pope.json
+        (tmp_path / folder).mkdir()
+        copies.append(tmp_path / folder / "captions_val.json")
+        copies[-1].write_text((finished_run / "captions_val.json").read_text())
+    out = export_run(finished_run, tmp_path / "exact", dtype="float32", extra_records=copies)
+    manifest = verify_release(out)
+    assert manifest["dtype"] == "float32" and manifest["data_root"]  # the root its data paths are read against
+    assert {p.name for p in (out / "records").iterdir()} == {  # each under its folder's name
+        f"{finished_run.name}-captions_val.json",
+        "coco_pope_popular-captions_val.json",
+        "coco_pope_random-captions_val.json",
+    }
+    original, released = load_run(finished_run), load_run(out)
+    for name, value in original.trainable_state_dict().items():
+        assert torch.equal(released.trainable_state_dict()[name], value), name
+    with pytest.raises(ExportError, match="given twice"):
+        export_run(finished_run, tmp_path / "twice", extra_records=[copies[0], copies[0]])
+
+
 def test_an_unfinished_run_or_a_taken_folder_is_not_exported(finished_run, tmp_path):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

@@ -2,6 +2,7 @@
 each re-scores to the figures its card states, read from the record the card was written from."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,44 @@ def test_each_model_rescores_to_its_card(name, record, tmp_path):
     assert again["images"] == stated["images"]
     assert again["nll_true_images"] == pytest.approx(stated["nll_true_images"], abs=0.01)
     assert again["nll_shuffled_images"] == pytest.approx(stated["nll_shuffled_images"], abs=0.01)
+
+
+def _asked_sets(name):
+    """(record, the question file, its images folder) for each of the model's question records on a real set of the
+    chain it came from (photos-hour): those files and photos are in ../shared, so the answers can be asked again."""
+    from vlmlab.analysis.chain import load_chain
+
+    out = []
+    for record in sorted((zoo_dir() / name / "records").glob("*eval_*.json")):
+        files = [Path(f).name for f in json.loads(record.read_text())["files"]]
+        for q in load_chain("photos-hour").questions if SHARED_DATA.is_dir() else []:
+            if files == [Path(q["file"]).name]:
+                out.append((name, record.name, q["file"], q["images"]))
+    return out
+
+
+REASKED = [case for name in ZOO for case in _asked_sets(name)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "record", "questions", "images"), REASKED)
+def test_each_chat_model_answers_its_recorded_questions_again(name, record, questions, images, tmp_path):
+    """The first 8 questions of each recorded real set, asked again of the released (float16) model, answer as the
+    float32 run did: POPE yes/no margins within 0.05 (and the same answer wherever the recorded margin is wider);
+    open answers the same for at least 7 of 8."""
+    from vlmlab.eval.question_scores import evaluate_task
+
+    stated = json.loads((zoo_dir() / name / "records" / record).read_text())
+    row = json.loads((zoo_dir() / name / RELEASE_MANIFEST).read_text()).get("row", "model")
+    evaluate_task(f"zoo:{name}", stated["task"], [questions], images, limit=8, out_dir=tmp_path, unseen_only=True)
+    again = json.loads((tmp_path / f"eval_{stated['task']}.json").read_text())["answers"]
+    before = stated["answers"][: len(again)]
+    assert [a["question_id"] for a in again] == [a["question_id"] for a in before]  # the same questions, in order
+    if stated["task"] == "pope":
+        for new, old in zip(again, before):
+            assert new["model yes-no margin"] == pytest.approx(old[f"{row} yes-no margin"], abs=0.05)
+            if abs(old[f"{row} yes-no margin"]) > 0.05:
+                assert new["model"] == old[row], new["question"]
+    else:
+        same = sum(new["model"] == old[row] for new, old in zip(again, before))
+        assert same >= len(again) - 1, [(new["model"], old[row]) for new, old in zip(again, before)]

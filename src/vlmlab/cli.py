@@ -186,7 +186,7 @@ def cmd_ablate(args) -> None:
     suite = load_suite(args.suite)
     if args.seeds:
         suite.seeds = [int(x) for x in args.seeds.split(",")]
-    run_suite(suite, args.out_dir, only=args.only.split(",") if args.only else None)
+    run_suite(suite, args.out_dir, only=args.only.split(",") if args.only else None, records=args.records)
 
 
 def cmd_inspect(args) -> None:
@@ -297,11 +297,11 @@ def cmd_zoo(args) -> None:
         print(f"no models in {zoo_dir()}")
     for name in names:
         front, _ = read_card(zoo_dir() / name / "README.md")
-        figures = [
-            f"{m['name']} {m['value']:.3g}"
+        figures = [  # the first two metrics of the first two tables (a chat model: VQA, then POPE)
+            f"{result['dataset']['name'] + ' ' if len(entry['results']) > 1 else ''}{m['name']} {m['value']:.3g}"
             for entry in front.get("model-index") or []
-            for result in entry["results"][:1]
-            for m in result["metrics"][:3]
+            for result in entry["results"][:2]
+            for m in result["metrics"][:2]
         ]
         print(
             f"zoo:{name}\t{' '.join(front.get('tags', [])[2:])}\t{', '.join(front.get('datasets', []))}\t"
@@ -414,16 +414,21 @@ def cmd_presence_probe(args) -> None:
 def cmd_chat(args) -> int:
     """A prompt too long for the run's LM is refused, not cut: the answer would be to another question."""
     from .data.formats import load_image
+    from .data.grounded_questions import VQA_SUFFIX
     from .model.context import PromptTooLong
     from .run import load_run
 
     image = None if args.image.lower() == "none" else load_image(args.image)  # an unreadable one: before the model
     model = load_run(args.run_dir)
     kwargs = {"max_new_tokens": args.max_new_tokens}
+
+    def phrased(question: str) -> str:  # --short: as `vlmlab eval questions` asks, and the vqa stage trains
+        return question + VQA_SUFFIX if args.short else question
+
     if args.questions_file:
         lines = Path(args.questions_file).read_text().splitlines()
         numbered = [(n, q.strip()) for n, q in enumerate(lines, 1) if q.strip()]
-        convs = [[{"role": "user", "content": "<image>\n" + q}] for _, q in numbered]
+        convs = [[{"role": "user", "content": "<image>\n" + phrased(q)}] for _, q in numbered]
         try:
             answers = model.chat_batch([image] * len(convs), convs, **kwargs)
         except PromptTooLong as e:
@@ -432,7 +437,7 @@ def cmd_chat(args) -> int:
             print(json.dumps({"question": q, "answer": a}))
         return 0
     if args.question:
-        print(model.chat(image, [{"role": "user", "content": "<image>\n" + args.question}], **kwargs))
+        print(model.chat(image, [{"role": "user", "content": "<image>\n" + phrased(args.question)}], **kwargs))
         return 0
     messages: list[dict] = []
     print(f"chatting with {args.run_dir} about {args.image}; an empty line ends the session")
@@ -443,7 +448,7 @@ def cmd_chat(args) -> int:
             break
         if not text:
             break
-        asked = messages + [{"role": "user", "content": ("<image>\n" if not messages else "") + text}]
+        asked = messages + [{"role": "user", "content": ("<image>\n" if not messages else "") + phrased(text)}]
         try:
             reply = model.chat(image, asked, **kwargs)
         except PromptTooLong as e:  # the session goes on without this turn
@@ -466,8 +471,15 @@ def cmd_lmms_tasks(args) -> None:
 
 def cmd_chain(args) -> None:
     from .analysis.chain import load_chain, run_chain
+    from .config import ConfigError
 
-    run_chain(load_chain(args.chain), args.out_dir)
+    use = {}
+    for item in args.use:
+        stage, sep, model = item.partition("=")
+        if not sep or not stage or not model:
+            raise ConfigError(f"--use {item!r}: STAGE=MODEL, e.g. caption=zoo:photo-captioner")
+        use[stage] = model
+    run_chain(load_chain(args.chain), args.out_dir, use)
 
 
 def cmd_prepare(args) -> None:
@@ -689,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="?", help="omit for a multi-turn session (empty line or EOF ends it)")
     p.add_argument("--questions-file", help="answer every question of a file (one per line) about the image")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="ask for a short answer, as `vlmlab eval questions` asks and the vqa stage trains (LLaVA-1.5's "
+        "'Answer the question using a single word or number.'); a vqa-stage model answers best so",
+    )
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("lmms-tasks", help="lmms-eval task YAMLs over a make-tasks folder (for --include_path)")
@@ -702,6 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a chain YAML file, or a recipe's name (recipes/chain-NAME.yaml): synthetic, photos-hour",
     )
     p.add_argument("--out-dir", default=None, help="default: runs/chain/<chain name>")
+    p.add_argument(
+        "--use",
+        action="append",
+        default=[],
+        metavar="STAGE=MODEL",
+        help="a stage (caption, blind/vqa, ...) already trained and exported: its release (a folder, zoo:NAME, "
+        "hf:ORG/NAME), checked to be that stage, stands in for its run; the stages after it start from it",
+    )
     p.set_defaults(func=cmd_chain)
 
     p = sub.add_parser("ablate", help="train and evaluate every variant of a suite x seeds; tables and plots")
@@ -712,6 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="default: runs/ablate/<suite name>")
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the suite's, e.g. 0,1,2")
     p.add_argument("--only", default=None, help="comma-separated variants to run (the rest are left as they are)")
+    p.add_argument(
+        "--records",
+        default=None,
+        help="a folder of arm records (e.g. results/ablate/SUITE): each finished arm is recorded there; an arm "
+        "recorded there with the same settings is not trained again (commit them to finish a study across machines)",
+    )
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("inspect", help="Q-Former cross-attention heat maps and nearest vocabulary tokens for an image")
@@ -764,7 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a finished run -> a release folder with a model card (loads anywhere)")
     p.add_argument("run_dir")
     p.add_argument("out_dir", help="the release folder, e.g. zoo/NAME (its name is the model's)")
-    p.add_argument("--dtype", default="float16", help="float16 (default) or bfloat16: the trained weights' type")
+    p.add_argument(
+        "--dtype",
+        default="float16",
+        help="float16 (default), bfloat16, or float32 (exact: for a stage a later one continues from)",
+    )
     p.add_argument("--command", help="the command that trained the run, for the card")
     p.add_argument("--records", nargs="*", default=[], metavar="JSON", help="more result JSON for the card")
     p.add_argument(

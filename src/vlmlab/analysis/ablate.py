@@ -3,7 +3,9 @@
 `vlmlab ablate SUITE` trains every (variant, seed) into OUT/<variant>/seed<k>/, evaluates each on the same
 split with `vlmlab eval`'s code (no baselines: the variants are each other's baselines), and writes
 OUT/results.csv (one row per run), OUT/results.md (mean +- std over seeds) and plots. Finished runs and
-evaluations are skipped on a rerun, so an interrupted suite continues where it stopped.
+evaluations are skipped on a rerun, so an interrupted suite continues where it stopped. With `--records DIR`
+each finished arm is also recorded in DIR (arm_records.py): committed, those records let the suite continue on
+another machine, a few arms at a time, without training the recorded arms again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import yaml
 
 from ..config import Config, ConfigError, apply_settings, load_config, write_atomic
 from ..eval.captioning import ATTRIBUTE_COLUMNS
+from .arm_records import arm_record_path, read_arm_record, write_arm_record
 from .baselines import finished_step, stale_keys
 from .recipes import find_recipe
 
@@ -106,8 +109,11 @@ def load_suite(spec: str | Path) -> Suite:
     return suite
 
 
-def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] | None = None) -> Path:
-    """Trains and evaluates what is missing, then writes the results; returns the output folder."""
+def run_suite(
+    suite: Suite, out_dir: str | Path | None = None, only: list[str] | None = None, records: str | Path | None = None
+) -> Path:
+    """Trains and evaluates what is missing (neither in OUT nor recorded in `records`), records each finished arm
+    there, then writes the results; returns the output folder."""
     from accelerate.state import AcceleratorState
 
     from ..eval.captioning import evaluate_run
@@ -115,12 +121,22 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
     from ..train.loop import train
 
     out = Path(out_dir or Path("runs") / "ablate" / suite.name)
-    out.mkdir(parents=True, exist_ok=True)
     if only and set(only) - set(suite.variants):
         raise ConfigError(
             f"unknown variants {sorted(set(only) - set(suite.variants))}; the suite has {list(suite.variants)}"
         )
     variants = [v for v in suite.variants if not only or v in only]
+    arms = [
+        (v, seed, suite.config(v, seed, out), suite.pretrain_config(v, seed, out))
+        for v in variants
+        for seed in suite.seeds
+    ]
+    recorded = {  # every record read and checked before anything trains
+        (v, seed): read_arm_record(arm_record_path(records, v, seed), cfg, suite.split, stage1)
+        for v, seed, cfg, stage1 in arms
+        if records is not None
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
     described = {
         "name": suite.name,
         "split": suite.split,
@@ -131,37 +147,42 @@ def run_suite(suite: Suite, out_dir: str | Path | None = None, only: list[str] |
         "overrides": suite.overrides,
     }
     write_atomic(out / "suite.json", json.dumps(described, indent=1))
-    for variant in variants:
-        for seed in suite.seeds:
-            cfg = suite.config(variant, seed, out)
-            stage1 = suite.pretrain_config(variant, seed, out)
-            if stage1 is not None:  # BLIP-2 stage 1 first: the run below starts from it (train.init_from)
-                stage1_dir = Path(stage1.train.output_dir)
-                if finished_step(stage1_dir) == stage1.train.max_steps and stale_keys(stage1, stage1_dir) == []:
-                    print(f"[{suite.name}] {variant}, seed {seed}, stage 1: trained already ({stage1_dir})")
-                else:
-                    print(f"[{suite.name}] {variant}, seed {seed}, stage 1: training into {stage1_dir}")
-                    train(stage1, resume=True)
-                if not _evaluated(stage1_dir):
-                    evaluate_stage1_run(stage1_dir, split=suite.split)  # what stage 1 learned, on its own
-            run_dir = Path(cfg.train.output_dir)
-            label = f"[{suite.name}] {variant}, seed {seed}"
-            changed = stale_keys(cfg, run_dir)  # None: nothing saved there yet
-            if finished_step(run_dir) == cfg.train.max_steps and changed == []:
-                print(f"{label}: trained already ({run_dir})")
+    for variant, seed, cfg, stage1 in arms:
+        run_dir = Path(cfg.train.output_dir)
+        label = f"[{suite.name}] {variant}, seed {seed}"
+        if recorded.get((variant, seed)) is not None and not _evaluated(run_dir):
+            print(f"{label}: recorded already ({arm_record_path(records, variant, seed)}); not trained again")
+            continue
+        if stage1 is not None:  # BLIP-2 stage 1 first: the run below starts from it (train.init_from)
+            stage1_dir = Path(stage1.train.output_dir)
+            if finished_step(stage1_dir) == stage1.train.max_steps and stale_keys(stage1, stage1_dir) == []:
+                print(f"{label}, stage 1: trained already ({stage1_dir})")
             else:
-                if changed:
-                    raise ConfigError(
-                        f"{run_dir} holds a run with another config (differs in {changed}); "
-                        "move it away or use another output folder"
-                    )
-                print(f"{label}: training into {run_dir}")
-                AcceleratorState._reset_state()  # each run builds its own Accelerator
-                train(cfg, resume=True)
-            if not _evaluated(run_dir):
-                evaluate_run(run_dir, split=suite.split, baselines=None, contact_images=suite.contact_images)
-            gc.collect()
-    write_results(suite, out, variants)
+                print(f"{label}, stage 1: training into {stage1_dir}")
+                train(stage1, resume=True)
+            if not _evaluated(stage1_dir):
+                evaluate_stage1_run(stage1_dir, split=suite.split)  # what stage 1 learned, on its own
+        changed = stale_keys(cfg, run_dir)  # None: nothing saved there yet
+        if finished_step(run_dir) == cfg.train.max_steps and changed == []:
+            print(f"{label}: trained already ({run_dir})")
+        else:
+            if changed:
+                raise ConfigError(
+                    f"{run_dir} holds a run with another config (differs in {changed}); "
+                    "move it away or use another output folder"
+                )
+            print(f"{label}: training into {run_dir}")
+            AcceleratorState._reset_state()  # each run builds its own Accelerator
+            train(cfg, resume=True)
+        if not _evaluated(run_dir):
+            evaluate_run(run_dir, split=suite.split, baselines=None, contact_images=suite.contact_images)
+        if records is not None and recorded.get((variant, seed)) is None:
+            path = write_arm_record(
+                arm_record_path(records, variant, seed), suite.name, variant, seed, cfg, run_dir, stage1
+            )
+            print(f"{label}: recorded in {path}")
+        gc.collect()
+    write_results(suite, out, variants, records)
     return out
 
 
@@ -171,21 +192,41 @@ def _evaluated(run_dir: Path) -> bool:
     return evaluated.exists() and evaluated.stat().st_mtime >= (run_dir / "checkpoint").stat().st_mtime
 
 
-def collect(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
-    """One record per finished, evaluated run: variant, seed, parameter counts, visual tokens, every metric."""
-    records = []
+def arm_results(out: Path, variant: str, seed: int, records: str | Path | None = None) -> dict | None:
+    """What the tables need of one arm: from its run folder in OUT when evaluated there, else from its record in
+    `records` (a finished arm trained on another machine); None when neither has it."""
+    run_dir = out / variant / f"seed{seed}"
+    if (run_dir / "eval.json").exists():
+        stage1_eval = run_dir.parent / f"seed{seed}-stage1" / "eval.json"
+        return {
+            "eval": json.loads((run_dir / "eval.json").read_text()),
+            "model_info": _model_info(run_dir),
+            "val_curve": _val_curve(run_dir),
+            "stage1_eval": json.loads(stage1_eval.read_text()) if stage1_eval.exists() else None,
+        }
+    path = None if records is None else arm_record_path(records, variant, seed)
+    if path is None or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return {**record, "val_curve": [tuple(point) for point in record["val_curve"]]}
+
+
+def collect(suite: Suite, out: Path, variants: list[str], records: str | Path | None = None) -> list[dict]:
+    """One record per finished, evaluated arm: variant, seed, parameter counts, visual tokens, every metric."""
+    rows = []
     for variant in variants:
         for seed in suite.seeds:
-            run_dir = out / variant / f"seed{seed}"
-            if not (run_dir / "eval.json").exists():
+            arm = arm_results(out, variant, seed, records)
+            if arm is None:
                 continue
-            result = json.loads((run_dir / "eval.json").read_text())
+            result = arm["eval"]
             row = next(iter(result["rows"].values()))  # the run's own row comes first, then controls / baselines
-            info = _model_info(run_dir)
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             metrics.update(result.get("attention") or {})  # Q-Former runs: attention statistics
-            records.append({"variant": variant, "seed": seed, **info, **metrics, "val_curve": _val_curve(run_dir)})
-    return records
+            rows.append(
+                {"variant": variant, "seed": seed, **arm["model_info"], **metrics, "val_curve": arm["val_curve"]}
+            )
+    return rows
 
 
 def _model_info(run_dir: Path) -> dict:
@@ -226,8 +267,8 @@ def metric_cells(rows: list[dict], metrics, separator: str = " +- ") -> list[str
     return cells
 
 
-def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
-    records = collect(suite, out, variants)
+def write_results(suite: Suite, out: Path, variants: list[str], records_dir: str | Path | None = None) -> list[dict]:
+    records = collect(suite, out, variants, records_dir)
     if not records:
         return records
     metrics = metrics_present(records)
@@ -258,7 +299,7 @@ def write_results(suite: Suite, out: Path, variants: list[str]) -> list[dict]:
             else f"| {variant} | {len(rows)} | n/a | n/a | "
         )
         lines[-1] += " | ".join(cells) + " |"
-    lines += stage1_table(suite, out, variants)
+    lines += stage1_table(suite, out, variants, records_dir)
     write_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(records, metrics, variants, out)
     print("\n".join(lines))
@@ -277,23 +318,23 @@ STAGE1_METRICS = [  # (column, key in a stage-1 run's eval.json, flattened)
 ]
 
 
-def stage1_rows(out: Path, variants: list[str], seeds) -> dict[str, list[dict]]:
+def stage1_rows(out: Path, variants: list[str], seeds, records: str | Path | None = None) -> dict[str, list[dict]]:
     """Per variant with stage-1 runs: each seed's stage-1 eval.json, flattened (retrieval, ITM, attention)."""
     rows: dict[str, list[dict]] = {}
     for variant in variants:
         for seed in seeds:
-            path = out / variant / f"seed{seed}-stage1" / "eval.json"
-            if path.exists():
-                result = json.loads(path.read_text())
+            arm = arm_results(out, variant, seed, records)
+            result = None if arm is None else arm["stage1_eval"]
+            if result is not None:
                 flat = {**result["retrieval"], **result.get("attention", {})}
                 flat |= {k: v for k, v in result.items() if k.startswith("itm_accuracy")}
                 rows.setdefault(variant, []).append(flat)
     return rows
 
 
-def stage1_table(suite: Suite, out: Path, variants: list[str]) -> list[str]:
+def stage1_table(suite: Suite, out: Path, variants: list[str], records: str | Path | None = None) -> list[str]:
     """Markdown lines: what each variant's stage-1 run learned before the LLM saw it (mean +- std over seeds)."""
-    rows = stage1_rows(out, variants, suite.seeds)
+    rows = stage1_rows(out, variants, suite.seeds, records)
     if not rows:
         return []
     metrics = [(name, key, False) for name, key in STAGE1_METRICS]

@@ -37,6 +37,12 @@ differ only in whether stages 2-3 see the image.
 Run again (after a crash, a kill, or to score anew), a chain reuses each stage whose run is finished and resumes
 an unfinished one exactly, so it ends with the weights of an uninterrupted chain; a stage folder holding another
 run is refused before anything trains (plan_stages says which is which).
+
+A chain longer than one sitting continues on another machine from what was exported: `vlmlab chain NAME --use
+caption=zoo:photo-captioner` (or `blind/instruct=FOLDER`, any release `vlmlab export` wrote) takes that stage as
+finished, once the release's config is checked to be the stage's, and trains only the stages after it. A float16
+release holds the weights rounded to float16, so the stages after it start from those (`export --dtype float32`
+continues exactly).
 """
 
 from __future__ import annotations
@@ -181,7 +187,9 @@ class PlannedStage:
     finished: bool  # its checkpoint is at train.max_steps: reused as it is
 
 
-def plan_stages(chain: Chain, out: Path, pretrained: Path | None) -> list[PlannedStage]:
+def plan_stages(
+    chain: Chain, out: Path, pretrained: Path | None, released: dict[str, Path] | None = None
+) -> list[PlannedStage]:
     """Each stage of each arm, in training order, with whether its run is finished; refuses (ConfigError,
     CheckpointError) a stage folder the chain cannot continue, before anything trains.
 
@@ -196,20 +204,30 @@ def plan_stages(chain: Chain, out: Path, pretrained: Path | None) -> list[Planne
       save_every, ...) do not make a finished stage stale;
     - a checkpoint past the chain's train.max_steps (a run is not trained backwards);
     - a stage with a checkpoint after one that still has to train: its weights follow from a state of the
-      stage before it that is gone (the chain once trained on an unfinished stage), so move it away."""
+      stage before it that is gone (the chain once trained on an unfinished stage), so move it away.
+    `released` maps stages ("caption", "blind/vqa") to exported models that stand in for their runs
+    (released_stage says when one cannot)."""
     from ..run.checkpoint import checkpoint_step
     from ..run.record import recorded_config, resume_differences
 
+    released = dict(released or {})
     planned: list[PlannedStage] = []
     for arm in ("model", "blind") if chain.blind else ("model",):
         previous, stages, upstream_trains = pretrained, list(chain.stages), False
-        if arm == "blind" and chain.blind_from:  # the model's run of that stage, its connector left out
-            previous, stages = out / chain.blind_from, stages[stages.index(chain.blind_from) + 1 :]
+        if arm == "blind" and chain.blind_from:  # the model's run of that stage (or its release), connector left out
+            previous = next(p.run_dir for p in planned if p.stage == chain.blind_from)
+            stages = stages[stages.index(chain.blind_from) + 1 :]
             model_stages = list(chain.stages)[: list(chain.stages).index(chain.blind_from) + 1]
             upstream_trains = any(not p.finished for p in planned if p.stage in model_stages)
         for stage in stages:
             run_dir = out / stage if arm == "model" else out / "blind" / stage
             cfg = chain.config(stage, run_dir, previous, blind=arm == "blind")
+            key = stage if arm == "model" else f"blind/{stage}"
+            if key in released:
+                release = released_stage(key, released.pop(key), cfg, run_dir, upstream_trains)
+                planned.append(PlannedStage(arm, stage, release, cfg, finished=True))
+                previous = release
+                continue
             step, recorded = checkpoint_step(run_dir) or 0, recorded_config(run_dir)
             if recorded is not None and _same_stage_before(recorded, cfg):  # a chain folder moved or copied
                 recorded.train.init_from = cfg.train.init_from
@@ -232,7 +250,36 @@ def plan_stages(chain: Chain, out: Path, pretrained: Path | None) -> list[Planne
             planned.append(PlannedStage(arm, stage, run_dir, cfg, finished))
             upstream_trains |= not finished
             previous = run_dir
+    if released:
+        raise ConfigError(f"--use {', '.join(released)}: no such stage of this chain (its stages: "
+                          f"{', '.join(p.stage if p.arm == 'model' else 'blind/' + p.stage for p in planned)})")  # fmt: skip
     return planned
+
+
+def released_stage(key: str, model: Path, cfg: Config, run_dir: Path, upstream_trains: bool) -> Path:
+    """An exported model standing in for a stage (--use KEY=MODEL): verified, trained with the stage's settings (data
+    paths read against the data root each machine has), to the stage's steps, and after no stage that trains now."""
+    from ..run.record import holds_a_run
+    from ..run.release import is_release, verify_release
+    from .arm_records import config_differences, portable_config
+
+    if not is_release(model):
+        raise ConfigError(f"--use {key}={model}: not an exported model (vlmlab export writes one)")
+    manifest = verify_release(model)
+    recorded = load_config(model / "config.yaml")
+    differences = config_differences(
+        portable_config(recorded, manifest.get("data_root")), portable_config(cfg)
+    )  # fmt: skip
+    if differences:
+        listed = "; ".join(f"{k}: released {a!r}, now {b!r}" for k, a, b in differences)
+        raise ConfigError(f"--use {key}={model}: trained with other settings than the chain's {key} stage ({listed})")
+    if manifest["step"] != cfg.train.max_steps:
+        raise ConfigError(f"--use {key}={model}: at step {manifest['step']}, the stage trains to {cfg.train.max_steps}")
+    if upstream_trains:
+        raise ConfigError(f"--use {key}={model}: a stage before it trains now, so the release did not start from it")
+    if run_dir.is_dir() and holds_a_run(run_dir):
+        raise ConfigError(f"--use {key}={model}: {run_dir} holds a run of that stage too; move one of them away")
+    return model
 
 
 def _same_stage_before(recorded: Config, cfg: Config) -> bool:
@@ -244,23 +291,27 @@ def _same_stage_before(recorded: Config, cfg: Config) -> bool:
     return os.path.relpath(a, recorded.train.output_dir) == os.path.relpath(b, cfg.train.output_dir)
 
 
-def run_chain(chain: Chain, out_dir: str | Path | None = None) -> dict:
+def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, str] | None = None) -> dict:
+    """Trains what is not finished (in OUT, or exported and named in `use`: {stage or blind/stage: model}), then
+    scores the last stage beside its controls into OUT/chain.json and chain.md."""
     from ..data.make_tasks import make_tasks
     from ..eval.captioning import evaluate_run
     from ..eval.question_scores import TooFewQuestions, evaluate_task, task_test_files
     from ..run.checkpoint import find_checkpoint
+    from ..run.release import is_release, resolve_model
     from ..train.loop import train
 
     out = Path(out_dir or Path("runs") / "chain" / chain.name)
-    pretrained = None if chain.pretrained is None else Path(chain.pretrained)
-    if pretrained is not None and find_checkpoint(pretrained) is None:
+    pretrained = None if chain.pretrained is None else resolve_model(chain.pretrained)
+    if pretrained is not None and not is_release(pretrained) and find_checkpoint(pretrained) is None:
         raise ConfigError(f"pretrained: {pretrained} has no finished checkpoint; train it first (vlmlab train ...)")
     if chain.eval_tasks and not (Path(chain.eval_tasks) / "tasks.json").exists():
         raise ConfigError(f"eval_tasks: {chain.eval_tasks} is no make-tasks folder; write it first (vlmlab make-tasks)")
     missing = [q[k] for q in chain.questions for k in ("file", "images") if q.get(k) and not Path(q[k]).exists()]
     if missing:
         raise ConfigError(f"questions: {missing} do not exist")
-    planned = plan_stages(chain, out, pretrained)  # every stage folder checked before anything is written
+    released = {key: resolve_model(model) for key, model in (use or {}).items()}
+    planned = plan_stages(chain, out, pretrained, released)  # every stage folder checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     first = next(iter(chain.stages))

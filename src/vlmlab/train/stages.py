@@ -22,9 +22,12 @@ def _group(names: list[str]) -> str:
 
 
 def initialise_from(model, run_dir: str | Path) -> dict:
-    """Loads every tensor of a finished run whose name and shape match this model's trainable state.
+    """Loads every tensor of a finished run (or an exported model: a release folder, zoo:NAME, hf:ORG/NAME) whose
+    name and shape match this model's trainable state, in this model's dtype.
 
-    The source checkpoint is verified first (run/checkpoint.py). Tensors the new model does not use (e.g. a
+    The source checkpoint (or release manifest) is verified first (run/checkpoint.py, run/release.py). A release
+    in float16 / bfloat16 holds the run's weights rounded to that type: a stage started from it starts from
+    those, not from the float32 run (export --dtype float32 to continue exactly). Tensors the new model does not use (e.g. a
     stage-1 text side) and tensors of the new model the source lacks (e.g. LoRA added in a later stage,
     left at their initialisation) are reported; a same-named tensor of another shape is an error.
     """
@@ -32,13 +35,19 @@ def initialise_from(model, run_dir: str | Path) -> dict:
     from safetensors.torch import load_file
 
     from ..run.checkpoint import TRAINABLE_FILE, find_checkpoint
+    from ..run.release import RELEASE_WEIGHTS, is_release, resolve_model, verify_release
 
-    run_dir = Path(run_dir)
-    checkpoint = find_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"train.init_from = {run_dir}: no checkpoint in it")
-    source = load_file(checkpoint / TRAINABLE_FILE)
+    run_dir = resolve_model(run_dir)
+    if is_release(run_dir):
+        verify_release(run_dir)
+        weights = run_dir / RELEASE_WEIGHTS
+    else:
+        checkpoint = find_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"train.init_from = {run_dir}: no checkpoint in it")
+        weights = checkpoint / TRAINABLE_FILE
     target = model.trainable_state_dict()
+    source = {k: v.to(target[k].dtype) if k in target else v for k, v in load_file(weights).items()}
     wrong = [
         f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
         for k, v in source.items()

@@ -1,0 +1,86 @@
+"""Arm records: a suite's finished arms, recorded in small JSON files, stand in for their runs on another machine."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import yaml
+
+from vlmlab.analysis import arm_records
+from vlmlab.analysis.ablate import load_suite, run_suite
+from vlmlab.analysis.arm_records import arm_record_path, portable_config, portable_dataset, read_arm_record
+from vlmlab.config import ConfigError, apply_settings, load_config
+
+
+def test_a_data_path_reads_the_same_under_two_machines_data_roots(tmp_path, monkeypatch):
+    here, there = tmp_path / "here" / "data", tmp_path / "there" / "shared"
+    for root in (here, there):
+        (root / "coco2017-val").mkdir(parents=True)
+    assert portable_dataset(f"coco:{here}/coco2017-val", str(here)) == "coco:$VLMLAB_DATA/coco2017-val"
+    assert portable_dataset("coco:/elsewhere/coco2017-val", str(here)) == "coco:/elsewhere/coco2017-val"
+    assert portable_dataset("synthetic", str(here)) == "synthetic"
+
+    def config_on(root):
+        monkeypatch.setenv("VLMLAB_DATA", str(root))
+        return portable_config(apply_settings(load_config(None), {"data.datasets": ["coco:$VLMLAB_DATA/coco2017-val"]}))
+
+    assert config_on(here) == config_on(there)  # the same experiment on two machines
+    assert config_on(here)["data.datasets"] == ["coco:$VLMLAB_DATA/coco2017-val"]
+
+
+def _rows(path):
+    return sorted((r["variant"], r["seed"], r["CIDEr-D"], r["nll_true"]) for r in csv.DictReader(open(path)))
+
+
+def test_a_recorded_suite_finishes_on_a_machine_without_its_runs(tiny_suite, tmp_path, monkeypatch):
+    suite_file, trained = tiny_suite
+    suite = load_suite(str(suite_file))
+    records, out = tmp_path / "records", shutil.copytree(trained, tmp_path / "out")
+    run_suite(suite, out, records=records)  # the finished arms are recorded, nothing is trained
+    paths = sorted(p.relative_to(records).as_posix() for p in records.rglob("*.json"))
+    assert paths == ["meanpool/seed0.json", "meanpool/seed1.json", "qformer/seed0.json", "qformer/seed1.json"]
+    record = json.loads((records / "qformer" / "seed1.json").read_text())
+    assert record["step"] == 4 and record["eval"]["split"] == "val" and record["val_curve"]
+    assert record["model_info"]["visual_tokens"] == 4 and record["machine"] and record["commit"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded arm was trained or evaluated again")
+
+    monkeypatch.setattr("vlmlab.train.loop.train", no_training)
+    monkeypatch.setattr("vlmlab.eval.captioning.evaluate_run", no_training)
+    fresh = tmp_path / "another-machine"  # no run folders: only the records
+    run_suite(suite, fresh, records=records)
+    assert _rows(fresh / "results.csv") == _rows(out / "results.csv")
+    assert (fresh / "results.md").read_text() == (out / "results.md").read_text()
+    assert not list(fresh.glob("*/seed*"))
+
+    # a record of another experiment is refused by name, before anything trains
+    other = tmp_path / "other.yaml"
+    tree = yaml.safe_load(suite_file.read_text())
+    other.write_text(
+        yaml.safe_dump({**tree, "base": str(suite_file.parent / tree["base"]), "overrides": {"train.lr": 0.5}})
+    )
+    with pytest.raises(ConfigError, match=r"/seed0.json records this arm with other settings \(train.lr"):
+        run_suite(load_suite(str(other)), tmp_path / "other", records=records)
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_damaged_or_unfinished_record_is_refused(tiny_suite, tmp_path):
+    suite_file, out = tiny_suite
+    suite = load_suite(str(suite_file))
+    records = tmp_path / "records"
+    shutil.copytree(out, tmp_path / "out")
+    run_suite(suite, tmp_path / "out", records=records, only=["meanpool"])
+    cfg = suite.config("meanpool", 0, tmp_path / "out")
+    path = arm_record_path(records, "meanpool", 0)
+    assert read_arm_record(path, cfg, "val") is not None
+    with pytest.raises(ConfigError, match="split: recorded 'val', the suite scores 'test'"):
+        read_arm_record(path, cfg, "test")
+    with pytest.raises(ConfigError, match="step: recorded 4, the arm trains to 8"):
+        read_arm_record(path, apply_settings(suite.config("meanpool", 0, tmp_path), {"train.max_steps": 8}), "val")
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not an arm record"):
+        read_arm_record(path, cfg, "val")
+    assert read_arm_record(arm_record_path(records, "qformer", 0), cfg, "val") is None  # none there
+    assert arm_records.ARM_RECORD_FORMAT == json.loads(arm_record_path(records, "meanpool", 1).read_text())["format"]
