@@ -186,3 +186,27 @@ def test_reply_logprobs_in_a_left_padded_batch_equal_each_row_alone_and_the_logl
     both = tiny_vlm.reply_logprobs([str(a)], convs[:1], [["yes", "Yes"]])[0, 0]
     assert both.item() > batch[0, 0].item()  # two casings of one answer add up
     assert batch[0, 0] != tiny_vlm.reply_logprobs([str(b)], convs[:1], words)[0, 0]  # the image reaches it
+
+
+def test_options_scored_in_one_batch_equal_each_alone_and_a_cut_prompt_still_scores(tiny_vlm, tmp_path):
+    """Multiple choice by likelihood: the options of a question go through one right-padded forward pass; each
+    scores as it does alone (loglikelihood), with its token count; a prompt longer than the context is refused,
+    or (cut_long) cut to fit."""
+    from PIL import Image
+
+    from vlmlab.model.context import PromptTooLong
+
+    a = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(a)
+    msgs = [{"role": "user", "content": "<image> Which colour?\nA. red\nB. a very dark shade of blue"}]
+    options = ["red", "a very dark shade of blue", ""]
+    scored = tiny_vlm.continuation_logprobs(str(a), msgs, options)
+    for option, (logprob, tokens, greedy) in zip(options[:2], scored):
+        alone, alone_greedy = tiny_vlm.loglikelihood(str(a), msgs, option)
+        assert logprob == pytest.approx(alone, abs=1e-4) and greedy == alone_greedy
+        assert tokens == len(tiny_vlm.tokenizer(option, add_special_tokens=False)["input_ids"])
+    assert scored[2] == (0.0, 0, True)
+    long = [{"role": "user", "content": "<image> " + "word " * (tiny_vlm.context_length + 10)}]
+    with pytest.raises(PromptTooLong):
+        tiny_vlm.continuation_logprobs(str(a), long, options)
+    assert all(lp < 0 for lp, _, _ in tiny_vlm.continuation_logprobs(str(a), long, options[:2], cut_long=True))

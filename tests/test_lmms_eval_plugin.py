@@ -71,8 +71,13 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
     assert lmms("vlmlab_vqa", "vqa_accuracy") == pytest.approx(ours["vqa"]["vqa_accuracy"])
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         assert lmms("vlmlab_pope", f"pope_{metric}") == pytest.approx(ours["pope"][metric])
-    assert lmms("vlmlab_mmbench", "mc_accuracy") == pytest.approx(ours["mmbench"]["accuracy"])
-    assert lmms("vlmlab_mmbench", "mc_circular_accuracy") == pytest.approx(ours["mmbench"]["circular_accuracy"])
+    assert lmms("vlmlab_mmbench", "mc_accuracy") == pytest.approx(ours["mmbench"]["accuracy[letter]"])
+    assert lmms("vlmlab_mmbench", "mc_circular_accuracy") == pytest.approx(ours["mmbench"]["circular_accuracy[letter]"])
+    # multiple choice by likelihood: lmms-eval's multiple_choice requests, answered by the plugin's loglikelihood
+    likelihood = {"accuracy": "mc_likelihood_accuracy", "circular_accuracy": "mc_likelihood_circular_accuracy"}
+    likelihood["accuracy[sum]"] = "mc_likelihood_sum_accuracy"
+    for ours_key, metric in likelihood.items():
+        assert lmms("vlmlab_mmbench_likelihood", metric) == pytest.approx(ours["mmbench"][ours_key]), metric
     # not only the same scores: the same replies, question by question (lmms-eval logs doc_id, the row of the
     # documents file, which lists the questions in vlmlab's order: random, popular, adversarial)
     logged = [

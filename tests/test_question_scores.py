@@ -7,8 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, require
-from vlmlab.eval.multiple_choice import choice_scores, extract_choice, rotations
+from vlmlab.data.questions import Question
+from vlmlab.eval.multiple_choice import choice_scores, extract_choice, likelihood_pick, rotations
 from vlmlab.eval.pope import parse_yes_no, pope_scores, pope_scores_by_setting
+from vlmlab.eval.question_scores import score
 from vlmlab.eval.vqa import normalize_answer, prior_answers, vqa_accuracy, vqa_scores
 
 
@@ -118,6 +120,28 @@ def test_circular_eval_needs_every_rotation_right():
     scores = choice_scores(always_a, truth, ["q1"] * 4)
     assert scores["accuracy"] == 0.25 and scores["circular_accuracy"] == 0.0
     assert choice_scores(truth, truth, ["q1"] * 4)["circular_accuracy"] == 1.0
+
+
+def test_likelihood_picks_the_likeliest_option_summed_or_per_character():
+    options = ["red", "a dark shade of blue"]
+    logprobs = [-3.0, -8.0]  # the long option loses in sum, wins per character (-0.4 vs -1.0)
+    assert likelihood_pick(logprobs, options, "sum") == 0
+    assert likelihood_pick(logprobs, options, "char") == 1
+    with pytest.raises(ValueError, match="norm"):
+        likelihood_pick(logprobs, options, "token")
+
+
+def test_multiple_choice_rows_score_by_likelihood_and_by_letter():
+    questions = [
+        Question(f"q{k}", None, "Colour?", choices=rotated, answer_index=idx, group="q")
+        for k, (rotated, idx) in enumerate(rotations(["red", "blue", "a dark shade of green"], 0))
+    ]
+    right = [[0.0 if i == q.answer_index else -50.0 for i in range(3)] for q in questions]
+    row = score("mmbench", questions, ["A", "A", "A"], right)
+    assert row["accuracy"] == row["circular_accuracy"] == row["accuracy[sum]"] == 1.0
+    assert row["accuracy[letter]"] == pytest.approx(1 / 3) and row["circular_accuracy[letter]"] == 0.0
+    assert row["no_option_share[letter]"] == 0.0
+    assert "accuracy" not in score("mmbench", questions, ["A", "A", "A"])  # no option scores: letters only
 
 
 @given(st.lists(st.sampled_from(["a", "b", "c"]), min_size=4, max_size=4), st.integers(0, 3))

@@ -8,6 +8,12 @@ to a random letter: a score that changes from run to run.)
 
 CircularEval: each question is asked once per rotation of its options (A B C D, B C D A, ...); it is right
 only if every rotation is answered right, which a model that always says "A" cannot pass by luck.
+
+By likelihood (lm-evaluation-harness's `multiple_choice` output type, lmms-eval's `loglikelihood` requests):
+each option's text is scored as the start of the model's reply to the question (VLM.continuation_logprobs) and
+the likeliest is its pick, so a small LM that cannot keep to "answer with the letter" still says which option it
+finds likelier. Two scores of an option: its log-probability summed over its tokens ("sum"), which favours short
+options, and that sum divided by the option's length in characters ("char", lm-evaluation-harness's acc_norm).
 """
 
 from __future__ import annotations
@@ -52,6 +58,17 @@ def rotations(options: list[str], answer: int) -> list[tuple[list[str], int]]:
     """Every circular shift of the options, with where the right answer lands in each."""
     n = len(options)
     return [(options[k:] + options[:k], (answer - k) % n) for k in range(n)]
+
+
+LIKELIHOOD_NORMS = ("char", "sum")  # the first is the default (question_scores says why)
+
+
+def likelihood_pick(option_logprobs: list[float], options: list[str], norm: str) -> int:
+    """The option whose score is highest: its log-probability ("sum") or that per character ("char")."""
+    if norm not in LIKELIHOOD_NORMS:
+        raise ValueError(f"norm {norm!r}: one of {LIKELIHOOD_NORMS}")
+    values = [lp / max(len(o), 1) if norm == "char" else lp for lp, o in zip(option_logprobs, options)]
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def choice_scores(predictions: list[int | None], answers: list[int], question_ids: list | None = None) -> dict:

@@ -9,6 +9,10 @@ Rows of every table:
 - prior: no model at all: the most frequent training answer per question type (VQA), "yes" (POPE), option A
   (multiple choice).
 and the share of the model's answers that change when the image is swapped.
+
+Multiple choice is scored two ways for every row (multiple_choice.py): by likelihood (each option's text as the
+start of the reply; `accuracy` and `circular_accuracy` normalise per character, `[sum]` does not) and by the letter
+the model writes (`[letter]`, with the share of replies that name no option).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ..config import write_atomic
 from ..data.grounded_questions import MC_SUFFIX, VQA_SUFFIX
 from ..data.questions import Question, QuestionFileError, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
 from ..model.nll import derangement
-from .multiple_choice import choice_scores, extract_choice
+from .multiple_choice import LIKELIHOOD_NORMS, choice_scores, extract_choice, likelihood_pick
 from .pope import pope_scores, pope_scores_by_setting, roc_auc
 from .vqa import normalize_answer, prior_answers, vqa_scores
 
@@ -174,6 +178,16 @@ def long_questions(model, task: str, questions: list[Question]) -> list[str]:
     ]
 
 
+def option_logprobs(model, questions: list[Question], images: list, desc="") -> list[list[float]]:
+    """log p(option text | image, question) at the start of the reply, for each option of each question (asked as
+    answer_all asks it: the options listed with their letters); a prompt too long for the context is cut."""
+    out = []
+    for q, image in tqdm(list(zip(questions, images)), desc=desc or "option likelihoods", unit="q", leave=False):
+        messages = [{"role": "user", "content": prompt_of("mmbench", q)}]
+        out.append([lp for lp, _, _ in model.continuation_logprobs(image, messages, q.choices, cut_long=True)])
+    return out
+
+
 YES_NO = [["yes", "Yes"], ["no", "No"]]
 
 
@@ -189,7 +203,8 @@ def yes_no_margins(model, questions: list[Question], images: list, batch_size: i
 
 
 # ---- scoring ----------------------------------------------------------------------------------------
-def score(task: str, questions: list[Question], answers: list[str]) -> dict:
+def score(task: str, questions: list[Question], answers: list[str], options: list[list[float]] | None = None) -> dict:
+    """The task's scores of one answerer; multiple choice also by likelihood when its option log-probs are given."""
     if task == "vqa":
         usable = [(q, a) for q, a in zip(questions, answers) if q.answers]
         if not usable:
@@ -201,8 +216,16 @@ def score(task: str, questions: list[Question], answers: list[str]) -> dict:
         for setting, s in pope_scores_by_setting(answers, labels, [q.question_type for q in questions]).items():
             out |= {f"{k}[{setting}]": v for k, v in s.items() if k in ("f1", "accuracy", "yes_ratio")}
         return out
-    picks = [extract_choice(a, q.choices) for a, q in zip(answers, questions)]
-    return choice_scores(picks, [q.answer_index for q in questions], [q.group or q.question_id for q in questions])
+    right, groups = [q.answer_index for q in questions], [q.group or q.question_id for q in questions]
+    letters = choice_scores([extract_choice(a, q.choices) for a, q in zip(answers, questions)], right, groups)
+    out = {f"{k}[letter]": v for k, v in letters.items() if k in ("accuracy", "circular_accuracy", "no_option_share")}
+    out |= {k: letters[k] for k in ("items", "questions") if k in letters}
+    for norm in LIKELIHOOD_NORMS if options is not None else ():
+        picks = [likelihood_pick(lp, q.choices, norm) for lp, q in zip(options, questions)]
+        scores = choice_scores(picks, right, groups)
+        suffix = "" if norm == LIKELIHOOD_NORMS[0] else f"[{norm}]"
+        out |= {f"{k}{suffix}": scores[k] for k in ("accuracy", "circular_accuracy") if k in scores}
+    return out
 
 
 def prior_predictions(task: str, questions: list[Question], train_questions: list[Question] | None) -> list[str]:
@@ -235,7 +258,15 @@ def by_question_type(questions: list[Question], answers: dict[str, list[str]]) -
 MAIN_COLUMNS = {
     "vqa": ["vqa_accuracy", "vqa_accuracy[yes/no]", "vqa_accuracy[number]", "vqa_accuracy[other]"],
     "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio", "yes-no AUC"],
-    "mmbench": ["accuracy", "circular_accuracy", "no_option_share"],
+    "mmbench": [
+        "accuracy",
+        "circular_accuracy",
+        "accuracy[sum]",
+        "circular_accuracy[sum]",
+        "accuracy[letter]",
+        "circular_accuracy[letter]",
+        "no_option_share[letter]",
+    ],
 }
 
 
@@ -266,10 +297,11 @@ def evaluate_task(
     are asked about COCO photos a run may have captioned in training)."""
     from ..config import load_config
     from ..run import load_run
+    from ..run.release import resolve_model
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
-    run_dir = Path(run_dir)
+    run_dir = resolve_model(run_dir)  # a run folder, a release, zoo:NAME or hf:ORG/NAME
     cfg = load_config(run_dir / "config.yaml")
     files = [Path(f) for f in question_files] if question_files else default_question_files(cfg, task)
     questions: list[Question] = []
@@ -317,6 +349,9 @@ def evaluate_task(
     margins = {}  # POPE: the yes/no margin of every answerer that is a model, for the AUC column
     if task == "pope":
         margins = {name: yes_no_margins(model, questions, imgs, desc=name) for name, imgs in asked.items()}
+    options = {}  # multiple choice: every option's log-probability, for each answerer that is a model
+    if task == "mmbench":
+        options = {name: option_logprobs(model, questions, imgs, desc=name) for name, imgs in asked.items()}
     del model
     if blind_run is not None:
         blind = load_run(blind_run)
@@ -324,9 +359,13 @@ def evaluate_task(
         answers["blind model"] = answer_all(blind, task, questions, true_images, desc="blind model")
         if task == "pope":
             margins["blind model"] = yes_no_margins(blind, questions, true_images, desc="blind model")
+        if task == "mmbench":
+            options["blind model"] = option_logprobs(blind, questions, true_images, desc="blind model")
         del blind
     answers["prior"] = prior_predictions(task, questions, train_questions)
-    rows = {name: score(task, questions, a) for name, a in answers.items()}
+    if task == "mmbench":  # the prior picks option A, by letter and by likelihood alike
+        options["prior"] = [[0.0] + [float("-inf")] * (len(q.choices) - 1) for q in questions]
+    rows = {name: score(task, questions, a, options.get(name)) for name, a in answers.items()}
     for name, m in margins.items():
         rows[name]["yes-no AUC"] = roc_auc(m, [q.answers[0] == "yes" for q in questions])
     if "swapped image" in answers:
@@ -346,6 +385,7 @@ def evaluate_task(
             {"question_id": q.question_id, "question_type": q.question_type, "question": q.question}
             | {k: v[i] for k, v in answers.items()}
             | {f"{k} yes-no margin": v[i] for k, v in margins.items()}
+            | {f"{k} option logprobs": v[i] for k, v in options.items() if k != "prior"}
             for i, q in enumerate(questions)
         ],
     }

@@ -420,31 +420,53 @@ class VLM(nn.Module):
         """One image (path, PIL image or None) and a conversation ending in a user turn -> the assistant's reply."""
         return self.chat_batch([image], [messages], **generate_kwargs)[0]
 
-    @torch.no_grad()
-    def loglikelihood(self, image, messages: list[dict], continuation: str) -> tuple[float, bool]:
+    def loglikelihood(
+        self, image, messages: list[dict], continuation: str, cut_long: bool = False
+    ) -> tuple[float, bool]:
         """log p(continuation | image, conversation) as the start of the next assistant reply, and whether greedy
-        decoding would write exactly it (lmms-eval's `loglikelihood`; multiple choice by likelihood)."""
+        decoding would write exactly it (lmms-eval's `loglikelihood`)."""
+        total, _, greedy = self.continuation_logprobs(image, messages, [continuation], cut_long)[0]
+        return total, greedy
+
+    @torch.no_grad()
+    def continuation_logprobs(
+        self, image, messages: list[dict], continuations: list[str], cut_long: bool = False
+    ) -> list[tuple[float, int, bool]]:
+        """For each continuation: log p(it | image, conversation) as the start of the next assistant reply, its
+        token count, and whether greedy decoding would write exactly it. All in one forward pass (the options of
+        a multiple-choice question share the image and the prompt); an empty one scores (0.0, 0, True). A prompt
+        too long for the context with the longest continuation: PromptTooLong, or (cut_long) its middle cut, as
+        chat_batch does."""
         has_image = image is not None and not self.blind
         prompt = self.encode_messages(messages, generation=True, image=has_image)
-        cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not cont:
-            return 0.0, True
+        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        out = [(0.0, 0, True)] * len(conts)
+        scored = [i for i, c in enumerate(conts) if c]
+        if not scored:
+            return out
         visual = self.num_visual_tokens if has_image else 0
-        prompt = fit_prompt(prompt, visual, len(cont), self.context_length, cut=False)  # a score of a cut prompt: none
-        row = type(prompt)(prompt.ids + cont, [IGNORE_INDEX] * len(prompt.ids) + cont, prompt.image_position)
-        text = conversation_batch([row], self.specials.pad_id)
-        image_tokens = None if self.blind or image is None else self._image_tokens_of([image])
+        longest = max(len(conts[i]) for i in scored)
+        prompt = fit_prompt(prompt, visual, longest, self.context_length, cut=cut_long)
+        rows = [
+            type(prompt)(prompt.ids + conts[i], [IGNORE_INDEX] * len(prompt.ids) + conts[i], prompt.image_position)
+            for i in scored
+        ]
+        text = conversation_batch(rows, self.specials.pad_id)  # right-padded: each row's positions start at 0
+        image_tokens = self._image_tokens_of([image] * len(rows)) if has_image else None
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
         embeds, mask, labels = self._embed(visual, text)
         base = base_causal_lm(self.lm)
         hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         hidden, targets = hidden[:, :-1], labels[:, 1:]
         supervised = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[supervised]).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logits = base.get_output_embeddings()(hidden[supervised]).float()  # only the continuations' positions
         target = targets[supervised]
-        total = logprobs.gather(1, target[:, None]).sum().item()
-        return total, bool((logits.argmax(dim=-1) == target).all())
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        greedy = logits.argmax(dim=-1) == target
+        counts = supervised.sum(dim=1).tolist()
+        for i, lp, g, n in zip(scored, token_logprobs.split(counts), greedy.split(counts), counts):
+            out[i] = (lp.sum().item(), n, bool(g.all()))
+        return out
 
     # ---- what is trained, what is saved ---------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

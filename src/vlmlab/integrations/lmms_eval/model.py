@@ -59,12 +59,22 @@ class VlmlabLMM(lmms):
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(the continuation's loss: -log p summed over its tokens, whether greedy decoding writes it) per request.
+
+        A loss, not a log-likelihood, because lmms-eval reads it as one: its `multiple_choice` tasks pick the
+        option with the smallest value (lmms_eval/api/task.py, process_results: "we return the actual loss in many
+        model loglikelihood / we just use the argmin here"; its llava model returns `loss.item()`). A
+        log-likelihood here would make them pick the least likely option. A prompt too long for the context is cut
+        to fit, as `vlmlab eval questions` asks it."""
         out = []
         for context, doc_to_target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             image = self._visual(doc_to_visual, doc_id, task, split)
-            out.append(self.model.loglikelihood(image, self._messages(context, image), continuation))
+            logprob, greedy = self.model.loglikelihood(
+                image, self._messages(context, image), continuation, cut_long=True
+            )
+            out.append((-logprob, greedy))
         return out
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:

@@ -1,7 +1,9 @@
 """Task YAMLs for lmms-eval over the files `vlmlab make-tasks` writes (`dataset_path: json`, offline).
 
 `vlmlab lmms-tasks TASKS_DIR OUT` turns a make-tasks folder into OUT/vlmlab_{caption,vqa,pope,mmbench}.yaml, their
-JSON-lines documents, and the task functions (vlmlab_utils.py); then
+JSON-lines documents, and the task functions (vlmlab_utils.py); vlmlab_mmbench_likelihood asks the same multiple-choice
+questions through lmms-eval's `multiple_choice` output type (one loglikelihood request per option), scored as
+`vlmlab eval questions` scores them (per character, CircularEval, and by the summed score); then
 
     python -m lmms_eval --model vlmlab --model_args run=RUN_DIR --tasks vlmlab_pope --include_path OUT
 
@@ -22,18 +24,21 @@ METRICS = {
     "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
     "vqa": ["vqa_accuracy"],
     "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
+    "mmbench_likelihood": ["mc_likelihood_accuracy", "mc_likelihood_circular_accuracy", "mc_likelihood_sum_accuracy"],
 }
 TEXT = {
     "caption": "caption_doc_to_text",
     "pope": "vqa_doc_to_text",
     "vqa": "vqa_doc_to_text",
     "mmbench": "mc_doc_to_text",
+    "mmbench_likelihood": "mc_doc_to_text",
 }
 SOURCES = {
     "caption": ["captions_test.json"],
     "vqa": ["vqa_test_questions.json"],
     "pope": ["pope_test_random.json", "pope_test_popular.json", "pope_test_adversarial.json"],
     "mmbench": ["mmbench_test.tsv"],
+    "mmbench_likelihood": ["mmbench_test.tsv"],
 }
 
 
@@ -65,6 +70,8 @@ def _caption_doc(index: int, record: dict) -> dict:
 
 
 def _yaml(kind: str, data: Path, max_new_tokens: int) -> str:
+    if kind == "mmbench_likelihood":
+        return _likelihood_yaml(data)
     metrics = "".join(
         f"  - metric: {m}\n    aggregation: !function vlmlab_utils.{m}\n    higher_is_better: true\n"
         for m in METRICS[kind]
@@ -80,6 +87,31 @@ def _yaml(kind: str, data: Path, max_new_tokens: int) -> str:
         'doc_to_target: "answer"\n'
         f"generation_kwargs:\n  max_new_tokens: {max_new_tokens}\n  do_sample: false\n  num_beams: 1\n"
         "process_results: !function vlmlab_utils.keep\n"
+        f"metric_list:\n{metrics}"
+        "metadata:\n  - version: 0.1\n"
+    )
+
+
+def _likelihood_yaml(data: Path) -> str:
+    """Multiple choice by likelihood through lmms-eval's requests: every option is a continuation of the question
+    (target_delimiter "": the option's text is the start of the reply, as vlmlab scores it); vlmlab's own
+    process_results, since lmms-eval 0.7.3's cannot read a loglikelihood result (vlmlab_utils._loss)."""
+    metrics = "".join(
+        f"  - metric: {m}\n    aggregation: !function vlmlab_utils.{m}\n    higher_is_better: true\n"
+        for m in METRICS["mmbench_likelihood"]
+    )
+    return (
+        "task: vlmlab_mmbench_likelihood\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_visual: !function vlmlab_utils.doc_to_visual\n"
+        "doc_to_text: !function vlmlab_utils.mc_doc_to_text\n"
+        "doc_to_choice: !function vlmlab_utils.mc_doc_to_choice\n"
+        "doc_to_target: !function vlmlab_utils.mc_doc_to_target\n"
+        'target_delimiter: ""\n'
+        "process_results: !function vlmlab_utils.mc_likelihood_keep\n"
         f"metric_list:\n{metrics}"
         "metadata:\n  - version: 0.1\n"
     )

@@ -48,6 +48,41 @@ def mc_doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return question_text("mmbench", _question(doc))
 
 
+def mc_doc_to_choice(doc):
+    return list(doc["options"])
+
+
+def mc_doc_to_target(doc):
+    return int(doc["answer_index"])
+
+
+def _loss(result) -> float:
+    """One option's (loss, greedy) as lmms-eval hands it to process_results. lmms-eval 0.7.3 turns every model output
+    that is not text into its str() (api/instance.py, unwrap_generation_output: `return str(output), None`), so
+    its own multiple_choice scoring fails on any model ("too many values to unpack", api/task.py); read it back."""
+    import ast
+
+    value = ast.literal_eval(result) if isinstance(result, str) else result
+    return float(value[0])
+
+
+def mc_likelihood_keep(doc, results):
+    """Each option's loss (the plugin returns -log p summed): the picks by the summed score and per character."""
+    losses = [_loss(r) for r in results]
+    per_char = [loss / max(len(o), 1) for loss, o in zip(losses, doc["options"])]
+    picks = {"sum": losses.index(min(losses)), "char": per_char.index(min(per_char))}
+    return {name: {"doc": doc, "picks": picks} for name in _METRICS[doc["task_kind"]]}
+
+
+def mc_likelihood_metric(name, norm):
+    def aggregate(items):
+        docs = [i["doc"] for i in items]
+        picks = [i["picks"][norm] for i in items]
+        return choice_scores(picks, [d["answer_index"] for d in docs], [d["group"] for d in docs])[name]
+
+    return aggregate
+
+
 def keep(doc, results):
     """Every metric receives the document and the reply; the aggregations score them all at once."""
     return {name: {"doc": doc, "reply": results[0]} for name in _METRICS[doc["task_kind"]]}
@@ -95,10 +130,14 @@ caption_cider_d, caption_bleu_4 = caption_metric("CIDEr-D"), caption_metric("BLE
 pope_accuracy, pope_precision, pope_recall = pope_metric("accuracy"), pope_metric("precision"), pope_metric("recall")
 pope_f1, pope_yes_ratio = pope_metric("f1"), pope_metric("yes_ratio")
 mc_accuracy, mc_circular_accuracy = mc_metric("accuracy"), mc_metric("circular_accuracy")
+mc_likelihood_accuracy = mc_likelihood_metric("accuracy", "char")
+mc_likelihood_circular_accuracy = mc_likelihood_metric("circular_accuracy", "char")
+mc_likelihood_sum_accuracy = mc_likelihood_metric("accuracy", "sum")
 
 _METRICS = {
     "caption": ["caption_cider_d", "caption_bleu_4"],
     "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
     "vqa": ["vqa_accuracy"],
     "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
+    "mmbench_likelihood": ["mc_likelihood_accuracy", "mc_likelihood_circular_accuracy", "mc_likelihood_sum_accuracy"],
 }
