@@ -23,7 +23,7 @@ import yaml
 
 from ..config import Config, ConfigError, apply_settings, load_config, write_atomic
 from ..eval.captioning import ATTRIBUTE_COLUMNS
-from .arm_records import arm_record_path, read_arm_record, write_arm_record
+from .arm_records import arm_record_path, read_arm_record, val_curve, write_arm_record
 from .baselines import finished_step, stale_keys
 from .recipes import find_recipe
 
@@ -65,7 +65,7 @@ class Suite:
             settings = dict(self.variants[variant] or {})
             pretrain = settings.pop("pretrain", None)
             apply_settings(cfg, settings)
-            apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(out_dir / variant / f"seed{seed}")})
+            apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(arm_dir(out_dir, variant, seed))})
             if pretrain is not None:  # the run starts from its stage-1 run (a variant's `pretrain:`)
                 cfg.train.init_from = str(self.pretrain_config(variant, seed, out_dir).train.output_dir)
         except ConfigError as e:
@@ -85,8 +85,17 @@ class Suite:
         cfg = apply_settings(load_config(base), self.overrides or {})
         apply_settings(cfg, {k: v for k, v in settings.items() if k.startswith(("connector.", "vision.", "data."))})
         apply_settings(cfg, {"train.stage": "qformer", **pretrain})
-        out = str(out_dir / variant / f"seed{seed}-stage1")
-        return apply_settings(cfg, {"train.seed": seed, "train.output_dir": out})
+        return apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(stage1_dir(out_dir, variant, seed))})
+
+
+def arm_dir(out_dir: Path, variant: str, seed: int) -> Path:
+    """Where a suite trains one arm (variant x seed)."""
+    return Path(out_dir) / variant / f"seed{seed}"
+
+
+def stage1_dir(out_dir: Path, variant: str, seed: int) -> Path:
+    """Where a pretrain variant's BLIP-2 stage-1 run for that arm trains, beside the arm."""
+    return Path(out_dir) / variant / f"seed{seed}-stage1"
 
 
 def load_suite(spec: str | Path) -> Suite:
@@ -195,13 +204,13 @@ def _evaluated(run_dir: Path) -> bool:
 def arm_results(out: Path, variant: str, seed: int, records: str | Path | None = None) -> dict | None:
     """What the tables need of one arm: from its run folder in OUT when evaluated there, else from its record in
     `records` (a finished arm trained on another machine); None when neither has it."""
-    run_dir = out / variant / f"seed{seed}"
+    run_dir = arm_dir(out, variant, seed)
     if (run_dir / "eval.json").exists():
-        stage1_eval = run_dir.parent / f"seed{seed}-stage1" / "eval.json"
+        stage1_eval = stage1_dir(out, variant, seed) / "eval.json"
         return {
             "eval": json.loads((run_dir / "eval.json").read_text()),
             "model_info": _model_info(run_dir),
-            "val_curve": _val_curve(run_dir),
+            "val_curve": val_curve(run_dir),
             "stage1_eval": json.loads(stage1_eval.read_text()) if stage1_eval.exists() else None,
         }
     path = None if records is None else arm_record_path(records, variant, seed)
@@ -237,11 +246,6 @@ def _model_info(run_dir: Path) -> dict:
 
         write_atomic(path, json.dumps(build_vlm(load_config(run_dir / "config.yaml")).model_info()))
     return json.loads(path.read_text())
-
-
-def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from ..config import DATA_ROOT_VARIABLE, DEFAULT_DATA_ROOT, Config, ConfigError, config_to_dict, write_atomic
-from ..run.record import flat, git_commit
+from ..run.record import flat, flat_differences, git_commit
 
 ARM_RECORD_FORMAT = "vlmlab-arm/1"
 # Keys that do not change what a finished arm's figures are: where its folders were, and how often it logged.
@@ -58,8 +58,13 @@ def portable_config(cfg: Config, root: str | None = None) -> dict:
     return {k: v for k, v in values.items() if k not in NOT_COMPARED}
 
 
-def config_differences(recorded: dict, wanted: dict) -> list[tuple[str, object, object]]:
-    return [(k, recorded.get(k), wanted.get(k)) for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]  # fmt: skip
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation loss) from a run's metrics.jsonl; empty when it logged none."""
+    from ..run.record import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
 
 
 def arm_record_path(records_dir: str | Path, variant: str, seed: int) -> Path:
@@ -72,10 +77,8 @@ def write_arm_record(
     """The finished, evaluated arm in run_dir (and its stage-1 run) -> one JSON at path."""
     from ..run.checkpoint import checkpoint_step
     from ..run.hardware import cpu_info
-    from ..run.record import METRICS_FILE, MODEL_INFO_FILE
+    from ..run.record import MODEL_INFO_FILE
 
-    metrics = run_dir / METRICS_FILE
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
     record = {
         "format": ARM_RECORD_FORMAT,
         "suite": suite,
@@ -87,7 +90,7 @@ def write_arm_record(
         "eval": json.loads((run_dir / "eval.json").read_text()),
         "stage1_eval": None,
         "model_info": json.loads((run_dir / MODEL_INFO_FILE).read_text()),
-        "val_curve": [[r["step"], r["val_loss"]] for r in map(json.loads, lines) if "val_loss" in r],
+        "val_curve": [list(point) for point in val_curve(run_dir)],
         "commit": git_commit(),
         "date": date.today().isoformat(),
         "machine": cpu_info().describe(),
@@ -111,13 +114,13 @@ def read_arm_record(path: Path, cfg: Config, split: str, stage1: Config | None =
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: not an arm record ({e}); move it away") from e
     problems = [
-        f"{k}: recorded {a!r}, now {b!r}" for k, a, b in config_differences(record["config"], portable_config(cfg))
+        f"{k}: recorded {a!r}, now {b!r}" for k, a, b in flat_differences(record["config"], portable_config(cfg))
     ]
     if (stage1 is None) != (record.get("stage1_config") is None):
         problems.append("stage 1: " + ("recorded none, now asked for" if stage1 is not None else "recorded, now none"))
     elif stage1 is not None:
         problems += [f"stage 1 {k}: recorded {a!r}, now {b!r}"
-                     for k, a, b in config_differences(record["stage1_config"], portable_config(stage1))]  # fmt: skip
+                     for k, a, b in flat_differences(record["stage1_config"], portable_config(stage1))]  # fmt: skip
     if record.get("step") != cfg.train.max_steps:
         problems.append(f"step: recorded {record.get('step')!r}, the arm trains to {cfg.train.max_steps}")
     if record["eval"].get("split") != split:

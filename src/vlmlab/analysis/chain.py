@@ -259,15 +259,15 @@ def plan_stages(
 def released_stage(key: str, model: Path, cfg: Config, run_dir: Path, upstream_trains: bool) -> Path:
     """An exported model standing in for a stage (--use KEY=MODEL): verified, trained with the stage's settings (data
     paths read against the data root each machine has), to the stage's steps, and after no stage that trains now."""
-    from ..run.record import holds_a_run
+    from ..run.record import flat_differences, holds_a_run
     from ..run.release import is_release, verify_release
-    from .arm_records import config_differences, portable_config
+    from .arm_records import portable_config
 
     if not is_release(model):
         raise ConfigError(f"--use {key}={model}: not an exported model (vlmlab export writes one)")
     manifest = verify_release(model)
     recorded = load_config(model / "config.yaml")
-    differences = config_differences(
+    differences = flat_differences(
         portable_config(recorded, manifest.get("data_root")), portable_config(cfg)
     )  # fmt: skip
     if differences:

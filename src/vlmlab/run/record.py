@@ -71,16 +71,19 @@ def holds_a_run(run_dir: Path) -> list[str]:
     return present
 
 
+def flat_differences(saved: dict, want: dict, skip=lambda key: False) -> list[tuple[str, object, object]]:
+    """(key, saved value, wanted value) for every key of two flat configs that differs, keys `skip` allows left out."""
+    keys = sorted(k for k in set(saved) | set(want) if not skip(k))
+    return [(k, saved.get(k), want.get(k)) for k in keys if saved.get(k) != want.get(k)]
+
+
 def resume_differences(recorded: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, recorded value, new value) for every key that must match on resume and does not."""
-    saved, want = flat(config_to_dict(recorded)), flat(config_to_dict(new))
-    out = []
-    for key in sorted(set(saved) | set(want)):
-        if key in RESUME_MAY_CHANGE or key.startswith(RESUME_MAY_CHANGE_PREFIXES):
-            continue
-        if saved.get(key) != want.get(key):
-            out.append((key, saved.get(key), want.get(key)))
-    return out
+    return flat_differences(
+        flat(config_to_dict(recorded)),
+        flat(config_to_dict(new)),
+        skip=lambda key: key in RESUME_MAY_CHANGE or key.startswith(RESUME_MAY_CHANGE_PREFIXES),
+    )
 
 
 def recorded_config(run_dir: Path) -> Config | None:
