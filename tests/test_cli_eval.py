@@ -29,7 +29,11 @@ def run_folder(path, *overrides):
     [
         (["eval", "questions", "RUN", "--task", "vqa", "--beams", "3"], "--beams", "`vlmlab eval captions`"),
         (["eval", "captions", "RUN", "--task", "pope"], "--task", "`vlmlab eval questions`"),
-        (["eval", "captions", "RUN", "--sugarcrepe", "DIR"], "--sugarcrepe", "`vlmlab eval retrieval`"),
+        (
+            ["eval", "captions", "RUN", "--blind", "DIR"],
+            "--blind",
+            "`vlmlab eval questions` or `vlmlab eval retrieval`",
+        ),
         (["eval", "retrieval", "RUN", "--rerank", "mbr"], "--rerank", "`vlmlab eval captions`"),
         (["eval", "retrieval", "RUN", "--unseen-only"], "--unseen-only", "`vlmlab eval questions`"),
         (["eval", "captions", "RUN", "--limit", "3"], "--limit", "`vlmlab eval questions` or `vlmlab eval retrieval`"),
@@ -61,6 +65,7 @@ def test_eval_without_an_evaluator_takes_the_one_of_the_run(tmp_path, capsys):
 def test_settings_that_cannot_apply_to_the_run_fail_in_one_line_before_anything_loads(tmp_path, capsys):
     captioner = run_folder(tmp_path / "captioner")
     stage1 = run_folder(tmp_path / "stage1", "train.stage=qformer")
+    chat = run_folder(tmp_path / "chat", f"data.tasks={tmp_path}")
     cases = [
         (["eval", "captions", str(captioner), "--candidates", "3"], "--candidates applies to --rerank"),
         (["eval", "captions", str(stage1)], f"{stage1} is a stage-1 (qformer) run"),
@@ -68,12 +73,17 @@ def test_settings_that_cannot_apply_to_the_run_fail_in_one_line_before_anything_
         (["eval", "retrieval", str(captioner)], "no retrieval heads, only its caption likelihood"),
         (["eval", "retrieval", str(stage1), "--limit", "3"], "--images and --limit apply to --sugarcrepe"),
         (["eval", "retrieval", str(captioner), "--sugarcrepe", "DIR", "--split", "val"], "--split applies to a"),
+        (["eval", "retrieval", str(captioner), "--blind", str(captioner)], "--blind applies to a caption run's"),
+        (["eval", "retrieval", str(stage1), "--sugarcrepe", "DIR", "--blind", "B"], "--blind applies to a caption"),
+        (["eval", "captions", str(chat), "--sugarcrepe", "DIR"], "trained on conversations (data.tasks)"),
+        (["eval", "captions", str(captioner), "--sugarcrepe", str(tmp_path)], "no SugarCrepe category files"),
+        (["eval", "retrieval", str(captioner), "--sugarcrepe", "DIR", "--blind", str(captioner)], "not 'none'"),
     ]
     for argv, message in cases:
         assert cli_main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("vlmlab eval: error: ") and message in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["captioner", "config.yaml", "config.yaml", "stage1"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["captioner", "chat"] + ["config.yaml"] * 3 + ["stage1"]
 
 
 def _tree(folder):
@@ -156,8 +166,9 @@ def test_eval_retrieval_scores_a_stage1_run_and_sugarcrepe_by_a_caption_runs_lik
     assert result["split"] == "val" and "i2t_r@1" in result["retrieval"] and "itm_accuracy" in result
 
     sugarcrepe = require(SHARED_DATA / "questions" / "sugar-crepe")
-    argv = ["eval", "retrieval", str(caption_run), "--sugarcrepe", str(sugarcrepe), "--limit", "1"]
+    argv = ["eval", "retrieval", str(caption_run), "--sugarcrepe", str(sugarcrepe), "--limit", "2"]
     assert cli_main(argv + ["--out-dir", str(tmp_path / "sugarcrepe")]) == 0
-    scores = json.loads((tmp_path / "sugarcrepe" / "sugarcrepe.json").read_text())["caption_likelihood"]
-    assert len(scores) == 7 and all(s["n"] == 1 for s in scores.values())
+    record = json.loads((tmp_path / "sugarcrepe" / "sugarcrepe.json").read_text())
+    assert record["items"] == dict.fromkeys(record["items"], 2) and len(record["items"]) == 7  # none trained on
+    assert set(record["rows"]) == {"model", "swapped image", "no image"}
     assert not (caption_run / "sugarcrepe.json").exists()  # --out-dir is where it goes

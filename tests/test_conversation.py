@@ -150,7 +150,7 @@ def test_loglikelihood_is_greedy_for_the_argmax_token(tiny_vlm, tmp_path):
     from vlmlab.model.conversation import conversation_batch as batch_of
 
     text = batch_of([prompt], tiny_vlm.specials.pad_id)
-    visual = tiny_vlm.visual_tokens(tiny_vlm._image_tokens_of([str(a)]))
+    visual = tiny_vlm.visual_tokens(tiny_vlm.image_tokens_of([str(a)]))
     embeds, mask, _ = tiny_vlm._embed(visual, text)
     with torch.no_grad():
         logits = tiny_vlm.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
@@ -210,3 +210,37 @@ def test_options_scored_in_one_batch_equal_each_alone_and_a_cut_prompt_still_sco
     with pytest.raises(PromptTooLong):
         tiny_vlm.continuation_logprobs(str(a), long, options)
     assert all(lp < 0 for lp, _, _ in tiny_vlm.continuation_logprobs(str(a), long, options[:2], cut_long=True))
+
+
+def test_an_ended_continuation_is_the_whole_reply_with_its_end_token(tiny_vlm, tmp_path):
+    """Closed-vocabulary answers: '1' must not beat '10' merely by being its start, so each is scored as the whole
+    reply, the turn's end token after it (one more token, a lower log-probability than the open continuation)."""
+    from PIL import Image
+
+    a = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(a)
+    msgs = [{"role": "user", "content": "<image> How many circles are there?"}]
+    numbers = ["1", "10"]
+    open_, ended = (tiny_vlm.continuation_logprobs(str(a), msgs, numbers, ended=e) for e in (False, True))
+    for (lp, n, _), (lp_end, n_end, _) in zip(open_, ended):
+        assert n_end == n + 1 and lp_end < lp
+    end = tiny_vlm.tokenizer.decode([tiny_vlm.turn_end_id])
+    whole = tiny_vlm.loglikelihood(str(a), msgs, "1")[0]
+    assert ended[0][0] < whole and open_[0][0] == pytest.approx(whole, abs=1e-4) and end
+
+
+def test_number_questions_alone_are_answered_from_the_closed_vocabulary(tiny_vlm, tmp_path):
+    from PIL import Image
+
+    from vlmlab.data.questions import Question
+    from vlmlab.eval.question_scores import NUMBER_ANSWERS, number_picks, with_number_picks
+
+    a = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(a)
+    qs = [
+        Question("1", str(a), "How many circles are there?", ["2"] * 10, "number", "how many"),
+        Question("2", str(a), "What color is the circle?", ["blue"] * 10, "other", "what color is the"),
+    ]
+    picks = number_picks(tiny_vlm, qs, [str(a), str(a)])
+    assert list(picks) == [0] and picks[0] in NUMBER_ANSWERS
+    assert with_number_picks(["many", "blue"], picks) == [picks[0], "blue"]

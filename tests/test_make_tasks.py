@@ -19,6 +19,7 @@ from vlmlab.config import load_config, save_config
 from vlmlab.data.formats import CaptionSample
 from vlmlab.data.grounded_questions import MC_SUFFIX, ImageFacts, pope_questions
 from vlmlab.data.make_tasks import grouped_turns, make_tasks, rotated_rows
+from vlmlab.data.pairs import load_samples
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
 from vlmlab.data.synthetic import POSITIONS, SceneObject, render_scene
 
@@ -585,3 +586,35 @@ def test_grouped_turns_refuses_what_it_cannot_group():
     two_turns = [("a.jpg", single[0][1] * 2)]
     with pytest.raises(ValueError, match="single-turn"):
         grouped_turns(two_turns, 2, random.Random(0))
+
+
+def test_counts_from_captions_add_only_count_questions_to_stage_3_and_leave_every_other_file_alone(tmp_path):
+    from conftest import SHARED_DATA, require
+    from vlmlab.data.caption_objects import counts_from_captions
+
+    root = require(SHARED_DATA / "coco2017-mini")
+    cfg = load_config(None, [f"data.datasets=[coco:{root}]"])
+    flags = dict(objects_from_captions=True, min_captions=1, presence_from_boxes=True)
+    plain = make_tasks(cfg, tmp_path / "plain", **flags)
+    counted = make_tasks(cfg, tmp_path / "counts", **flags, counts_from_captions=True)
+    asked = counted["counts_from_captions"]
+    assert sum(asked["train"].values()) > 0 and "1" not in asked["train"]  # captions say "two dogs", not "one"
+    for name in plain["files"]:
+        if name.startswith("vqa_conversations_") or name.startswith("vqa_train_"):
+            continue
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "counts" / name).read_bytes(), name
+    before, after = (
+        read_vqa_v2(tmp_path / run / "vqa_train_questions.json", tmp_path / run / "vqa_train_annotations.json")
+        for run in ("plain", "counts")
+    )
+    key = lambda q: (q.image, q.question, q.answers[0])  # noqa: E731
+    added = Counter(map(key, after)) - Counter(map(key, before))
+    assert not Counter(map(key, before)) - Counter(map(key, after))  # nothing removed
+    assert sum(added.values()) == sum(asked["train"].values())
+    captions = {str(Path(s.image_path)): s.captions for s in load_samples(cfg)["train"]}
+    for image, question, answer in added:
+        assert question.startswith("How many ") and answer in {
+            str(n) for n in counts_from_captions(captions[image], 1).values()
+        }
+    with pytest.raises(ValueError, match="give both"):
+        make_tasks(cfg, tmp_path / "alone", counts_from_captions=True)

@@ -212,3 +212,23 @@ def test_add_from_the_demos_captions_json_keeps_both_nlls_and_the_swap_count(tmp
     (table,) = record["figures"].values()
     assert record["kind"] == "demo" and table["model"] == {"true images": 0.5431, "shuffled images": 0.879}
     assert record["values"] == {"shown captions changed by a swap (of 8)": 7}
+
+
+def test_add_from_a_sugarcrepe_json_keeps_each_row_with_its_error_the_chance_and_the_paired_gain(tmp_path):
+    from vlmlab.eval.caption_matching import CHANCE, accuracy_with_error, matched, paired_gain
+
+    logprobs = {"model": {"replace_obj": [[-1, -2], [-1, -2], [-3, -1]]}, "blind LM": {"replace_obj": [[-2, -1]] * 3}}
+    written = {"rows": {}, "errors": {}, "logprobs": logprobs, "items": {"replace_obj": 3}, "chance": CHANCE}
+    for row, by_category in logprobs.items():
+        mean, error = accuracy_with_error(matched(*zip(*by_category["replace_obj"])))
+        written["rows"][row] = {"replace_obj": mean, "all": mean}
+        written["errors"][row] = {"replace_obj": error, "all": error}
+    written |= {"run": "zoo:photo-captioner", "model - blind LM": paired_gain(written, "model", "blind LM")}
+    (tmp_path / "sugarcrepe.json").write_text(json.dumps(written))
+    record = record_from_run(tmp_path, "sugarcrepe-tiny", command="vlmlab eval retrieval RUN --sugarcrepe DIR")
+    ((label, table),) = record["figures"].items()
+    assert record["kind"] == "retrieval" and "3 items about unseen photos" in label
+    assert table["model"]["replace_obj"] == pytest.approx(2 / 3) and table["blind LM"]["all"] == 0.0
+    assert table["model - blind LM (paired)"]["all std"] == pytest.approx(1 / 3)
+    assert table["chance"] == {"replace_obj": 0.5, "all": 0.5} and table["items"]["all"] == 3
+    assert "| model - blind LM (paired) | 0.667 +- 0.333 | 0.667 +- 0.333 |" in render([record])

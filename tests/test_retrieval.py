@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, require
-from vlmlab.eval.retrieval import read_sugarcrepe, recall_at_k, sugarcrepe_scores
+from vlmlab.eval.caption_matching import read_sugarcrepe
+from vlmlab.eval.retrieval import recall_at_k, sugarcrepe_scores
 
 
 def test_recall_is_one_for_a_perfect_similarity_and_chance_for_a_random_one():
@@ -40,18 +41,3 @@ def test_reads_the_real_sugarcrepe_with_its_coco_images():
     assert set(items) == {"add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"}
     row = random.Random(0).choice(items["swap_att"])
     assert row["caption"] != row["negative_caption"]
-
-
-def test_caption_likelihood_of_a_batch_equals_each_caption_scored_alone(tmp_path, tiny_config):
-    """Padding must not leak into the score: SugarCrepe's negatives differ in length from their captions."""
-    from vlmlab.eval.retrieval import caption_loglikelihood
-    from vlmlab.model.vlm import build_vlm
-
-    vlm = build_vlm(tiny_config(tmp_path)).eval()
-    features = torch.randn(3, 16, 32)
-    captions = ["a red circle", "a large blue square on the left of the picture", "green"]
-    score = caption_loglikelihood(vlm, batch_size=3)
-    together = score(features, captions)
-    alone = torch.cat([score(features[i : i + 1], captions[i : i + 1]) for i in range(3)])
-    assert torch.allclose(together, alone, atol=1e-4)
-    assert (together < 0).all() and together[1] < together[2]  # summed: the long caption costs more

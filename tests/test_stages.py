@@ -258,6 +258,13 @@ def test_a_chain_from_another_replaces_only_its_own_keys(tmp_path, monkeypatch):
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"from": "photos-hour", "stage": {}}))
     with pytest.raises(ConfigError, match="unknown: \\['stage'\\]"):
         load_chain(str(tmp_path / "typo.yaml"))
+    counted = {"from": "photos-hour", "counts_from_captions": True, "tasks": "data/tasks/counts"}
+    (tmp_path / "counts.yaml").write_text(yaml.safe_dump(counted))
+    assert load_chain(str(tmp_path / "counts.yaml")).counts_from_captions is True
+    for bad, match in (({"objects_from_captions": False}, "set both"), ({"counts_from_captions": "yes"}, "true or")):
+        (tmp_path / "bad_counts.yaml").write_text(yaml.safe_dump(counted | bad))
+        with pytest.raises(ConfigError, match=match):
+            load_chain(str(tmp_path / "bad_counts.yaml"))
 
 
 def test_eval_tasks_reads_the_real_pope_and_aokvqa_files():
@@ -358,3 +365,33 @@ def test_a_question_set_about_one_photo_has_no_swapped_image_row(tiny_chain):
     rows = evaluate_task(tmp / "out" / "caption", "pope", question_files=[path], out_dir=tmp / "one_photo")
     assert "swapped image" not in rows and "no image" in rows and "prior" in rows
     assert "answers changed by swap" not in rows["model"]
+
+
+@pytest.mark.slow
+def test_a_chain_scores_its_caption_stage_on_sugarcrepe_beside_the_blind_arm(tiny_chain):
+    """SugarCrepe's layout (category files naming photos in coco2017-val/val2017 beside questions/), here with the
+    tiny world's pictures: each caption stage gets its table, with the blind arm's caption stage as the blind LM."""
+    tmp, _ = tiny_chain
+    folder, photos = tmp / "data" / "questions" / "sugar-crepe", tmp / "data" / "coco2017-val" / "val2017"
+    folder.mkdir(parents=True), photos.mkdir(parents=True)
+    for k, picture in enumerate(sorted((tmp / "world").rglob("*.png"))[:3]):
+        (photos / f"sc{k}.png").write_bytes(picture.read_bytes())  # not a COCO id: no training photo's key
+    items = {str(k): {"filename": f"sc{k}.png", "caption": "a red circle", "negative_caption": "a blue square"}
+             for k in range(3)}  # fmt: skip
+    (folder / "replace_obj.json").write_text(json.dumps(items))
+    spec = yaml.safe_load((tmp / "chain.yaml").read_text())
+    spec |= {"stages": {"caption": {"train.max_steps": 2}}, "evaluate": [], "forgetting_split": None}
+    (tmp / "sugarcrepe.yaml").write_text(yaml.safe_dump(spec | {"sugarcrepe": str(folder)}))
+    summary = run_chain(load_chain(str(tmp / "sugarcrepe.yaml")), tmp / "sugarcrepe")
+    record = summary["caption_matching"]["caption"]
+    assert set(record["rows"]) == {"model", "swapped image", "no image", "blind LM"} and "logprobs" not in record
+    assert record["blind_run"] == summary["runs"]["blind"]["caption"] and record["items"] == {"replace_obj": 3}
+    assert "model - blind LM" in record and "sugarcrepe caption" in summary["seconds"]
+    assert "## SugarCrepe: the caption stage" in (tmp / "sugarcrepe" / "chain.md").read_text()
+    assert (tmp / "sugarcrepe" / "eval" / "sugarcrepe-caption" / "sugarcrepe.json").exists()  # with the logprobs
+
+    for bad, match in (({"stages": {"instruct": {}}}, "this chain has none"), ({}, "do not exist")):
+        (tmp / "bad_sc.yaml").write_text(yaml.safe_dump(spec | bad | {"sugarcrepe": str(tmp / "gone")}))
+        with pytest.raises(ConfigError, match=match):
+            run_chain(load_chain(str(tmp / "bad_sc.yaml")), tmp / "never4")
+    assert not (tmp / "never4").exists()

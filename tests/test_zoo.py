@@ -92,3 +92,37 @@ def test_each_chat_model_answers_its_recorded_questions_again(name, record, ques
     else:
         same = sum(new["model"] == old[row] for new, old in zip(again, before))
         assert same >= len(again) - 1, [(new["model"], old[row]) for new, old in zip(again, before)]
+
+
+SUGARCREPE = [(name, r.name) for name in ZOO for r in sorted((zoo_dir() / name / "records").glob("sugarcrepe*.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "record"), SUGARCREPE)
+def test_each_sugarcrepe_row_rescores_to_its_record(name, record):
+    """The first 4 kept items of each category, scored again by the released model (its row of the record: the
+    blind LM's for a blind twin), give the recorded caption log-probabilities within 0.05 per caption."""
+    from vlmlab.config import load_config
+    from vlmlab.eval.caption_matching import caption_logprobs, default_sugarcrepe_images, read_sugarcrepe
+    from vlmlab.eval.question_scores import photo_key, trained_photo_keys
+    from vlmlab.run.release import resolve_model
+
+    stated = json.loads((zoo_dir() / name / "records" / record).read_text())
+    row = json.loads((zoo_dir() / name / RELEASE_MANIFEST).read_text()).get("row", "model")
+    folder = require(SHARED_DATA / "questions" / "sugar-crepe")
+    seen = trained_photo_keys(load_config(resolve_model(stated["run"]) / "config.yaml"))
+    model = load_run(f"zoo:{name}")
+    for category, rows in read_sugarcrepe(folder, default_sugarcrepe_images(folder)).items():
+        kept = [r for r in rows if photo_key(r["image"]) not in seen][:4]
+        images = [None if model.blind else r["image"] for r in kept]
+        true = caption_logprobs(model, images, [r["caption"] for r in kept])
+        negative = caption_logprobs(model, images, [r["negative_caption"] for r in kept])
+        recorded = stated["logprobs"][row][category][:4]
+        assert [list(p) for p in zip(true, negative)] == [pytest.approx(r, abs=0.05) for r in recorded], category
+
+
+def test_a_record_names_a_zoo_model_as_zoo_name_on_every_machine(tmp_path):
+    from vlmlab.run.release import model_name
+
+    assert model_name(zoo_dir() / "demo") == model_name(f"{zoo_dir()}/demo/") == "zoo:demo"
+    assert model_name(tmp_path / "demo") == str(tmp_path / "demo")  # a run folder elsewhere: as given

@@ -104,7 +104,12 @@ def cmd_eval_captions(args) -> None:
     if args.rerank:  # bad settings fail before a lock or a model
         check_rerank(args.rerank, candidates)
     _refuse_stage1(args.run_dir, "captioner")
-    _check_out_dir(args, ["eval.json", "eval.md", "contact_sheet.png"])
+    sugarcrepe = ["sugarcrepe.json", "sugarcrepe.md"] if args.sugarcrepe else []
+    _check_out_dir(args, ["eval.json", "eval.md", "contact_sheet.png"] + sugarcrepe)
+    if args.sugarcrepe:  # refused now, not after the captions
+        from .eval.caption_matching import check_caption_matching
+
+        check_caption_matching(args.run_dir, args.sugarcrepe)
     kwargs = {
         "num_beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
@@ -127,6 +132,11 @@ def cmd_eval_captions(args) -> None:
             num_candidates=candidates,
             **{k: v for k, v in kwargs.items() if v},
         )
+        if args.sugarcrepe:  # beside the captions: the same run's caption likelihood on hard negatives
+            from .eval.caption_matching import evaluate_caption_matching
+
+            blind = (baselines or {}).get("blind")
+            evaluate_caption_matching(args.run_dir, args.sugarcrepe, blind_run=blind, out_dir=args.out_dir)
 
 
 def cmd_eval_questions(args) -> None:
@@ -157,6 +167,8 @@ def cmd_eval_retrieval(args) -> None:
 
     if not args.sugarcrepe and (args.images or args.limit is not None):
         raise ConfigError("--images and --limit apply to --sugarcrepe; give it or leave them out")
+    if args.blind and (not args.sugarcrepe or _is_stage1(args.run_dir)):
+        raise ConfigError("--blind applies to a caption run's --sugarcrepe (the blind LM row)")
     if _is_stage1(args.run_dir):
         from .eval.retrieval import evaluate_stage1_run
 
@@ -173,11 +185,14 @@ def cmd_eval_retrieval(args) -> None:
         )
     if args.split:
         raise ConfigError("--split applies to a stage-1 run's recall; SugarCrepe has its own images")
-    from .eval.retrieval import evaluate_sugarcrepe_captioner
+    from .eval.caption_matching import check_caption_matching, evaluate_caption_matching
 
-    _check_out_dir(args, ["sugarcrepe.json"])
+    _check_out_dir(args, ["sugarcrepe.json", "sugarcrepe.md"])
+    check_caption_matching(args.run_dir, args.sugarcrepe, args.blind)  # before the lock and any model
     with run_lock(args.out_dir or args.run_dir, create=bool(args.out_dir)):  # sugarcrepe.json
-        evaluate_sugarcrepe_captioner(args.run_dir, args.sugarcrepe, args.images, args.limit, args.out_dir)
+        evaluate_caption_matching(
+            args.run_dir, args.sugarcrepe, args.images, args.blind, args.limit, args.out_dir
+        )  # fmt: skip
 
 
 def cmd_ablate(args) -> None:
@@ -369,6 +384,10 @@ def cmd_make_tasks(args) -> None:
         from .config import ConfigError
 
         raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
+    if args.counts_from_captions and not args.objects_from_captions:
+        from .config import ConfigError
+
+        raise ConfigError("--counts-from-captions reads the photos --objects-from-captions grounds: give both")
     min_captions = 2 if args.objects_min_captions is None else args.objects_min_captions
     for flag, value in (("--objects-min-captions", min_captions), ("--vqa-turns", args.vqa_turns)):
         if value < 1:
@@ -383,6 +402,7 @@ def cmd_make_tasks(args) -> None:
         min_captions=min_captions,
         presence_from_boxes=args.presence_from_boxes,
         vqa_turns=args.vqa_turns,
+        counts_from_captions=args.counts_from_captions,
     )
     for name, count in summary["files"].items():
         print(f"{count:>7}  {Path(args.out_dir) / name}")
@@ -391,6 +411,8 @@ def cmd_make_tasks(args) -> None:
         print(f"of which objects named by captions only: {summary['objects_from_captions']}")
     if args.presence_from_boxes:
         print(f"stage-3 questions about the photos with boxes only: {summary['presence_from_boxes']}")
+    if args.counts_from_captions:
+        print(f"count questions from captions, by answer: {summary['counts_from_captions']}")
 
 
 def cmd_presence_probe(args) -> None:
@@ -546,6 +568,12 @@ def add_eval_parsers(sub) -> None:
     )
     p.add_argument("--candidates", type=int, help="beam candidates per image for --rerank (default 5)")
     p.add_argument("--contact-images", type=int, default=16, help="images on contact_sheet.png (0: none)")
+    p.add_argument(
+        "--sugarcrepe",
+        metavar="DIR",
+        help="also SugarCrepe ($VLMLAB_DATA/questions/sugar-crepe) by the run's caption likelihood, beside the "
+        "swapped-image, no-image and blind-LM rows, on photos it never trained on: sugarcrepe.json / .md",
+    )
     p.add_argument("--out-dir", help="write eval.json, eval.md, contact_sheet.png here (default: RUN_DIR)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_eval_captions)
@@ -593,6 +621,7 @@ def add_eval_parsers(sub) -> None:
         "likelihood (caption runs: sugarcrepe.json) prefer the true caption over its hard negative, per category",
     )
     p.add_argument("--images", help="SugarCrepe's images (default: coco2017-val/val2017 beside its folder)")
+    p.add_argument("--blind", metavar="RUN_DIR", help="caption runs: the blind LM (connector.type none) beside it")
     p.add_argument("--limit", type=int, help="SugarCrepe: only the first N items per category")
     p.add_argument("--out-dir", help="write the results here (default: RUN_DIR)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -665,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="with --objects-from-captions: an object counts as present when N of the captions name it (default 2)",
+    )
+    p.add_argument(
+        "--counts-from-captions",
+        action="store_true",
+        help="with --objects-from-captions: stage-3 'How many' questions wherever N captions agree on a number "
+        "('two dogs'); every other file unchanged",
     )
     p.add_argument(
         "--presence-from-boxes",

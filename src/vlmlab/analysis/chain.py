@@ -21,6 +21,7 @@ A chain file:
     evaluate: [vqa, pope, mmbench]
     objects_from_captions: false    # make-tasks --objects-from-captions, when the chain writes `tasks`
     objects_min_captions: 2         # make-tasks --objects-min-captions: how many captions must name an object
+    counts_from_captions: false     # make-tasks --counts-from-captions: "How many" where captions agree ("two dogs")
     presence_from_boxes: false      # make-tasks --presence-from-boxes: stage-3 presence questions from boxes only
     vqa_turns: 1                    # make-tasks --vqa-turns: stage-3 questions asked K to a conversation
     eval_tasks: null                # another make-tasks folder whose test files score the chain (default: tasks);
@@ -29,6 +30,10 @@ A chain file:
                                     # pretrained_checkpoint), e.g. the photo recipe's run before instruct -> vqa
     questions:                      # real question sets, scored too (photos the run trained on left out)
       - {task: vqa, file: $VLMLAB_DATA/questions/aokvqa/aokvqa_v1p0_val.json, images: $VLMLAB_DATA/coco2017-val/val2017}
+    sugarcrepe: null                # or the SugarCrepe folder ($VLMLAB_DATA/questions/sugar-crepe): each caption
+                                    # stage's caption likelihood on its hard negatives, beside its swapped-image and
+                                    # no-image rows (and the blind arm's, where the chain trains a blind caption
+                                    # stage), photos the run trained on left out
 
 Runs go to OUT/<stage>/ and OUT/blind/<stage>/; tables to OUT/chain.md. With `pretrained`, the blind chain
 starts from it too: its LoRA is loaded and its connector left out (the blind model has none), so the two arms
@@ -61,6 +66,7 @@ from .recipes import find_recipe
 
 CHAIN_KEYS = {"name", "base", "overrides", "tasks", "eval_tasks", "stages", "blind", "evaluate", "blind_from"}
 CHAIN_KEYS |= {"forgetting_split", "pretrained", "objects_from_captions", "objects_min_captions", "questions"}
+CHAIN_KEYS |= {"sugarcrepe", "counts_from_captions"}
 CHAIN_KEYS |= {"presence_from_boxes", "vqa_turns"}
 
 
@@ -81,7 +87,9 @@ class Chain:
     objects_min_captions: int = 2  # make-tasks --objects-min-captions
     presence_from_boxes: bool = False  # make-tasks --presence-from-boxes
     vqa_turns: int = 1  # make-tasks --vqa-turns
+    counts_from_captions: bool = False  # make-tasks --counts-from-captions
     questions: list[dict] = field(default_factory=list)  # {task, file, images}: real sets, e.g. A-OKVQA
+    sugarcrepe: str | None = None  # SugarCrepe's folder: caption stages scored on it (eval/caption_matching.py)
     blind_from: str | None = None  # a stage: the blind arm starts from the model's run of it
 
     def config(self, stage: str, out_dir: Path, previous: Path | None, blind: bool) -> Config:
@@ -121,8 +129,11 @@ def load_chain(spec: str) -> Chain:
         )
     if not isinstance(chain.objects_min_captions, int) or chain.objects_min_captions < 1:
         raise ConfigError(f"{path}: objects_min_captions is how many captions must name an object (1 or more)")
-    if not isinstance(chain.presence_from_boxes, bool):
-        raise ConfigError(f"{path}: presence_from_boxes is true or false; got {chain.presence_from_boxes!r}")
+    for key in ("presence_from_boxes", "counts_from_captions"):
+        if not isinstance(getattr(chain, key), bool):
+            raise ConfigError(f"{path}: {key} is true or false; got {getattr(chain, key)!r}")
+    if chain.counts_from_captions and not chain.objects_from_captions:
+        raise ConfigError(f"{path}: counts_from_captions reads the photos objects_from_captions grounds: set both")
     if isinstance(chain.vqa_turns, bool) or not isinstance(chain.vqa_turns, int) or chain.vqa_turns < 1:
         raise ConfigError(f"{path}: vqa_turns is how many questions a stage-3 conversation asks (1 or more)")
     if chain.blind_from is not None and chain.blind_from not in list(stages)[:-1]:
@@ -138,6 +149,12 @@ def load_chain(spec: str) -> Chain:
         for key in ("file", "images"):
             if isinstance(q.get(key), str):
                 q[key] = expand_data_root(q[key], f"{path}: questions {key}")
+    if chain.sugarcrepe is not None:
+        if not any(STAGES[s].data == "captions" for s in stages):
+            raise ConfigError(
+                f"{path}: sugarcrepe scores caption stages by their caption likelihood; this chain has none"
+            )
+        chain.sugarcrepe = expand_data_root(str(chain.sugarcrepe), f"{path}: sugarcrepe")
     previous = None if chain.pretrained is None else Path(chain.pretrained)
     for stage in stages:  # every stage's config is checked before anything trains
         chain.config(stage, Path("runs/check") / stage, previous, blind=False)
@@ -295,6 +312,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, st
     """Trains what is not finished (in OUT, or exported and named in `use`: {stage or blind/stage: model}), then
     scores the last stage beside its controls into OUT/chain.json and chain.md."""
     from ..data.make_tasks import make_tasks
+    from ..eval.caption_matching import evaluate_caption_matching
     from ..eval.captioning import evaluate_run
     from ..eval.question_scores import TooFewQuestions, evaluate_task, task_test_files
     from ..run.checkpoint import find_checkpoint
@@ -308,8 +326,9 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, st
     if chain.eval_tasks and not (Path(chain.eval_tasks) / "tasks.json").exists():
         raise ConfigError(f"eval_tasks: {chain.eval_tasks} is no make-tasks folder; write it first (vlmlab make-tasks)")
     missing = [q[k] for q in chain.questions for k in ("file", "images") if q.get(k) and not Path(q[k]).exists()]
+    missing += [chain.sugarcrepe] if chain.sugarcrepe and not Path(chain.sugarcrepe).is_dir() else []
     if missing:
-        raise ConfigError(f"questions: {missing} do not exist")
+        raise ConfigError(f"questions / sugarcrepe: {missing} do not exist")
     released = {key: resolve_model(model) for key, model in (use or {}).items()}
     planned = plan_stages(chain, out, pretrained, released)  # every stage folder checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +339,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, st
         cfg = chain.config(first, out / first, None, blind=False)
         make_tasks(cfg, chain.tasks, objects_from_captions=chain.objects_from_captions,
                    min_captions=chain.objects_min_captions, presence_from_boxes=chain.presence_from_boxes,
-                   vqa_turns=chain.vqa_turns)  # fmt: skip
+                   vqa_turns=chain.vqa_turns, counts_from_captions=chain.counts_from_captions)  # fmt: skip
         timings["make-tasks"] = time.time() - started
     runs: dict[str, dict[str, Path]] = {"model": {}, "blind": {}}
     for p in planned:  # in order: a stage trains only once the one it starts from is finished
@@ -348,6 +367,17 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, st
             score(label, q["task"], question_files=[q["file"]], images=q.get("images"), out_dir=where, unseen_only=True)
         except TooFewQuestions as e:  # e.g. every photo of the set was in training: say so, keep the other tables
             not_scored[label] = str(e)
+    matching = {}  # SugarCrepe: each caption stage by its own caption likelihood, beside its controls
+    for stage in [s for s in runs["model"] if STAGES[s].data == "captions"] if chain.sugarcrepe else []:
+        started = time.time()
+        try:
+            record = evaluate_caption_matching(runs["model"][stage], chain.sugarcrepe, out_dir=out / "eval" /
+                                               f"sugarcrepe-{stage}", blind_run=runs["blind"].get(stage))  # fmt: skip
+        except TooFewQuestions as e:  # every photo of it in training: say so, keep the other tables
+            not_scored[f"SugarCrepe: the {stage} stage"] = str(e)
+            continue
+        matching[stage] = {k: v for k, v in record.items() if k != "logprobs"}
+        timings[f"sugarcrepe {stage}"] = time.time() - started
     forgetting = {}
     scored = {"pretrained": pretrained} if pretrained is not None else {}
     scored |= runs["model"]
@@ -362,7 +392,8 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, st
             row = next(iter(result["rows"].values()))  # the run's own row (no baselines asked for)
             forgetting[stage] = {k: row[k] for k in ("CIDEr-D", "BLEU-4", "nll_true") if k in row}
     summary = {"runs": {a: {s: str(p) for s, p in r.items()} for a, r in runs.items()}, "tables": tables,
-               "not_scored": not_scored, "forgetting": forgetting, "seconds": timings}  # fmt: skip
+               "not_scored": not_scored, "caption_matching": matching, "forgetting": forgetting,
+               "seconds": timings}  # fmt: skip
     write_atomic(out / "chain.json", json.dumps(summary, indent=1))
     write_atomic(out / "chain.md", format_chain(summary))
     print(format_chain(summary))
@@ -370,6 +401,7 @@ def run_chain(chain: Chain, out_dir: str | Path | None = None, use: dict[str, st
 
 
 def format_chain(summary: dict) -> str:
+    from ..eval.caption_matching import format_caption_matching
     from ..eval.question_scores import format_task_table
 
     parts = []
@@ -377,6 +409,8 @@ def format_chain(summary: dict) -> str:
         parts += [f"## {label}", "", format_task_table(label.split(":")[0], rows), ""]
     for label, why in summary.get("not_scored", {}).items():
         parts += [f"## {label}", "", f"Not scored: {why}", ""]
+    for stage, record in summary.get("caption_matching", {}).items():
+        parts += [f"## SugarCrepe: the {stage} stage", "", format_caption_matching(record), ""]
     if summary["forgetting"]:
         keys = sorted({k for r in summary["forgetting"].values() for k in r})
         parts += ["## Captions after each stage (does stage 2 forget stage 1?)", ""]

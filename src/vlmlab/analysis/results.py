@@ -21,8 +21,9 @@ that quotes it links here instead of copying it:
 
 `vlmlab results add RUN_OR_JSON --name NAME` writes a "run" record from what `vlmlab eval` (eval.json,
 eval_<task>.json), `vlmlab chain` (chain.json) or `vlmlab ablate` (the suite folder: suite.json + results.csv)
-wrote; the figures are copied from that JSON, never typed. `vlmlab results` renders RESULTS.md, and
-`vlmlab results --check` fails when the page differs from what the records render.
+wrote, or the sugarcrepe.json of `vlmlab eval retrieval --sugarcrepe`; the figures are copied from that JSON,
+never typed. `vlmlab results` renders RESULTS.md, and `vlmlab results --check` fails when the page differs from
+what the records render.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def record_from_run(source: str | Path, name: str, command: str | None = None, r
 
 
 def _run_json(folder: Path) -> Path:
-    for candidate in ("chain.json", "suite.json", "eval.json"):
+    for candidate in ("chain.json", "suite.json", "eval.json", "sugarcrepe.json"):
         if (folder / candidate).exists():
             return folder / candidate
     tasks = sorted(folder.glob("eval_*.json")) or sorted(folder.glob("captions_*.json"))
@@ -254,12 +255,17 @@ def run_figures(result: dict, path: Path) -> tuple[str, dict, dict, str]:
     """(kind, figures, values, title) of one JSON that `vlmlab eval` or `vlmlab chain` wrote."""
     if "tables" in result and "seconds" in result:  # chain.json
         figures = {label: _numeric_rows(rows) for label, rows in result["tables"].items()}
+        for stage, matching in result.get("caption_matching", {}).items():
+            figures |= {f"{stage} stage: {k}": v for k, v in caption_matching_figures(matching).items()}
         if result.get("forgetting"):
             figures["captions after each stage"] = _numeric_rows(result["forgetting"])
         seconds = {k: round(v, 1) for k, v in result["seconds"].items()}
         figures["seconds"] = {"wall": seconds}
         values = {"wall minutes": round(sum(result["seconds"].values()) / 60, 1)}
         return "chain", figures, values, f"chain of {', '.join(result['runs']['model'])}"
+    if "items" in result and "chance" in result:  # sugarcrepe.json of `vlmlab eval retrieval --sugarcrepe`
+        figures = caption_matching_figures(result)
+        return "retrieval", figures, {}, f"SugarCrepe by the caption likelihood of {result['run']}"
     if "task" in result and "rows" in result:  # eval_<task>.json
         label = f"{result['task']} ({result['questions']} questions)"
         return "questions", {label: _numeric_rows(result["rows"])}, {}, f"{result['task']} of {path.parent}"
@@ -284,6 +290,24 @@ def run_figures(result: dict, path: Path) -> tuple[str, dict, dict, str]:
             figures["attention"] = {"Q-Former": _numeric(result["attention"])}
         return "captions", figures, {}, f"captions of {result['run']}"
     raise RecordError(f"{path}: not a JSON that vlmlab eval, chain or ablate writes (no rows / tables)")
+
+
+def caption_matching_figures(result: dict) -> dict:
+    """SugarCrepe: accuracy per category (and all) of each row +- its standard error, chance, the paired gains."""
+    label = f"SugarCrepe by caption likelihood ({sum(result['items'].values())} items about unseen photos)"
+    rows = {}
+    for name, cells in result["rows"].items():
+        rows[name] = {}
+        for category, value in cells.items():
+            rows[name] |= {category: value, f"{category} std": result["errors"][name][category]}
+    rows["chance"] = {category: result["chance"] for category in [*result["items"], "all"]}
+    for key in ("model - blind LM", "model - no image"):
+        if key in result:
+            rows[f"{key} (paired)"] = {}
+            for category, (gain, error) in result[key].items():
+                rows[f"{key} (paired)"] |= {category: gain, f"{category} std": error}
+    rows["items"] = dict(result["items"]) | {"all": sum(result["items"].values())}
+    return {label: rows}
 
 
 def ablation_figures(folder: Path) -> tuple[str, dict, dict, str]:

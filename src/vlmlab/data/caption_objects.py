@@ -176,3 +176,44 @@ def objects_from_captions(captions: list[str], min_captions: int = 2) -> list[st
         for category in categories_named(caption):
             counts[category] = counts.get(category, 0) + 1
     return sorted(c for c, n in counts.items() if n >= min_captions)
+
+
+STATED_NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+# a number's noun comes within three words of it ("two large brown dogs"), never past one of these ("two men and
+# a dog" counts the men, not the dog). "one" and "a" are left out: "one of the", "a pair of".
+_PHRASE_ENDS = {"and", "with", "of", "on", "in", "at", "to", "by", "near", "next", "from", "for", "while", "that"}
+_PHRASE_ENDS |= {"who", "are", "is", "sitting", "standing", "riding", "walking", "playing", "holding"}
+
+
+def numbers_stated(caption: str) -> dict[str, int]:
+    """{category: number} for each 'NUMBER ... noun' of one caption whose noun names a COCO category."""
+    tokens = re.sub(r"[^a-z ]+", " ", caption.lower()).split()
+    out = {}
+    for i, token in enumerate(tokens):
+        if token not in STATED_NUMBERS:
+            continue
+        for j in range(i + 1, min(i + 4, len(tokens))):
+            if tokens[j] in _PHRASE_ENDS:
+                break
+            new = categories_named(" ".join(tokens[i + 1 : j + 1])) - categories_named(" ".join(tokens[i + 1 : j]))
+            if new:  # the first category the phrase names, e.g. "traffic lights" once both words are in
+                out.setdefault(min(new), STATED_NUMBERS[token])
+                break
+    return out
+
+
+def counts_from_captions(captions: list[str], min_captions: int = 2) -> dict[str, int]:
+    """{category: number} where at least `min_captions` captions state the same number for it ("two dogs") and no
+    other number is stated as often: a second, weaker source of count answers for photos without boxes (COCO
+    boxes cover 94 of coco2017-val's 2,278 photos; their count answers are mostly 1)."""
+    votes: dict[str, dict[int, int]] = {}
+    for caption in captions:
+        for category, n in numbers_stated(caption).items():
+            votes.setdefault(category, {}).setdefault(n, 0)
+            votes[category][n] += 1
+    out = {}
+    for category, by_number in votes.items():
+        ranked = sorted(by_number.items(), key=lambda kv: -kv[1])
+        if ranked[0][1] >= min_captions and (len(ranked) == 1 or ranked[1][1] < ranked[0][1]):
+            out[category] = ranked[0][0]
+    return out

@@ -19,11 +19,11 @@ import json
 import math
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .caption_objects import counts_from_captions, regular_plural
 from .caption_objects import objects_from_captions as named_objects
-from .caption_objects import regular_plural
 from .formats import CaptionSample, InputError
 from .synthetic import COLOURS, POSITIONS, SHAPES
 
@@ -39,6 +39,7 @@ class ImageFacts:
     objects: list[dict]  # {"name": str, "cx": float in [0, 1] or None, plus synthetic attributes}
     synthetic: bool = False
     from_captions: bool = False  # named by the captions (caption_objects.py): presence only, no number or box
+    caption_counts: dict[str, int] = field(default_factory=dict)  # numbers the captions agree on ("two dogs")
 
     @property
     def counts(self) -> Counter:
@@ -173,13 +174,14 @@ def _finite(value) -> bool:
 
 
 def image_facts(
-    samples: list[CaptionSample], objects_from_captions: bool = False, min_captions: int = 2
+    samples: list[CaptionSample], objects_from_captions: bool = False, min_captions: int = 2, counts: bool = False
 ) -> list[ImageFacts]:
     """Facts for the samples whose objects are annotated (synthetic world: all; COCO: those in instances).
 
     objects_from_captions: a photo without annotations gets the COCO categories its captions name (at least
     `min_captions` of them), as objects whose number and place are unknown; photos whose captions name none
-    are left out."""
+    are left out. counts: such a photo also keeps the numbers `min_captions` of its captions agree on
+    (caption_count_questions asks them; every other question about it stays as without)."""
     coco = coco_instances(samples)
     out = []
     for s in samples:
@@ -192,7 +194,9 @@ def image_facts(
         elif s.image_path in coco:
             out.append(ImageFacts(s, coco[s.image_path]))
         elif objects_from_captions and (named := named_objects(s.captions, min_captions)):
-            out.append(ImageFacts(s, [{"name": n, "cx": None, "crowd": True} for n in named], from_captions=True))
+            objects = [{"name": n, "cx": None, "crowd": True} for n in named]
+            counted = counts_from_captions(s.captions, min_captions) if counts else {}
+            out.append(ImageFacts(s, objects, from_captions=True, caption_counts=counted))
     return out
 
 
@@ -230,6 +234,14 @@ def short_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Random
         if len(counts) == 1:  # one kind of shape: its name is the only right answer
             qs.append(TaskQuestion(img, "What shape is in the image?", present[0], "other", "what shape"))
     return qs
+
+
+def caption_count_questions(facts: ImageFacts) -> list[TaskQuestion]:
+    """'How many dogs are there?' for each number the photo's captions agree on (image_facts(counts=True))."""
+    return [
+        TaskQuestion(facts.sample.image_path, f"How many {plural(name, 2)} are there?", str(n), "number", "how many")
+        for name, n in sorted(facts.caption_counts.items())
+    ]
 
 
 def describe_counts(counts: Counter, countable: set[str] | None = None) -> str:

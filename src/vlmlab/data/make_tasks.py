@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import random
+from collections import Counter
 from itertools import zip_longest
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from .features import file_digest
 from .formats import InputError
 from .grounded_questions import (
     TaskQuestion,
+    caption_count_questions,
     choice_conversation,
     choice_questions,
     conversation,
@@ -166,6 +168,7 @@ def make_tasks(
     min_captions: int = 2,
     presence_from_boxes: bool = False,
     vqa_turns: int = 1,
+    counts_from_captions: bool = False,
 ) -> dict:
     """Writes every task file for the config's data (cfg.data.datasets and its split) into out_dir.
 
@@ -180,15 +183,24 @@ def make_tasks(
     "yes", a model learns "salient", and POPE's positives are any boxed object.
 
     vqa_turns: the stage-3 conversations ask this many questions of one photo each (grouped_turns); the VQA-v2
-    files and every test file are the same whatever it is."""
+    files and every test file are the same whatever it is.
+
+    counts_from_captions (with objects_from_captions): the stage-3 files also ask "How many X are there?" of each
+    training and validation photo whose captions agree on X's number (caption_objects.counts_from_captions: "two
+    dogs" in 2 of them, or `min_captions`); every other file is the same as without it."""
     if min_captions < 1:
         raise ValueError(f"min_captions is how many captions must name an object: at least 1, got {min_captions}")
+    if counts_from_captions and not objects_from_captions:
+        raise ValueError("counts_from_captions reads the photos objects_from_captions grounds: give both")
     grouped_turns([], vqa_turns, random.Random(0))  # refuses a bad count before anything is read
     # everything is read and checked before OUT is made: a refused input leaves no folder behind
     check_datasets(cfg)
     samples = load_samples(cfg)
     facts = {
-        split: image_facts(samples[split], objects_from_captions and split != "test", min_captions) for split in samples
+        split: image_facts(
+            samples[split], objects_from_captions and split != "test", min_captions, counts_from_captions
+        )
+        for split in samples
     }
     vocabulary = vocabulary_of([f for fs in facts.values() for f in fs])
     if not vocabulary:
@@ -226,6 +238,11 @@ def make_tasks(
             short[split] = [q for q in short[split] if q.question_type != "is there a"]
             short[split] += boxes_presence_questions(stage3[split], seed, population)
             rng.shuffle(short[split])
+    caption_counts = {}
+    for split in ("train", "val") if counts_from_captions else ():  # its own rng: the other files stay the same
+        caption_counts[split] = [q for f in facts[split] for q in caption_count_questions(f)]
+        short[split] = short[split] + caption_counts[split]
+        random.Random(f"{seed}:{split}:caption-counts").shuffle(short[split])
     for split in ("train", "val"):  # short answers, then lettered options (LLaVA-1.5 mixes in A-OKVQA's)
         records = [(q.image, vqa_conversation(q)) for q in short[split]]
         records += [
@@ -275,6 +292,11 @@ def make_tasks(
         summary["objects_min_captions"] = min_captions
     if vqa_turns > 1:
         summary["vqa_turns"] = vqa_turns
+    if counts_from_captions:
+        summary["counts_from_captions"] = {
+            split: dict(sorted(Counter(q.answer for q in qs).items(), key=lambda kv: int(kv[0])))
+            for split, qs in caption_counts.items()
+        }
     if presence_from_boxes:
         summary["presence_from_boxes"] = {split: len(stage3[split]) for split in ("train", "val")}
     summary["split_check"] = "no evaluation image file equals a training or validation image file (SHA-1)"

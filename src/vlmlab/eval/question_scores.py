@@ -10,6 +10,10 @@ Rows of every table:
   (multiple choice).
 and the share of the model's answers that change when the image is swapped.
 
+VQA number questions are scored two ways for every row: the answer the model writes (`vqa_accuracy[number]`) and
+the likeliest of 0-10 as the whole reply (`vqa_accuracy[number, by likelihood 0-10]`), a closed vocabulary per
+question type: a small LM may know the count and still write something else first.
+
 Multiple choice is scored two ways for every row (multiple_choice.py): by likelihood (each option's text as the
 start of the reply; `accuracy` and `circular_accuracy` normalise per character, `[sum]` does not) and by the letter
 the model writes (`[letter]`, with the share of replies that name no option).
@@ -188,6 +192,25 @@ def option_logprobs(model, questions: list[Question], images: list, desc="") -> 
     return out
 
 
+NUMBER_ANSWERS = [str(n) for n in range(11)]  # the closed vocabulary of number questions: 0-10, as make-tasks writes
+
+
+def number_picks(model, questions: list[Question], images: list, desc="") -> dict[int, str]:
+    """Number questions (answer_type 'number') answered from a closed vocabulary: the likeliest of 0-10 as the
+    whole reply (its end token scored), not what greedy decoding writes. -> {question index: the number}."""
+    out = {}
+    asked = [(i, q, images[i]) for i, q in enumerate(questions) if q.answer_type == "number"]
+    for i, q, image in tqdm(asked, desc=desc or "numbers by likelihood", unit="q", leave=False):
+        messages = [{"role": "user", "content": prompt_of("vqa", q)}]
+        scored = model.continuation_logprobs(image, messages, NUMBER_ANSWERS, cut_long=True, ended=True)
+        out[i] = NUMBER_ANSWERS[max(range(len(scored)), key=lambda k: scored[k][0])]
+    return out
+
+
+def with_number_picks(answers: list[str], picks: dict[int, str]) -> list[str]:
+    return [picks.get(i, a) for i, a in enumerate(answers)]
+
+
 YES_NO = [["yes", "Yes"], ["no", "No"]]
 
 
@@ -255,8 +278,15 @@ def by_question_type(questions: list[Question], answers: dict[str, list[str]]) -
     return "\n".join(lines)
 
 
+NUMBERS_BY_LIKELIHOOD = "vqa_accuracy[number, by likelihood 0-10]"
 MAIN_COLUMNS = {
-    "vqa": ["vqa_accuracy", "vqa_accuracy[yes/no]", "vqa_accuracy[number]", "vqa_accuracy[other]"],
+    "vqa": [
+        "vqa_accuracy",
+        "vqa_accuracy[yes/no]",
+        "vqa_accuracy[number]",
+        NUMBERS_BY_LIKELIHOOD,
+        "vqa_accuracy[other]",
+    ],
     "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio", "yes-no AUC"],
     "mmbench": [
         "accuracy",
@@ -352,6 +382,9 @@ def evaluate_task(
     options = {}  # multiple choice: every option's log-probability, for each answerer that is a model
     if task == "mmbench":
         options = {name: option_logprobs(model, questions, imgs, desc=name) for name, imgs in asked.items()}
+    numbers = {}  # VQA: number questions also answered from the closed vocabulary 0-10, by likelihood
+    if task == "vqa":
+        numbers = {name: number_picks(model, questions, imgs, desc=name) for name, imgs in asked.items()}
     del model
     if blind_run is not None:
         blind = load_run(blind_run)
@@ -361,11 +394,17 @@ def evaluate_task(
             margins["blind model"] = yes_no_margins(blind, questions, true_images, desc="blind model")
         if task == "mmbench":
             options["blind model"] = option_logprobs(blind, questions, true_images, desc="blind model")
+        if task == "vqa":
+            numbers["blind model"] = number_picks(blind, questions, true_images, desc="blind model")
         del blind
     answers["prior"] = prior_predictions(task, questions, train_questions)
     if task == "mmbench":  # the prior picks option A, by letter and by likelihood alike
         options["prior"] = [[0.0] + [float("-inf")] * (len(q.choices) - 1) for q in questions]
     rows = {name: score(task, questions, a, options.get(name)) for name, a in answers.items()}
+    if any(numbers.values()):  # the prior's number answer is already one of the closed vocabulary
+        for name, a in answers.items():
+            closed = score(task, questions, with_number_picks(a, numbers.get(name, {})))
+            rows[name][NUMBERS_BY_LIKELIHOOD] = closed["vqa_accuracy[number]"]
     for name, m in margins.items():
         rows[name]["yes-no AUC"] = roc_auc(m, [q.answers[0] == "yes" for q in questions])
     if "swapped image" in answers:
@@ -386,6 +425,7 @@ def evaluate_task(
             | {k: v[i] for k, v in answers.items()}
             | {f"{k} yes-no margin": v[i] for k, v in margins.items()}
             | {f"{k} option logprobs": v[i] for k, v in options.items() if k != "prior"}
+            | {f"{k} number by likelihood": v[i] for k, v in numbers.items() if i in v}
             for i, q in enumerate(questions)
         ],
     }

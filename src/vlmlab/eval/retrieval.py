@@ -4,8 +4,8 @@ image->text and text->image recall@1/5/10 from the ITC similarities on a split, 
 (the recall of a random ranking, exact for the split's sizes);
 ITM accuracy on the split's true pairs and as many mismatched ones (a caption of another image);
 SugarCrepe (Hsieh et al. 2023, $VLMLAB_DATA/questions/sugar-crepe): per category, how often the ITM
-head, and the captioner's likelihood, prefer an image's true caption over its minimally changed negative
-(chance 0.5).
+head prefers an image's true caption over its minimally changed negative (chance 0.5; a caption run's own
+likelihood on it, beside its controls: caption_matching.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import write_atomic
+from .caption_matching import default_sugarcrepe_images, read_sugarcrepe
 
 KS = (1, 5, 10)
 
@@ -97,49 +98,12 @@ def itm_accuracy(model, split, seed: int = 0) -> dict[str, float]:
     return {"itm_accuracy": ((p > 0.5).float() == labels).float().mean().item(), "itm_accuracy_chance": 0.5}
 
 
-def read_sugarcrepe(folder: str | Path, image_dir: str | Path, limit: int | None = None) -> dict[str, list[dict]]:
-    """-> {category: [{"image": path, "caption", "negative_caption"}]} for the images present in image_dir."""
-    folder, image_dir = Path(folder), Path(image_dir)
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"no SugarCrepe category files (*.json) in {folder}")
-    out = {}
-    for f in files:
-        rows = [
-            {
-                "image": str(image_dir / v["filename"]),
-                "caption": v["caption"],
-                "negative_caption": v["negative_caption"],
-            }
-            for v in json.loads(f.read_text()).values()
-            if (image_dir / v["filename"]).is_file()
-        ]
-        out[f.stem] = rows[:limit] if limit else rows
-    return out
-
-
 def sugarcrepe_scores(score, features: torch.Tensor, items: list[dict]) -> dict[str, float]:
     """score(image_tokens, captions) -> [B] higher = more plausible. Accuracy = true caption scored above
     its negative (ties count half)."""
     true = score(features, [x["caption"] for x in items])
     negative = score(features, [x["negative_caption"] for x in items])
     return {"accuracy": ((true > negative).float() + 0.5 * (true == negative).float()).mean().item(), "n": len(items)}
-
-
-def caption_loglikelihood(vlm, batch_size: int = 16):
-    """A score for sugarcrepe_scores from a captioning VLM: summed log-probability of the caption given the image
-    (summed, not per token: a negative that adds words must not win by being longer)."""
-
-    @torch.no_grad()
-    def score(features: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(captions), batch_size):
-            tokens = features[start : start + batch_size].float()
-            nll, _ = vlm(tokens, vlm.text_batch(captions[start : start + batch_size]), reduction="sum_per_sample")
-            out.append(-nll.float().cpu())
-        return torch.cat(out)
-
-    return score
 
 
 def load_stage1_run(run_dir: str | Path):
@@ -221,37 +185,3 @@ def evaluate_stage1_run(
     write_atomic(out_dir / "eval.md", text)
     print(text)
     return result
-
-
-def default_sugarcrepe_images(folder: str | Path) -> Path:
-    """DATA/questions/sugar-crepe -> DATA/coco2017-val/val2017 (its images are COCO-2017 val)."""
-    return Path(folder).resolve().parent.parent / "coco2017-val" / "val2017"
-
-
-def evaluate_sugarcrepe_captioner(
-    run_dir: str | Path,
-    folder: str | Path,
-    images: str | Path | None = None,
-    limit: int | None = None,
-    out_dir: str | Path | None = None,
-) -> dict:
-    """SugarCrepe by a caption run's likelihood: per category, how often log p(true caption | image) exceeds
-    log p(negative | image) (chance 0.5); written to OUT_DIR/sugarcrepe.json (default: the run dir)."""
-    from ..data.features import FeatureCache
-    from ..model.language_model import cache_dir
-    from ..run import load_run
-
-    model = load_run(run_dir).eval()
-    items = read_sugarcrepe(folder, images or default_sugarcrepe_images(folder), limit)
-    cache = FeatureCache(cache_dir() / "features", model.vision)
-    scores = {}
-    for category, rows in items.items():
-        features, kept = cache.features([r["image"] for r in rows], desc=f"encoding sugarcrepe {category}")
-        scores[category] = sugarcrepe_scores(caption_loglikelihood(model), features, [rows[i] for i in kept])
-        print(
-            f"SugarCrepe {category} (caption likelihood): {scores[category]['accuracy']:.3f} of {scores[category]['n']}"
-        )
-    out_dir = Path(out_dir) if out_dir else Path(run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "sugarcrepe.json", json.dumps({"caption_likelihood": scores}, indent=2))
-    return scores

@@ -329,8 +329,9 @@ class VLM(nn.Module):
         encoded = [self.encode_messages(m, image=has) for m, has in zip(conversations, images)]
         return conversation_batch(encoded, self.specials.pad_id)
 
-    def _image_tokens_of(self, images) -> torch.Tensor | None:
-        """Paths / PIL images / None (no image) -> image tokens; rows without an image get zeros (masked out)."""
+    def image_tokens_of(self, images) -> torch.Tensor | None:
+        """Paths / PIL images / None (no image) -> image tokens; rows without an image get zeros, which a conversation
+        batch masks out (image_present) and a caption batch does not: score those apart (caption_matching)."""
         from ..data.formats import load_image
 
         if all(im is None for im in images):
@@ -370,7 +371,7 @@ class VLM(nn.Module):
         present = [im is not None and not self.blind for im in images]
         new_tokens = generate_kwargs.get("max_new_tokens") or self.cfg.generate.max_new_tokens
         encoded = self._fitted(conversations, present, new_tokens, cut_long, any(present))
-        image_tokens = None if self.blind else self._image_tokens_of(images)
+        image_tokens = None if self.blind else self.image_tokens_of(images)
         return self._chat(image_tokens, encoded, **generate_kwargs)
 
     @torch.no_grad()
@@ -403,7 +404,7 @@ class VLM(nn.Module):
         as chat_batch (refused, or cut_long: cut)."""
         present = [im is not None and not self.blind for im in images]
         encoded = self._fitted(conversations, present, 0, cut_long, any(present))
-        image_tokens = None if self.blind else self._image_tokens_of(images)
+        image_tokens = None if self.blind else self.image_tokens_of(images)
         text = conversation_batch(encoded, self.specials.pad_id, left_pad=True)
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
         embeds, mask, _ = self._embed(visual, text)
@@ -430,16 +431,18 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def continuation_logprobs(
-        self, image, messages: list[dict], continuations: list[str], cut_long: bool = False
+        self, image, messages: list[dict], continuations: list[str], cut_long: bool = False, ended: bool = False
     ) -> list[tuple[float, int, bool]]:
         """For each continuation: log p(it | image, conversation) as the start of the next assistant reply, its
         token count, and whether greedy decoding would write exactly it. All in one forward pass (the options of
         a multiple-choice question share the image and the prompt); an empty one scores (0.0, 0, True). A prompt
         too long for the context with the longest continuation: PromptTooLong, or (cut_long) its middle cut, as
-        chat_batch does."""
+        chat_batch does. ended: each continuation as the whole reply, its turn's end token scored after it (so
+        that "1" is not likelier than "10" merely by being its start)."""
         has_image = image is not None and not self.blind
         prompt = self.encode_messages(messages, generation=True, image=has_image)
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        conts = [c + [self.turn_end_id] if ended and c else c for c in conts]
         out = [(0.0, 0, True)] * len(conts)
         scored = [i for i, c in enumerate(conts) if c]
         if not scored:
@@ -452,7 +455,7 @@ class VLM(nn.Module):
             for i in scored
         ]
         text = conversation_batch(rows, self.specials.pad_id)  # right-padded: each row's positions start at 0
-        image_tokens = self._image_tokens_of([image] * len(rows)) if has_image else None
+        image_tokens = self.image_tokens_of([image] * len(rows)) if has_image else None
         visual = self.visual_tokens(image_tokens) if image_tokens is not None else None
         embeds, mask, labels = self._embed(visual, text)
         base = base_causal_lm(self.lm)

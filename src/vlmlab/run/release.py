@@ -60,6 +60,14 @@ def resolve_model(name: str | Path) -> Path:
     return Path(name)
 
 
+def model_name(path: str | Path) -> str:
+    """A model as a record should name it: `zoo:NAME` for a zoo folder (the same on every machine), else as given."""
+    resolved = Path(path).resolve()
+    if resolved.parent == zoo_dir().resolve() and (resolved / RELEASE_MANIFEST).exists():
+        return f"{ZOO_PREFIX}{resolved.name}"
+    return str(path)
+
+
 def is_release(path: str | Path) -> bool:
     path = Path(path)
     return (path / RELEASE_MANIFEST).exists() and not (path / "checkpoint").exists()
