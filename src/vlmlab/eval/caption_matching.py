@@ -97,18 +97,20 @@ def matched(true: list[float], negative: list[float]) -> list[float]:
 
 def score_rows(answerers: dict[str, tuple[object, str]], items: dict[str, list[dict]], desc: str = "") -> dict:
     """answerers: row name -> (model, 'true' | 'swapped' | 'none'); items: category -> SugarCrepe items.
-    -> {"rows": {row: {category: accuracy, ...}}, "errors": ..., "n": ..., "logprobs": per item}."""
+    -> {"rows": {row: {category: accuracy, ..., "all"}}, "errors": the same with standard errors, "logprobs":
+    {row: {category: [[true, negative], ...]}}}."""
     rows, errors, per_item = {}, {}, {}
     for name, (model, which) in answerers.items():
-        rows[name], errors[name], per_item[name] = {}, {}, {}
+        rows[name], errors[name], per_item[name], pooled = {}, {}, {}, []
         for category, rows_of in tqdm(items.items(), desc=f"{desc}{name}", leave=False):
             photos = [r["image"] for r in rows_of]
             photos = {"true": photos, "swapped": swapped_images(photos), "none": [None] * len(photos)}[which]
             true = caption_logprobs(model, photos, [r["caption"] for r in rows_of])
             negative = caption_logprobs(model, photos, [r["negative_caption"] for r in rows_of])
             per_item[name][category] = [[round(t, 4), round(g, 4)] for t, g in zip(true, negative)]
-            rows[name][category], errors[name][category] = accuracy_with_error(matched(true, negative))
-        pooled = [c for cat in per_item[name].values() for c in matched(*zip(*cat))] if per_item[name] else []
+            correct = matched(true, negative)
+            pooled += correct
+            rows[name][category], errors[name][category] = accuracy_with_error(correct)
         rows[name]["all"], errors[name]["all"] = accuracy_with_error(pooled) if pooled else (float("nan"), 0.0)
     return {"rows": rows, "errors": errors, "logprobs": per_item}
 
@@ -144,7 +146,7 @@ def check_caption_matching(run_dir: str | Path, folder: str | Path, blind_run: s
         if connector != "none":
             raise ConfigError(f"--blind {blind_run}: its connector is {connector!r}, not 'none' (a blind LM)")
     folder = Path(expand_data_root(str(folder), "--sugarcrepe"))  # '$VLMLAB_DATA/questions/sugar-crepe', as recipes
-    if not sorted(folder.glob("*.json")):
+    if not any(folder.glob("*.json")):
         raise FileNotFoundError(f"no SugarCrepe category files (*.json) in {folder}")
     return folder
 
