@@ -42,3 +42,33 @@ BogoMIPS\t: 2100.00
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics sve bf16 i8mm
 CPU implementer\t: 0x41
 """
+
+
+def tiny_chain_file(root, clip_dir, gpt2_dir, overrides=None, steps=2, **keys):
+    """A chain YAML under root on the tiny CLIP + GPT-2 and a 40-image synthetic world (caption -> vqa, blind twin,
+    POPE by default); `overrides` and `keys` replace the defaults. Returns its path as a string."""
+    import yaml
+
+    chain = {
+        "name": "tiny",
+        "base": None,
+        "overrides": {
+            "vision.name": f"hf:{clip_dir}",
+            "lm.name": str(gpt2_dir),
+            "data.datasets": [f"synthetic:{root / 'world'}"],
+            "data.synthetic_images": 40,
+            "train.batch_size": 4,
+            "train.eval_every": steps,
+            "train.save_every": steps,
+            "train.max_steps": steps,
+            "connector.num_queries": 4,
+            **(overrides or {}),
+        },
+        "tasks": str(root / "tasks"),
+        "stages": {"caption": {}, "vqa": {}},
+        "blind": True,
+        "evaluate": ["pope"],
+        **keys,
+    }
+    (root / "chain.yaml").write_text(yaml.safe_dump(chain))
+    return str(root / "chain.yaml")

@@ -84,3 +84,21 @@ def test_a_damaged_or_unfinished_record_is_refused(tiny_suite, tmp_path):
         read_arm_record(path, cfg, "val")
     assert read_arm_record(arm_record_path(records, "qformer", 0), cfg, "val") is None  # none there
     assert arm_records.ARM_RECORD_FORMAT == json.loads(arm_record_path(records, "meanpool", 1).read_text())["format"]
+
+
+def test_a_record_older_than_a_config_key_reads_that_key_at_its_default(tiny_suite, tmp_path):
+    """A key added to the config after an arm was recorded did, at its default, what the code did before it
+    existed: the record still stands for the arm, unless the suite now sets that key otherwise."""
+    suite_file, out = tiny_suite
+    suite = load_suite(str(suite_file))
+    records = tmp_path / "records"
+    shutil.copytree(out, tmp_path / "out")
+    run_suite(suite, tmp_path / "out", records=records, only=["meanpool"])
+    path = arm_record_path(records, "meanpool", 0)
+    record = json.loads(path.read_text())
+    del record["config"]["train.gate_lr"]  # as written before the key existed
+    path.write_text(json.dumps(record))
+    cfg = suite.config("meanpool", 0, tmp_path / "out")
+    assert read_arm_record(path, cfg, "val") is not None
+    with pytest.raises(ConfigError, match=r"train.gate_lr: recorded 0.01, now 0.5"):
+        read_arm_record(path, apply_settings(cfg, {"train.gate_lr": 0.5}), "val")

@@ -20,7 +20,8 @@ def test_the_plugin_is_registered_through_the_entry_point_group():
 
 
 @pytest.mark.slow
-def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+@pytest.mark.parametrize("connector", ["qformer", "xattn"])  # visual tokens in the prompt, or read by cross-attention
+def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt2_dir, connector):
     from vlmlab.config import load_config
     from vlmlab.data.make_tasks import make_tasks
     from vlmlab.eval.question_scores import evaluate_task
@@ -40,6 +41,8 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
             "train.eval_every=2",
             "train.save_every=2",
             "connector.num_queries=4",
+            f"connector.type={connector}",
+            "connector.xattn_every=1",
             f"train.output_dir={tmp_path / 'run'}",
         ],
     )

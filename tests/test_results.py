@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from helpers import tiny_chain_file
 from vlmlab.analysis.results import (
     KINDS,
     RecordError,
@@ -152,27 +152,8 @@ def test_a_folder_with_nothing_vlmlab_wrote_is_refused(tmp_path, capsys):
 def test_add_from_a_tiny_chain_keeps_every_table_and_its_controls(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     from vlmlab.analysis.chain import load_chain, run_chain
 
-    chain = {
-        "name": "tiny",
-        "base": None,
-        "overrides": {
-            "vision.name": f"hf:{tiny_clip_dir}",
-            "lm.name": str(tiny_gpt2_dir),
-            "data.datasets": [f"synthetic:{tmp_path / 'world'}"],
-            "data.synthetic_images": 40,
-            "train.batch_size": 4,
-            "train.eval_every": 2,
-            "train.save_every": 2,
-            "train.max_steps": 2,
-            "connector.num_queries": 4,
-        },
-        "tasks": str(tmp_path / "tasks"),
-        "stages": {"caption": {}, "vqa": {}},
-        "blind": True,
-        "evaluate": ["pope"],
-    }
-    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(chain))
-    summary = run_chain(load_chain(str(tmp_path / "chain.yaml")), tmp_path / "out")
+    chain = tiny_chain_file(tmp_path, tiny_clip_dir, tiny_gpt2_dir)
+    summary = run_chain(load_chain(chain), tmp_path / "out")
     path = add_record(tmp_path / "out" / "chain.json", "tiny-chain", tmp_path / "results", command="vlmlab chain tiny")
     record = json.loads(path.read_text())
     assert record["kind"] == "chain"

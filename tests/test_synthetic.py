@@ -172,3 +172,86 @@ def test_attribute_scoring_reads_back_every_true_caption_and_flags_each_wrong_at
         if attribute != "count":  # a second object also doubles every other multiset
             assert all(verdict[a] for a in ATTRIBUTES if a not in (attribute, "count")), (attribute, verdict)
     assert not any(attribute_correct("", one)[a] for a in ATTRIBUTES)
+
+
+def test_layout_boxes_frame_the_drawn_pixels_and_visible_shares_count_what_later_shapes_cover():
+    """Without occlusion every shape is whole; with it, a shape drawn later covers part of its neighbour, and the
+    visible share is what the picture shows of it (checked on pixels, each shape its own colour)."""
+    size = 96
+    layout: list[dict] = []
+    pixels = np.asarray(render_scene([SceneObject("red", "square", "large", "center")], size, layout=layout))
+    ys, xs = np.nonzero(np.all(pixels == RGB["red"], axis=-1))
+    x0, y0, x1, y1 = layout[0]["box"]
+    assert layout[0]["visible"] == 1.0
+    assert abs(xs.min() / size - x0) < 0.02 and abs((xs.max() + 1) / size - x1) < 0.02
+    assert abs(ys.min() / size - y0) < 0.02 and abs((ys.max() + 1) / size - y1) < 0.02
+
+    pair = [SceneObject("red", "square", "large", "left"), SceneObject("blue", "square", "large", "center")]
+    for occlusion in (False, True):
+        layout = []
+        pixels = np.asarray(render_scene(pair, size, occlusion=occlusion, layout=layout))
+        red_box, blue_box = layout[0]["box"], layout[1]["box"]
+        drawn_red = int(np.all(pixels == RGB["red"], axis=-1).sum())
+        whole_red = (red_box[2] - red_box[0]) * (red_box[3] - red_box[1]) * size * size
+        assert layout[1]["visible"] == 1.0  # drawn last
+        if occlusion:
+            assert red_box[2] > blue_box[0]  # the boxes overlap
+            assert 0.5 < layout[0]["visible"] < 0.95
+            assert abs(drawn_red / whole_red - layout[0]["visible"]) < 0.05
+        else:
+            assert red_box[2] <= blue_box[0] and layout[0]["visible"] == 1.0
+
+
+def test_an_occluded_world_records_it_and_is_another_world(tmp_path):
+    plain = generate_world(tmp_path / "w", n_images=30, seed=2, max_objects=4, image_size=64)
+    objects = [o for im in json.loads(plain.read_text())["images"] for o in im["objects"]]
+    assert all(o["visible"] == 1.0 and len(o["box"]) == 4 for o in objects)
+    assert {len(im["objects"]) for im in json.loads(plain.read_text())["images"]} == {1, 2, 3, 4}
+    occluded = ensure_world(tmp_path / "w", n_images=30, seed=2, max_objects=4, image_size=64, occlusion=True)
+    world = json.loads(occluded.read_text())
+    assert world["params"]["occlusion"] is True
+    assert any(o["visible"] < 1.0 for im in world["images"] for o in im["objects"])
+
+
+def test_the_config_makes_the_world_it_names(tmp_path):
+    from vlmlab.config import ConfigError, load_config
+    from vlmlab.data.pairs import load_samples
+
+    spec = f"data.datasets=[synthetic:{tmp_path / 'multi'}]"
+    cfg = load_config(
+        None, [spec, "data.synthetic_images=20", "data.synthetic_max_objects=4", "data.synthetic_occlusion=true"]
+    )
+    samples = load_samples(cfg)
+    params = json.loads((tmp_path / "multi" / "dataset_synthetic.json").read_text())["params"]
+    assert params["max_objects"] == 4 and params["occlusion"] is True
+    assert max(len(s.meta["objects"]) for split in samples.values() for s in split) > 1
+    with pytest.raises(ConfigError, match="synthetic_max_objects"):
+        load_config(None, ["data.synthetic_max_objects=10"])
+
+
+def test_object_scores_need_each_colour_on_its_own_shape():
+    from dataclasses import asdict
+
+    from vlmlab.data.synthetic import OBJECT_SCORES, attribute_correct, caption_objects, object_scores
+
+    rng = random.Random(1)
+    for _ in range(300):  # every true caption describes every object exactly
+        objects = sample_scene(rng, max_objects=4)
+        truth = [asdict(o) for o in objects]
+        assert object_scores(describe_scene(objects, rng), truth) == dict.fromkeys(OBJECT_SCORES, 1.0)
+    scene = [
+        {"colour": "blue", "shape": "square", "size": "small", "position": "top left"},
+        {"colour": "red", "shape": "circle", "size": "large", "position": "center"},
+    ]
+    swapped = "a small red square at the top left and a large blue circle in the center."
+    assert all(attribute_correct(swapped, scene).values())  # per attribute, the swap is invisible
+    assert object_scores(swapped, scene) == dict.fromkeys(OBJECT_SCORES, 0.0)
+    half = "a small blue square at the top left and a large red circle at the top."  # one place wrong
+    assert object_scores(half, scene) == {"objects exact": 0.5, "objects real": 0.5, "colour-shape pairs": 1.0}
+    one = "a small blue square at the top left."
+    assert object_scores(one, scene) == {"objects exact": 0.5, "objects real": 1.0, "colour-shape pairs": 0.5}
+    assert object_scores("", scene) == dict.fromkeys(OBJECT_SCORES, 0.0)
+    assert caption_objects("a circle and a large red square") == [
+        {"colour": None, "shape": "circle", "size": None, "position": None},
+        {"colour": "red", "shape": "square", "size": "large", "position": None},
+    ]

@@ -330,12 +330,22 @@ def cmd_params(args) -> None:
     model = build_vlm(_config(args))
     print(format_parameter_table(model.parameter_table()))
     print(f"connector {model.cfg.connector.type!r}: {model.num_visual_tokens} visual tokens per image")
+    if hasattr(model.connector, "layer_ids"):  # xattn
+        print(
+            f"  the LLM reads {model.connector.num_queries} Q-Former outputs through gated cross-attention before "
+            f"decoder layers {model.connector.layer_ids}"
+        )
 
 
 def cmd_synth(args) -> None:
+    from .config import ConfigError
     from .data.synthetic import generate_world
 
-    path = generate_world(args.out_dir, n_images=args.n, seed=args.seed, max_objects=args.max_objects)
+    if not 1 <= args.max_objects <= 9:
+        raise ConfigError(f"--max-objects {args.max_objects}: 1 to 9 (one shape per cell of the 3x3 grid)")
+    path = generate_world(
+        args.out_dir, n_images=args.n, seed=args.seed, max_objects=args.max_objects, occlusion=args.occlusion
+    )
     print(f"wrote {path}")
 
 
@@ -816,7 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-objects", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=2, help="1 to 9 shapes per scene")
+    p.add_argument("--occlusion", action="store_true", help="shapes larger than their cell: neighbours overlap")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("serve", help="a web page to try a run: captions, swapped image, chat, attention maps, run card")

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------- allowed values
 
 SMOLLM2_NAME = "smollm2-135m-instruct"  # the embedded default LM (model/language_model.py converts its GGUF)
-CONNECTOR_TYPES = ("qformer", "meanpool", "linear", "mlp", "none")  # built by model/connector.py
+CONNECTOR_TYPES = ("qformer", "meanpool", "linear", "mlp", "xattn", "none")  # built by model/connector.py
 DATASET_FORMATS = ("coco", "karpathy", "flickr8k", "synthetic")  # read by data/formats.py
 # vision.name: one of these (model/efficientnet_lite.py LITE_VARIANTS), or "hf:<hub name or local dir>"
 LITE_ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
@@ -82,7 +82,7 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    type: str = "qformer"  # meanpool | linear | mlp (LLaVA) | none (no visual tokens: the blind baseline)
+    type: str = "qformer"  # meanpool | linear | mlp (LLaVA) | xattn (Flamingo-style) | none (the blind baseline)
     num_queries: int = 16
     depth: int = 2
     width: int = 256
@@ -91,6 +91,7 @@ class ConnectorConfig:
     dropout: float = 0.0
     freeze: bool = False  # keep the connector at its initialisation (the "frozen Q-Former" control)
     merge: int = 1  # linear / mlp: k x k blocks of the image-token grid make one visual token (k^2 fewer)
+    xattn_every: int = 6  # xattn: a gated cross-attention block before decoder layers 0, k, 2k, ... (model/xattn.py)
 
 
 @dataclass
@@ -122,7 +123,8 @@ class DataConfig:
     max_train_images: int | None = None  # take a deterministic subset (quick runs)
     max_eval_images: int | None = None
     synthetic_images: int = 600  # size of the synthetic world when a spec asks for it
-    synthetic_max_objects: int = 1  # the demo's world: one shape per picture (the generator does more)
+    synthetic_max_objects: int = 1  # the demo's world: one shape per picture; up to 9 (one per grid cell)
+    synthetic_occlusion: bool = False  # shapes larger than their grid cell, so neighbours cover part of each other
     batch_by_length: bool = False  # batches of similar caption length (data/batching.py): less padding per step
     retrieved_captions: int = 0  # SmallCap: captions of the k nearest training images in the prompt (0: off)
 
@@ -138,6 +140,7 @@ class TrainConfig:
     max_steps: int = 150  # the embedded demo: about 7 minutes on 2 CPU cores
     lr: float = 3e-4  # connector (1e-3 made it drift into a loud, image-independent soft prompt)
     lora_lr: float = 5e-4
+    gate_lr: float = 1e-2  # connector.type xattn: its tanh gates, which start at 0 (train/loop.py build_optimizer)
     vision_lr: float = 1e-5  # the encoder's unfrozen blocks (vision.unfreeze_last), pretrained: small steps
     weight_decay: float = 0.01
     warmup_steps: int = 20
@@ -280,7 +283,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 _AT_LEAST_ONE = (
     "connector.num_queries connector.depth connector.width connector.heads connector.ffn_mult connector.merge "
-    "data.max_caption_tokens data.max_conversation_tokens data.max_train_images data.max_eval_images data.synthetic_max_objects "
+    "connector.xattn_every "
+    "data.max_caption_tokens data.max_conversation_tokens data.max_train_images data.max_eval_images "
     "train.batch_size train.grad_accum train.max_steps train.eval_every train.eval_batches train.save_every "
     "train.log_every train.feature_batch_size generate.max_new_tokens generate.num_beams"
 ).split()
@@ -289,11 +293,13 @@ _RANGES = {
     **{key: (1, None) for key in _AT_LEAST_ONE},
     "vision.image_size": (16, None),
     "data.synthetic_images": (10, None),
+    "data.synthetic_max_objects": (1, 9),
     "connector.dropout": (0.0, [1.0]),
     "lm.lora.dropout": (0.0, [1.0]),
     "lm.lora.alpha": ([0.0], None),
     "train.lr": ([0.0], None),
     "train.lora_lr": ([0.0], None),
+    "train.gate_lr": ([0.0], None),
     "generate.repetition_penalty": ([0.0], None),
     "train.weight_decay": (0.0, None),
     "train.grad_clip": (0.0, None),

@@ -15,6 +15,7 @@ import functools
 import gc
 import io
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ ATTENTION_METRICS = [
     ("attn uniform", "attn_entropy_uniform", False),
     ("attn max weight", "attn_max_weight", True),
     ("query corr", "attn_query_correlation", False),
+    ("attn on objects", "attn_object_mass", True),  # scenes with known boxes (synthetic world)
+    ("objects read", "attn_objects_covered", True),  # scenes with two or more objects
+    ("objects read if alike", "attn_objects_covered_alike", False),  # all queries on one object
 ]
 
 
@@ -263,6 +267,7 @@ def metric_cells(rows: list[dict], metrics, separator: str = " +- ") -> list[str
     cells = []
     for _, key, _ in metrics:
         values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        values = [v for v in values if not math.isnan(v)]  # a statistic undefined for that run (one query's corr)
         if values:
             mean, std = _mean_std(values)
             cells.append(f"{mean:.3f}{separator}{std:.3f}")
@@ -319,6 +324,8 @@ STAGE1_METRICS = [  # (column, key in a stage-1 run's eval.json, flattened)
     ("attn entropy", "attn_entropy"),
     ("attn max weight", "attn_max_weight"),
     ("query corr", "attn_query_correlation"),
+    ("attn on objects", "attn_object_mass"),
+    ("objects read", "attn_objects_covered"),
 ]
 
 

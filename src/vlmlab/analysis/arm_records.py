@@ -102,6 +102,13 @@ def write_arm_record(
     return path
 
 
+def with_added_keys(recorded: dict) -> dict:
+    """A recorded flat config with every key added to Config since it was written, at its default: a new key's
+    default is what the code did before the key existed (e.g. connector.xattn_every for a prefix connector)."""
+    defaults = {k: v for k, v in flat(config_to_dict(Config())).items() if k not in NOT_COMPARED}
+    return {**defaults, **recorded}
+
+
 def read_arm_record(path: Path, cfg: Config, split: str, stage1: Config | None = None) -> dict | None:
     """The record at path when it is the arm the suite asks for (None when there is none); ConfigError when it
     records another experiment: other settings, another split, an unfinished run, or a file that is no record."""
@@ -114,13 +121,14 @@ def read_arm_record(path: Path, cfg: Config, split: str, stage1: Config | None =
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: not an arm record ({e}); move it away") from e
     problems = [
-        f"{k}: recorded {a!r}, now {b!r}" for k, a, b in flat_differences(record["config"], portable_config(cfg))
+        f"{k}: recorded {a!r}, now {b!r}"
+        for k, a, b in flat_differences(with_added_keys(record["config"]), portable_config(cfg))
     ]
     if (stage1 is None) != (record.get("stage1_config") is None):
         problems.append("stage 1: " + ("recorded none, now asked for" if stage1 is not None else "recorded, now none"))
     elif stage1 is not None:
         problems += [f"stage 1 {k}: recorded {a!r}, now {b!r}"
-                     for k, a, b in flat_differences(record["stage1_config"], portable_config(stage1))]  # fmt: skip
+                     for k, a, b in flat_differences(with_added_keys(record["stage1_config"]), portable_config(stage1))]  # fmt: skip
     if record.get("step") != cfg.train.max_steps:
         problems.append(f"step: recorded {record.get('step')!r}, the arm trains to {cfg.train.max_steps}")
     if record["eval"].get("split") != split:

@@ -19,7 +19,6 @@ from PIL import Image
 
 from ..config import write_atomic
 from ..data.formats import load_image
-from ..model.connector import QFormerConnector
 from ..model.language_model import base_causal_lm
 
 
@@ -39,7 +38,7 @@ def inspect_image(model, image_path: str | Path, top_k: int = 5) -> Inspection:
     image_tokens = model.encode_images([image])
     connector = model.connector
     attention = None
-    if isinstance(connector, QFormerConnector):
+    if hasattr(connector, "queries"):  # a Q-Former, or the resampler an xattn connector's layers read
         visual, maps = connector(image_tokens.float(), return_attention=True)
         h, w = model.vision.grid_size
         attention = torch.stack([m[0] for m in maps]).reshape(len(maps), -1, h, w).cpu().numpy()

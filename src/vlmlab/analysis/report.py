@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..config import write_atomic
+from ..data.synthetic import caption_attributes
 from .ablate import STAGE1_METRICS, _mean_std, metric_cells, metrics_present, stage1_rows
 
 PARTS = [
@@ -52,6 +53,13 @@ METRIC_MEANING = {
     "attn uniform": "the entropy of uniform attention over the grid: the value of a Q-Former that looks everywhere",
     "attn max weight": "Q-Former: mean largest attention weight of a query; uniform is 1 / grid cells",
     "query corr": "Q-Former: mean correlation between the queries' attention maps; 1 = all queries look alike",
+    "attn on objects": "Q-Former: mean share of a query's attention on the grid cells that hold an object",
+    "objects read": "Q-Former, scenes with 2+ objects: share of the objects that are some query's favourite "
+    "(1 / objects when every query reads the same one)",
+    "objects read if alike": "what 'objects read' is when every query reads the same object (mean of 1 / objects)",
+    "objects exact": "share of the scene's objects the caption describes with colour, shape, size and place all right",
+    "objects real": "share of the caption's objects that are in the scene, every attribute right",
+    "colour-shape pairs": "share of the scene's objects whose colour the caption binds to the right shape",
 }
 
 
@@ -264,16 +272,19 @@ def _metric_legend(metrics) -> list[tuple[str, str]]:
 
 
 def _attention_maps(run: Path, count: int) -> list[Path]:
-    """The run's attention-map pictures for its first `count` test images, drawn now if missing (Q-Former only)."""
+    """The run's attention-map pictures for `count` test images (two-object scenes first), drawn now if missing
+    (Q-Former only)."""
     if count <= 0 or not (run / "eval.json").exists():
         return []
     from ..config import load_config
 
-    if load_config(run / "config.yaml").connector.type != "qformer":
+    if load_config(run / "config.yaml").connector.type not in ("qformer", "xattn"):
         return []
     result = json.loads((run / "eval.json").read_text())
     row = next(iter(result["rows"].values()))  # the run's own row comes first, then controls / baselines
-    images = [e["image"] for e in row["examples"][:count]]
+    # two-object scenes first (synthetic world): where queries could divide the objects among them
+    two = [e for e in row["examples"] if caption_attributes(e["references"][0])["count"] == 2]
+    images = [e["image"] for e in (two + [e for e in row["examples"] if e not in two])[:count]]
     done = [run / "inspect" / f"{Path(i).stem}.png" for i in images]
     missing = [i for i, p in zip(images, done) if not p.exists()]
     if missing:

@@ -82,14 +82,13 @@ class RunSession:
 
     def __init__(self, run_dir: str | Path):
         from ..data.pairs import load_samples
-        from ..model.connector import QFormerConnector
         from ..run import load_run
 
         self.run_dir = Path(run_dir)
         self.model = load_run(self.run_dir)
         self.stage = self.model.cfg.train.stage
         self.test_images = test_images(self.model.cfg, load_samples)
-        self.has_queries = isinstance(self.model.connector, QFormerConnector)
+        self.has_queries = hasattr(self.model.connector, "queries")  # a Q-Former, or xattn's resampler
         self._lock = threading.Lock()
         self._work = Path(tempfile.mkdtemp(prefix="vlmlab-serve-"))  # gradio serves files from the temp dir
 

@@ -65,6 +65,7 @@ def load_samples(cfg, skipped: SkipReport | None = None) -> dict[str, list[Capti
                 n_images=cfg.data.synthetic_images,
                 seed=cfg.data.split_seed,
                 max_objects=cfg.data.synthetic_max_objects,
+                occlusion=cfg.data.synthetic_occlusion,
             )
         for split, samples in load_captions(spec, seed=cfg.data.split_seed, skipped=skipped).items():
             for sample in samples:

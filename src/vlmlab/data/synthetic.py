@@ -1,8 +1,12 @@
-"""The built-in synthetic world: 1-2 coloured shapes on a plain background, captioned exactly.
+"""The built-in synthetic world: 1..N coloured shapes on a plain background, captioned exactly.
 
 Every caption is fully determined by the picture (colour, shape, size, grid cell), so a model that
 ignores the image cannot do well: it is the quickest honest test that captions follow the image.
-The world is written in Karpathy's split format, so the ordinary 'karpathy' reader loads it.
+With several objects per scene (`max_objects`, up to 9) a caption must also bind each colour to its
+shape and count them, and a Q-Former's queries have more than one thing to look at; with `occlusion`
+the shapes are drawn larger than their grid cell, so neighbours can cover part of each other.
+The world is written in Karpathy's split format, so the ordinary 'karpathy' reader loads it; each
+image's entry keeps its objects, with their boxes (fractions of the image) and visible shares.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -33,7 +39,10 @@ RGB = {
 }
 BACKGROUNDS = ((255, 255, 255), (225, 225, 225))  # white, light grey
 SIZE_FRACTION = {"small": 0.45, "large": 0.85}  # shape side / grid cell side
-WORLD_VERSION = 1  # bump when rendering or captions change, so ensure_world regenerates old worlds
+# with occlusion: a large shape spans 1.4 cells, so shapes in neighbouring cells overlap by up to 0.4 cell
+OCCLUDING_SIZE_FRACTION = {"small": 0.7, "large": 1.4}
+# 2: entries keep each object's box and visible share, params the occlusion flag (images and captions as in 1)
+WORLD_VERSION = 2  # bump when rendering or captions change, so ensure_world regenerates old worlds
 
 
 @dataclass
@@ -55,38 +64,65 @@ def sample_scene(rng: random.Random, max_objects: int = 2) -> list[SceneObject]:
     ]
 
 
-def object_box(obj: SceneObject, image_size: int = 224, jitter: tuple[float, float] = (0.0, 0.0)):
-    """The shape's bounding box (x0, y0, x1, y1), always inside its grid cell.
+def object_box(
+    obj: SceneObject, image_size: int = 224, jitter: tuple[float, float] = (0.0, 0.0), occlusion: bool = False
+):
+    """The shape's bounding box (x0, y0, x1, y1): inside its grid cell, or centred in it and larger with occlusion.
 
-    jitter in [-1, 1]^2 moves the shape within the slack its cell leaves around it.
+    jitter in [-1, 1]^2 moves the shape within the slack its cell leaves around it (none when it overflows).
     """
     cell = image_size / 3
     row, col = divmod(POSITIONS.index(obj.position), 3)
-    side = SIZE_FRACTION[obj.size] * cell
-    slack = (cell - side) / 2 - 1  # keep 1 px clear of the cell border
+    side = (OCCLUDING_SIZE_FRACTION if occlusion else SIZE_FRACTION)[obj.size] * cell
+    slack = max(0.0, (cell - side) / 2 - 1)  # keep 1 px clear of the cell border
     cx = (col + 0.5) * cell + jitter[0] * slack
     cy = (row + 0.5) * cell + jitter[1] * slack
     return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
 
 
-def render_scene(objects: list[SceneObject], image_size: int = 224, rng: random.Random | None = None) -> Image.Image:
-    """Draws the scene; with an rng the background shade and each shape's place within its cell vary."""
+def render_scene(
+    objects: list[SceneObject],
+    image_size: int = 224,
+    rng: random.Random | None = None,
+    occlusion: bool = False,
+    layout: list | None = None,
+) -> Image.Image:
+    """Draws the scene in list order (a later shape covers an earlier one); with an rng the background shade and
+    each shape's place within its cell vary. `layout`, when given, receives each object's box (fractions of the
+    image, clipped to it) and visible share (its drawn pixels that no later shape covers)."""
     background = rng.choice(BACKGROUNDS) if rng else BACKGROUNDS[0]
     img = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(img)
+    masks = []
     for obj in objects:
         jitter = (rng.uniform(-1, 1), rng.uniform(-1, 1)) if rng else (0.0, 0.0)
-        x0, y0, x1, y1 = object_box(obj, image_size, jitter)
-        fill = RGB[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:
-            raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+        box = object_box(obj, image_size, jitter, occlusion)
+        _draw_shape(draw, obj.shape, box, RGB[obj.colour])
+        if layout is not None:
+            mask = Image.new("1", (image_size, image_size), 0)
+            _draw_shape(ImageDraw.Draw(mask), obj.shape, box, 1)
+            masks.append((box, np.asarray(mask)))
+    if layout is not None:
+        covered = np.zeros((image_size, image_size), dtype=bool)
+        for box, mask in reversed(masks):  # the last drawn is fully visible; each earlier one loses what follows it
+            area = int(mask.sum())
+            visible = int((mask & ~covered).sum())
+            covered |= mask
+            clipped = [min(1.0, max(0.0, v / image_size)) for v in box]
+            layout.insert(0, {"box": [round(v, 4) for v in clipped], "visible": round(visible / max(area, 1), 3)})
     return img
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 # "at the top left", "on the left", "in the center": the preposition English uses for each cell
@@ -124,6 +160,7 @@ _WORD = {
     for kind, words in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES))
 }
 ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+OBJECT_SCORES = ("objects exact", "objects real", "colour-shape pairs")  # object_scores' keys
 
 
 def caption_attributes(caption: str) -> dict:
@@ -145,6 +182,51 @@ def attribute_correct(caption: str, objects: list[dict]) -> dict[str, bool]:
     return {kind: claimed[kind] == truth[kind] for kind in ATTRIBUTES}
 
 
+def caption_objects(caption: str) -> list[dict]:
+    """The objects a caption describes, one per shape word: the last size and colour words since the previous
+    object, and the first place phrase after it (None where a caption leaves one out)."""
+    text = caption.lower()
+    shapes = list(_WORD["shape"].finditer(text))
+    out, start = [], 0
+    for i, m in enumerate(shapes):
+        end = shapes[i + 1].start() if i + 1 < len(shapes) else len(text)
+        before = text[start : m.start()]
+        colours = _WORD["colour"].findall(before)
+        sizes = _WORD["size"].findall(before)
+        place = _PLACE_PATTERN.search(text, m.end(), end)
+        position = {phrase: p for p, phrase in _PLACE.items()}[place.group(0)] if place else None
+        out.append(
+            {"colour": colours[-1] if colours else None, "shape": m.group(1), "size": sizes[-1] if sizes else None}
+            | {"position": position}
+        )
+        start = place.end() if place else m.end()
+    return out
+
+
+def object_scores(caption: str, objects: list[dict]) -> dict[str, float]:
+    """Per object, not per attribute: can the caption tell the scene's objects apart?
+
+    objects exact        share of the scene's objects the caption describes with all four attributes right
+    objects real         share of the caption's objects that are in the scene, all four attributes right
+    colour-shape pairs   share of the scene's objects whose colour the caption binds to the right shape
+    (multisets: two red circles need two; "a red square and a blue circle" for a blue square and a red circle
+    gets every colour and shape right per attribute, and no pair right)."""
+    claimed = caption_objects(caption)
+    keys = ("colour", "shape", "size", "position")
+
+    def matched(fields) -> int:
+        truth = Counter(tuple(o[k] for k in fields) for o in objects)
+        said = Counter(tuple(o[k] for k in fields) for o in claimed)
+        return sum((truth & said).values())
+
+    exact = matched(keys)
+    return {
+        "objects exact": exact / len(objects),
+        "objects real": exact / len(claimed) if claimed else 0.0,
+        "colour-shape pairs": matched(("colour", "shape")) / len(objects),
+    }
+
+
 def generate_world(
     out_dir,
     n_images: int = 2000,
@@ -153,6 +235,7 @@ def generate_world(
     image_size: int = 224,
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
+    occlusion: bool = False,
 ) -> Path:
     """Writes out_dir/images/00000.png ... and out_dir/dataset_synthetic.json (Karpathy format); returns the json."""
     params = dict(
@@ -162,6 +245,7 @@ def generate_world(
         image_size=image_size,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
+        occlusion=occlusion,
         version=WORLD_VERSION,
     )
     if n_images < 1:
@@ -184,14 +268,15 @@ def generate_world(
     for i in tqdm(range(n_images), desc="rendering synthetic world", unit="img", leave=False):
         objects = sample_scene(rng, max_objects)
         filename = f"{i:0{width}d}.png"
-        render_scene(objects, image_size, rng).save(image_dir / filename, compress_level=1)
+        layout: list[dict] = []
+        render_scene(objects, image_size, rng, occlusion, layout).save(image_dir / filename, compress_level=1)
         entries.append(
             {
                 "filename": filename,
                 "filepath": "images",
                 "split": splits[i],
                 "sentences": [{"raw": c} for c in scene_captions(objects, rng)],
-                "objects": [asdict(o) for o in objects],
+                "objects": [asdict(o) | place for o, place in zip(objects, layout)],
             }
         )
     world = {"dataset": "synthetic", "seed": seed, "params": params, "images": entries}
@@ -205,7 +290,15 @@ def ensure_world(out_dir, **kwargs) -> Path:
     Only the parameters passed are compared, so ensure_world(dir) accepts any existing world.
     """
     json_path = Path(out_dir) / "dataset_synthetic.json"
-    unknown = set(kwargs) - {"n_images", "seed", "max_objects", "image_size", "val_fraction", "test_fraction"}
+    unknown = set(kwargs) - {
+        "n_images",
+        "seed",
+        "max_objects",
+        "image_size",
+        "val_fraction",
+        "test_fraction",
+        "occlusion",
+    }
     if unknown:
         raise TypeError(f"ensure_world got unknown parameters {sorted(unknown)}")
     if json_path.is_file():

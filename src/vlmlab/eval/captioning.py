@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import load_config, write_atomic
 from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
-from ..data.synthetic import ATTRIBUTES, attribute_correct
+from ..data.synthetic import ATTRIBUTES, OBJECT_SCORES, attribute_correct, object_scores
 from ..model.language_model import cache_dir
 from ..model.nll import derangement, validation_loss
 from ..run import load_run
@@ -57,7 +57,9 @@ TABLE_COLUMNS = [
     ("distinct captions", "distinct_share"),
     ("changed by swap", "swap_changed_share"),
 ]
-ATTRIBUTE_COLUMNS = [(f"{a} correct", f"attr_{a}") for a in ATTRIBUTES]  # synthetic world only
+# synthetic world only: per attribute (multisets over the scene), then per object (synthetic.object_scores)
+OBJECT_KEYS = {"objects exact": "obj_exact", "objects real": "obj_real", "colour-shape pairs": "obj_pairs"}
+ATTRIBUTE_COLUMNS = [(f"{a} correct", f"attr_{a}") for a in ATTRIBUTES] + [(n, OBJECT_KEYS[n]) for n in OBJECT_SCORES]
 RETRIEVED_TEXT_COLUMNS = [  # runs with retrieved captions in the prompt only (retrieved_captions.py)
     ("NLL swapped retrieved text", "nll_swapped_text"),
     ("text gain (nats/tok)", "retrieved_text_gain"),
@@ -114,13 +116,24 @@ def most_repeated(captions: list[str]) -> dict:
     return {"most_repeated_caption": caption, "most_repeated_count": count}
 
 
+def scene_boxes(samples) -> list[list] | None:
+    """Per sample its objects' boxes (synthetic worlds of version 2 on), or None when any sample lacks them."""
+    if not samples or not all(s.meta.get("objects") and all("box" in o for o in s.meta["objects"]) for s in samples):
+        return None
+    return [[o["box"] for o in s.meta["objects"]] for s in samples]
+
+
 def attribute_scores(split: SplitFeatures, captions: list[str]) -> dict:
     """Synthetic world: per attribute, the share of images whose caption names exactly the true colours,
-    shapes, sizes, positions and object count. {} for data without known scene contents."""
+    shapes, sizes, positions and object count; per object, the mean of object_scores (every attribute of an
+    object right at once, and colours bound to their shapes). {} for data without known scene contents."""
     if not split.samples or not all("objects" in s.meta for s in split.samples):
         return {}
     correct = [attribute_correct(c, s.meta["objects"]) for s, c in zip(split.samples, captions)]
-    return {f"attr_{a}": sum(c[a] for c in correct) / len(correct) for a in ATTRIBUTES}
+    scores = {f"attr_{a}": sum(c[a] for c in correct) / len(correct) for a in ATTRIBUTES}
+    per_object = [object_scores(c, s.meta["objects"]) for s, c in zip(split.samples, captions)]
+    scores |= {OBJECT_KEYS[k]: sum(o[k] for o in per_object) / len(per_object) for k in OBJECT_SCORES}
+    return scores
 
 
 def nll_probes(model, split: SplitFeatures, batch_size: int, order: list[int]) -> dict:
@@ -372,13 +385,24 @@ def score_run(
         rows = {main: evaluate_split(model, split_data, batch, seed, use_java, reranker, **generate_kwargs)}
     attention = None
     if hasattr(model.connector, "queries"):  # a Q-Former: is its attention selective?
-        attention = attention_stats(model, split_data.features)
+        grid = getattr(model.vision, "grid_size", None)
+        attention = attention_stats(model, split_data.features, boxes=scene_boxes(split_data.samples), grid=grid)
         notes.append(
             "Q-Former last-layer cross-attention: entropy {attn_entropy:.3f} nats (uniform {attn_entropy_uniform:.3f}), "
             "max weight {attn_max_weight:.3f}, correlation between queries' maps {attn_query_correlation:.3f}".format(
                 **attention
             )
         )
+        if "attn_object_mass" in attention:
+            notes.append(
+                "attention on the objects' grid cells {attn_object_mass:.3f} (their share of the grid "
+                "{attn_object_mass_uniform:.3f})".format(**attention)
+            )
+        if "attn_objects_covered" in attention:
+            notes.append(
+                "objects that are some query's favourite, scenes with two or more: {attn_objects_covered:.3f} "
+                "(all queries on one object: {attn_objects_covered_alike:.3f})".format(**attention)
+            )
     del model
     gc.collect()
 

@@ -134,6 +134,7 @@ def evaluate_stage1_run(
     from ..data.pairs import load_split_features
     from ..model.language_model import cache_dir
     from .attention_stats import attention_stats
+    from .captioning import scene_boxes
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
@@ -150,7 +151,9 @@ def evaluate_stage1_run(
         "captions": len(data.pairs),
         "retrieval": recall_at_k(sim, owner),
         **itm_accuracy(model, data),
-        "attention": attention_stats(model, data.features),
+        "attention": attention_stats(
+            model, data.features, boxes=scene_boxes(data.samples), grid=getattr(vision, "grid_size", None)
+        ),
     }
     if sugarcrepe:
         items = read_sugarcrepe(sugarcrepe, sugarcrepe_images or default_sugarcrepe_images(sugarcrepe), limit)

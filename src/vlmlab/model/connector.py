@@ -9,7 +9,9 @@ The BLIP-2 design (`QFormerConnector`): Q learnable query vectors attend to each
 is Q, whatever the image resolution.
 
 The other arms of the ablation: `MeanPoolConnector` (no spatial detail), `PerTokenConnector`
-(LLaVA's linear / MLP projector: no compression), and `none` (no visual tokens: the blind LM).
+(LLaVA's linear / MLP projector: no compression), `xattn` (xattn.py: no visual tokens in the prompt, the
+LLM reads a Q-Former's outputs through gated cross-attention layers) and `none` (no visual tokens: the
+blind LM).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from ..config import CONNECTOR_TYPES
 from .projection import scaled_projection
 from .qformer import QFormerConnector
+from .xattn import CrossAttentionConnector
 
 
 class MeanPoolConnector(nn.Module):
@@ -111,12 +114,14 @@ def build_connector(
     lm_dim: int,
     lm_embedding_rms: float,
     grid: tuple[int, int] | None = None,
+    num_lm_layers: int | None = None,
 ) -> nn.Module | None:
     """Connector by name from a ConnectorConfig.
 
     qformer: Q learned queries read the image (BLIP-2); meanpool: one pooled vector -> Q tokens;
-    linear / mlp: one visual token per image token (LLaVA-1 / LLaVA-1.5); none: no visual tokens at
-    all, the blind language-model baseline that shows what the text prior alone can write.
+    linear / mlp: one visual token per image token (LLaVA-1 / LLaVA-1.5); xattn: a Q-Former read by gated
+    cross-attention before every k-th of the LLM's `num_lm_layers` layers (Flamingo); none: no visual tokens
+    at all, the blind language-model baseline that shows what the text prior alone can write.
     """
     if cfg.type == "none":
         return None
@@ -125,8 +130,8 @@ def build_connector(
     if cfg.type in ("linear", "mlp"):
         depth = 1 if cfg.type == "linear" else 2
         return PerTokenConnector(image_dim, lm_dim, num_image_tokens, depth, lm_embedding_rms, cfg.merge, grid)
-    if cfg.type == "qformer":
-        return QFormerConnector(
+    if cfg.type in ("qformer", "xattn"):
+        qformer = QFormerConnector(
             image_dim,
             lm_dim,
             num_image_tokens,
@@ -138,4 +143,9 @@ def build_connector(
             dropout=cfg.dropout,
             lm_embedding_rms=lm_embedding_rms,
         )
+        if cfg.type == "qformer":
+            return qformer
+        if num_lm_layers is None:
+            raise ValueError("connector.type xattn needs the LLM's layer count (num_lm_layers)")
+        return CrossAttentionConnector(qformer, lm_dim, num_lm_layers, cfg.xattn_every, cfg.ffn_mult)
     raise ValueError(f"unknown connector.type {cfg.type!r}; allowed: {list(CONNECTOR_TYPES)}")

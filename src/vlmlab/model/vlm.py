@@ -2,6 +2,7 @@
 
     image --vision--> image tokens [B, N, D_img] --connector--> visual tokens [B, Q, D_lm]
     [visual tokens][prompt embeddings] --LLM--> caption
+(connector.type xattn: no visual tokens in the prompt; the LLM's layers read them by cross-attention, xattn.py)
 
 Training usually starts from cached image tokens (features.py), so `forward` takes image tokens,
 not pixels; `caption` takes images and runs the whole path.
@@ -31,6 +32,7 @@ from .sequence import (
     prompt_token_ids,
 )
 from .vision import build_vision_encoder
+from .xattn import decoder_layers
 
 
 class VLM(nn.Module):
@@ -87,6 +89,9 @@ class VLM(nn.Module):
         text_embeds = embed(text.input_ids.to(self.device))
         mask = text.attention_mask.to(self.device)
         labels = text.labels.to(self.device)
+        if getattr(self.connector, "fuses_inside", False):  # xattn: the LLM's layers read it, the prompt does not
+            self.connector.attach(visual, None if visual is None else text.image_present)
+            return text_embeds, mask, labels
         if visual is None:
             return text_embeds, mask, labels
         batch, num_visual = visual.shape[:2]
@@ -537,11 +542,14 @@ def build_vlm(cfg: Config) -> VLM:
     torch.manual_seed(cfg.train.seed)
     lm_dim = base_causal_lm(lm).get_input_embeddings().embedding_dim
     num_image_tokens = vision.grid_size[0] * vision.grid_size[1]
+    layers = decoder_layers(base_causal_lm(lm).get_decoder())
     connector = build_connector(
-        cfg.connector, vision.out_dim, num_image_tokens, lm_dim, embedding_rms(lm), vision.grid_size
+        cfg.connector, vision.out_dim, num_image_tokens, lm_dim, embedding_rms(lm), vision.grid_size, len(layers)
     )
     if connector is not None and cfg.connector.freeze:
         connector.requires_grad_(False)
+    if hasattr(connector, "install"):  # xattn: its blocks go in before the LLM's layers (model/xattn.py)
+        connector.install(layers)
     lora = cfg.lm.lora
     if lora.enabled:
         lm = add_lora(lm, lora.r, lora.alpha, lora.dropout, lora.target_modules)

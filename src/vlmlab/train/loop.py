@@ -98,11 +98,16 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
 def build_optimizer(model: VLM, cfg: Config, fused: bool | None = None):
     """AdamW over what trains, one learning rate per part; fused=True: torch's fused kernel (benchmarks compare)."""
     t = cfg.train
-    connector = [] if model.blind else [p for p in model.connector.parameters() if p.requires_grad]
+    named = [] if model.blind else [(n, p) for n, p in model.connector.named_parameters() if p.requires_grad]
+    # xattn's tanh gates start at 0 and Adam moves a scalar by about its lr per step: at train.lr they could not
+    # open past ~0.01 in the lab's 150 steps (measured: docs/ablations-and-qformer.md), so they get their own
+    gates = [p for n, p in named if n.endswith("_gate")]
+    connector = [p for n, p in named if not n.endswith("_gate")]
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     vision = [p for p in model.vision.parameters() if p.requires_grad]
     groups = [
         {"params": connector, "lr": t.lr},
+        {"params": gates, "lr": t.gate_lr, "weight_decay": 0.0},
         {"params": lora, "lr": t.lora_lr},
         {"params": vision, "lr": t.vision_lr},
     ]
