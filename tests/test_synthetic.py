@@ -142,9 +142,15 @@ def test_ensure_world_generates_once(tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"0000{i}.png" for i in range(4)]
 
 
-def test_sample_scene_rejects_bad_max_objects():
+def test_sample_scene_rejects_bad_max_objects(tmp_path):
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(random.Random(0), max_objects=0)
+    world = generate_world(tmp_path, n_images=4, seed=0, image_size=32)
+    with pytest.raises(ValueError, match="max_objects must be in 1..9"):  # refused before the old world is touched
+        generate_world(tmp_path, n_images=4, seed=0, image_size=32, max_objects=10)
+    assert world.is_file()
+    with pytest.raises(TypeError, match="unknown parameters \\['colour'\\]"):
+        ensure_world(tmp_path, n_images=4, colour="red")
 
 
 def test_attribute_scoring_reads_back_every_true_caption_and_flags_each_wrong_attribute():

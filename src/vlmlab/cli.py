@@ -341,11 +341,12 @@ def cmd_synth(args) -> None:
     from .config import ConfigError
     from .data.synthetic import generate_world
 
-    if not 1 <= args.max_objects <= 9:
-        raise ConfigError(f"--max-objects {args.max_objects}: 1 to 9 (one shape per cell of the 3x3 grid)")
-    path = generate_world(
-        args.out_dir, n_images=args.n, seed=args.seed, max_objects=args.max_objects, occlusion=args.occlusion
-    )
+    try:
+        path = generate_world(
+            args.out_dir, n_images=args.n, seed=args.seed, max_objects=args.max_objects, occlusion=args.occlusion
+        )
+    except ValueError as e:  # a parameter generate_world refuses (before it touches the folder): one line
+        raise ConfigError(str(e)) from e
     print(f"wrote {path}")
 
 

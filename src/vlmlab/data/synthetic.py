@@ -11,6 +11,7 @@ image's entry keeps its objects, with their boxes (fractions of the image) and v
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import re
@@ -53,10 +54,14 @@ class SceneObject:
     position: str  # one of POSITIONS: a cell of the 3x3 grid
 
 
+def check_max_objects(max_objects: int) -> None:
+    if not 1 <= max_objects <= len(POSITIONS):
+        raise ValueError(f"max_objects must be in 1..{len(POSITIONS)} (one shape per grid cell), got {max_objects}")
+
+
 def sample_scene(rng: random.Random, max_objects: int = 2) -> list[SceneObject]:
     """1..max_objects objects, each in its own grid cell (so they never overlap)."""
-    if not 1 <= max_objects <= len(POSITIONS):
-        raise ValueError(f"max_objects must be in 1..{len(POSITIONS)}, got {max_objects}")
+    check_max_objects(max_objects)
     n = rng.randint(1, max_objects)
     return [
         SceneObject(rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(SIZES), position)
@@ -155,11 +160,13 @@ def scene_captions(objects: list[SceneObject], rng: random.Random, n: int = 3) -
 
 # longest phrases first, so "at the top left" is not read as "at the top"
 _PLACE_PATTERN = re.compile("|".join(re.escape(_PLACE[p]) for p in sorted(POSITIONS, key=lambda p: -len(_PLACE[p]))))
+_POSITION_OF = {phrase: p for p, phrase in _PLACE.items()}  # 'on the left' -> 'left'
 _WORD = {
     kind: re.compile(r"\b(" + "|".join(words) + r")\b")
     for kind, words in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES))
 }
-ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+OBJECT_ATTRIBUTES = ("colour", "shape", "size", "position")  # what a caption says of each object
+ATTRIBUTES = OBJECT_ATTRIBUTES + ("count",)
 OBJECT_SCORES = ("objects exact", "objects real", "colour-shape pairs")  # object_scores' keys
 
 
@@ -168,8 +175,7 @@ def caption_attributes(caption: str) -> dict:
     and how many objects (shape words) it names. Words outside the world's vocabulary are ignored."""
     text = caption.lower()
     out = {kind: sorted(m.group(1) for m in pattern.finditer(text)) for kind, pattern in _WORD.items()}
-    by_phrase = {phrase: p for p, phrase in _PLACE.items()}
-    out["position"] = sorted(by_phrase[m.group(0)] for m in _PLACE_PATTERN.finditer(text))
+    out["position"] = sorted(_POSITION_OF[m.group(0)] for m in _PLACE_PATTERN.finditer(text))
     out["count"] = len(out["shape"])
     return out
 
@@ -177,7 +183,7 @@ def caption_attributes(caption: str) -> dict:
 def attribute_correct(caption: str, objects: list[dict]) -> dict[str, bool]:
     """Per attribute, whether the caption names exactly the scene's values (as multisets; count as a number)."""
     claimed = caption_attributes(caption)
-    truth = {kind: sorted(o[kind] for o in objects) for kind in ("colour", "shape", "size", "position")}
+    truth = {kind: sorted(o[kind] for o in objects) for kind in OBJECT_ATTRIBUTES}
     truth["count"] = len(objects)
     return {kind: claimed[kind] == truth[kind] for kind in ATTRIBUTES}
 
@@ -194,10 +200,13 @@ def caption_objects(caption: str) -> list[dict]:
         colours = _WORD["colour"].findall(before)
         sizes = _WORD["size"].findall(before)
         place = _PLACE_PATTERN.search(text, m.end(), end)
-        position = {phrase: p for p, phrase in _PLACE.items()}[place.group(0)] if place else None
         out.append(
-            {"colour": colours[-1] if colours else None, "shape": m.group(1), "size": sizes[-1] if sizes else None}
-            | {"position": position}
+            {
+                "colour": colours[-1] if colours else None,
+                "shape": m.group(1),
+                "size": sizes[-1] if sizes else None,
+                "position": _POSITION_OF[place.group(0)] if place else None,
+            }
         )
         start = place.end() if place else m.end()
     return out
@@ -212,14 +221,13 @@ def object_scores(caption: str, objects: list[dict]) -> dict[str, float]:
     (multisets: two red circles need two; "a red square and a blue circle" for a blue square and a red circle
     gets every colour and shape right per attribute, and no pair right)."""
     claimed = caption_objects(caption)
-    keys = ("colour", "shape", "size", "position")
 
     def matched(fields) -> int:
         truth = Counter(tuple(o[k] for k in fields) for o in objects)
         said = Counter(tuple(o[k] for k in fields) for o in claimed)
         return sum((truth & said).values())
 
-    exact = matched(keys)
+    exact = matched(OBJECT_ATTRIBUTES)
     return {
         "objects exact": exact / len(objects),
         "objects real": exact / len(claimed) if claimed else 0.0,
@@ -250,6 +258,7 @@ def generate_world(
     )
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
+    check_max_objects(max_objects)  # before anything of an existing world is removed
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
         raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 and sum to <= 1")
     out_dir = Path(out_dir)
@@ -290,15 +299,7 @@ def ensure_world(out_dir, **kwargs) -> Path:
     Only the parameters passed are compared, so ensure_world(dir) accepts any existing world.
     """
     json_path = Path(out_dir) / "dataset_synthetic.json"
-    unknown = set(kwargs) - {
-        "n_images",
-        "seed",
-        "max_objects",
-        "image_size",
-        "val_fraction",
-        "test_fraction",
-        "occlusion",
-    }
+    unknown = set(kwargs) - (set(inspect.signature(generate_world).parameters) - {"out_dir"})
     if unknown:
         raise TypeError(f"ensure_world got unknown parameters {sorted(unknown)}")
     if json_path.is_file():
