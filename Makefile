@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vlmlab demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25   # the slowest 25 printed: CI keeps under 30 min
 
 check: $(STAMP)   # lint + format check (ruff); `$(VENV)/bin/ruff format .` fixes the format
 	$(VENV)/bin/ruff check .

@@ -22,3 +22,18 @@ def test_this_machine_is_described_with_its_cores():
     here = cpu_info()
     assert here.cores >= 1 and here.describe().endswith(f"{here.cores} cores")
     assert device_description("cpu") == here.describe()
+
+
+def test_runs_train_on_cuda_where_there_is_one_unless_accelerate_is_told_cpu(monkeypatch):
+    import torch
+
+    from vlmlab.run.hardware import training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert training_device().type == "cuda"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert training_device().type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert training_device().type == "cpu"

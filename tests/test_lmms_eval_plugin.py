@@ -20,8 +20,9 @@ def test_the_plugin_is_registered_through_the_entry_point_group():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("connector", ["qformer", "xattn"])  # visual tokens in the prompt, or read by cross-attention
-def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt2_dir, connector):
+# One connector is enough: the plugin calls only the model's chat and likelihood methods, which the xattn chain
+# test (tests/test_xattn.py) drives for the cross-attention connector (the xattn copy of this test cost CI 105 s).
+def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
     from vlmlab.config import load_config
     from vlmlab.data.make_tasks import make_tasks
     from vlmlab.eval.question_scores import evaluate_task
@@ -41,8 +42,6 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
             "train.eval_every=2",
             "train.save_every=2",
             "connector.num_queries=4",
-            f"connector.type={connector}",
-            "connector.xattn_every=1",
             f"train.output_dir={tmp_path / 'run'}",
         ],
     )

@@ -176,6 +176,33 @@ def test_stage1_run_logs_each_loss_and_hands_exactly_its_qformer_to_stage2(stage
 
 
 @pytest.mark.slow
+def test_a_stage1_qformer_starts_the_resampler_of_an_xattn_model(stage1_run):
+    from safetensors.torch import load_file
+
+    from vlmlab.model.vlm import build_vlm
+    from vlmlab.run.checkpoint import TRAINABLE_FILE
+    from vlmlab.train.stages import initialise_from
+
+    tmp, common, stage1 = stage1_run
+    info = json.loads((stage1 / "model_info.json").read_text())
+    assert info["device"]  # the stage-1 loop says where it trained (CUDA where there is one)
+    source = load_file(stage1 / "checkpoint" / TRAINABLE_FILE)
+    cfg = load_config(
+        None, [*common, "connector.type=xattn", "connector.xattn_every=1", f"train.output_dir={tmp / 'x'}"]
+    )
+    vlm = build_vlm(cfg)
+    report = initialise_from(vlm, stage1)
+    now = vlm.trainable_state_dict()
+    qformer = [k for k in source if k.startswith("connector.")]
+    assert qformer and all(torch.equal(now["connector.resampler." + k[10:]], source[k]) for k in qformer)
+    assert sorted(report["loaded"]) == sorted("connector.resampler." + k[10:] for k in qformer)
+    # the cross-attention blocks are new: left at their init, their gates shut, so the model starts as its LLM
+    blocks = [k for k in now if k.startswith("connector.") and not k.startswith("connector.resampler.")]
+    assert blocks and set(blocks) <= set(report["not_in_source"])
+    assert all(torch.all(now[k] == 0) for k in blocks if k.endswith("gate"))
+
+
+@pytest.mark.slow
 def test_eval_of_a_stage1_run_reports_retrieval_against_chance_itm_and_attention(stage1_run, tmp_path):
     from vlmlab.eval.retrieval import evaluate_stage1_run
 
@@ -212,6 +239,13 @@ def test_the_stage_suite_pretrains_the_stage1_arms_and_chains_them(tmp_path):
         suite.pretrain_config("meanpool", 1, tmp_path) is None
         and suite.config("meanpool", 1, tmp_path).train.init_from is None
     )
+    # an xattn arm's stage 1 pretrains the Q-Former its cross-attention blocks read
+    (tmp_path / "x.yaml").write_text(
+        "variants: {xattn-stage1: {connector.type: xattn, pretrain: {train.max_steps: 3}}}"
+    )
+    xattn = load_suite(str(tmp_path / "x.yaml"))
+    assert xattn.pretrain_config("xattn-stage1", 0, tmp_path).connector.type == "qformer"
+    assert xattn.config("xattn-stage1", 0, tmp_path).connector.type == "xattn"
     scratch, twice = suite.config("qformer-scratch", 0, tmp_path), suite.config("qformer-scratch-2x", 0, tmp_path)
     assert twice.train.max_steps == 2 * scratch.train.max_steps
 

@@ -88,6 +88,8 @@ class Suite:
         base = None if self.base is None else find_recipe(self.base, "config", self.path.parent)
         cfg = apply_settings(load_config(base), self.overrides or {})
         apply_settings(cfg, {k: v for k, v in settings.items() if k.startswith(("connector.", "vision.", "data."))})
+        if cfg.connector.type == "xattn":  # stage 1 trains the Q-Former that the cross-attention blocks read
+            cfg.connector.type = "qformer"
         apply_settings(cfg, {"train.stage": "qformer", **pretrain})
         return apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(stage1_dir(out_dir, variant, seed))})
 

@@ -54,6 +54,17 @@ def cpu_info(cpuinfo: str | None = None) -> CPU:
     return CPU(model or platform.processor() or platform.machine() or "unknown CPU", frozenset(flags), cores)
 
 
+def training_device():
+    """The device a run trains on: CUDA where there is one, unless accelerate's own switch ACCELERATE_USE_CPU
+    is set. Asked before any Accelerator exists (the caption loop needs it to pick the precision), and by the
+    stage-1 loop, which has no Accelerator."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return torch.device("cpu" if use_cpu else "cuda")
+
+
 def device_description(device) -> str:
     """The accelerator by name (CUDA) or the CPU, for records and logs."""
     import torch  # here only: `vlmlab results` and the run folder's commands start without loading torch

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -49,7 +49,7 @@ from ..run.checkpoint import (
     truncate_metrics,
     verify_checkpoint,
 )
-from ..run.hardware import device_description
+from ..run.hardware import device_description, training_device
 from ..run.lifecycle import TrainingStart, training_run
 from ..run.record import METRICS_FILE, MODEL_INFO_FILE, git_commit
 from .precision import Precision, resolve_precision
@@ -270,8 +270,7 @@ def setup(cfg: Config) -> Session:
         AcceleratorState._reset_state(reset_partial_state=True)
     # the device accelerate will train on, before the Accelerator exists (it takes the precision); building a
     # PartialState here instead made every process of `accelerate launch` its main one
-    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    device = torch.device("cpu" if use_cpu else "cuda")
+    device = training_device()
     if t.mixed_precision == "fp16" and device.type == "cpu":
         # accelerate would silently train in float32: say so instead
         raise ConfigError(

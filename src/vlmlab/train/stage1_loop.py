@@ -1,7 +1,7 @@
 """The training loop of BLIP-2 stage 1 (train.stage = qformer): the Q-Former alone on image-caption pairs.
 
 No LLM in the step (only its embedding table, frozen), so this is a plain single-process loop: cached image
-tokens -> ITC / ITM / ITG (model/qformer_stage1.py) -> AdamW. Its run folder is an ordinary run: the lock,
+tokens -> ITC / ITM / ITG (model/qformer_stage1.py) -> AdamW, on the GPU where there is one (as the caption loop). Its run folder is an ordinary run: the lock,
 config.yaml, metrics.jsonl (one key per loss), and a checkpoint by save_checkpoint whose `connector.*`
 tensors a caption run loads with `train.init_from` (train/stages.py).
 """
@@ -24,6 +24,7 @@ from ..data.pairs import SplitFeatures, load_split_features
 from ..model.language_model import cache_dir
 from ..model.qformer_stage1 import QFormerStage1, build_stage1
 from ..run.checkpoint import STATE_FILE, load_trainable_from, save_checkpoint, truncate_metrics
+from ..run.hardware import device_description, training_device
 from ..run.lifecycle import training_run
 from ..run.record import METRICS_FILE
 from .precision import Precision
@@ -75,6 +76,9 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         random.seed(t.seed)
         np.random.seed(t.seed)
         model, vision = build_stage1(cfg)
+        device = training_device()
+        model.to(device)  # the frozen embedding table too: every batch is moved to the model's device
+        print(f"device: {device_description(device)}; precision: float32")
         data = load_split_features(cfg, FeatureCache(cache_dir() / "features", vision), splits=("train", "val"))
         train_split, val_split = data["train"], data["val"]
         if len(train_split.pairs) < t.batch_size:
@@ -89,6 +93,8 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])  # ITM draws its hard negatives there
             step = state["step"]
             truncate_metrics(start.run_dir / METRICS_FILE, step)
             print(f"resumed from {start.checkpoint} at step {step}")
@@ -100,6 +106,7 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
             "total_params": total,
             "trainable_params": sum(p.numel() for p in params),
             "stage": "qformer",
+            "device": device_description(device),
             "precision": Precision(t.mixed_precision, "no", "stage 1 trains in float32").as_record(),
         }
         start.write_record(info)

@@ -21,6 +21,16 @@ def _group(names: list[str]) -> str:
     return ", ".join(f"{k} ({v})" for k, v in sorted(groups.items()))
 
 
+def resampler_name(name: str, target: dict) -> str:
+    """A Q-Former's `connector.K` is `connector.resampler.K` in an xattn connector (model/xattn.py), whose
+    cross-attention blocks read that Q-Former: a stage-1 run or a prefix Q-Former run starts its resampler."""
+    if name.startswith("connector.") and name not in target:
+        inside = "connector.resampler." + name[len("connector.") :]
+        if inside in target:
+            return inside
+    return name
+
+
 def initialise_from(model, run_dir: str | Path) -> dict:
     """Loads every tensor of a finished run (or an exported model: a release folder, zoo:NAME, hf:ORG/NAME) whose
     name and shape match this model's trainable state, in this model's dtype.
@@ -29,7 +39,8 @@ def initialise_from(model, run_dir: str | Path) -> dict:
     in float16 / bfloat16 holds the run's weights rounded to that type: a stage started from it starts from
     those, not from the float32 run (export --dtype float32 to continue exactly). Tensors the new model does not use (e.g. a
     stage-1 text side) and tensors of the new model the source lacks (e.g. LoRA added in a later stage,
-    left at their initialisation) are reported; a same-named tensor of another shape is an error.
+    left at their initialisation) are reported; a same-named tensor of another shape is an error. An xattn model
+    takes a Q-Former's tensors into its resampler (resampler_name).
     """
     import torch
     from safetensors.torch import load_file
@@ -47,7 +58,8 @@ def initialise_from(model, run_dir: str | Path) -> dict:
             raise FileNotFoundError(f"train.init_from = {run_dir}: no checkpoint in it")
         weights = checkpoint / TRAINABLE_FILE
     target = model.trainable_state_dict()
-    source = {k: v.to(target[k].dtype) if k in target else v for k, v in load_file(weights).items()}
+    source = {resampler_name(k, target): v for k, v in load_file(weights).items()}
+    source = {k: v.to(target[k].dtype) if k in target else v for k, v in source.items()}
     wrong = [
         f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
         for k, v in source.items()
