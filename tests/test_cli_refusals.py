@@ -7,6 +7,7 @@ import base64
 import copy
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -106,8 +107,6 @@ BROKEN_INSTANCES = {  # what is done to the file -> what the one line must say
 
 @pytest.mark.parametrize("broken", list(BROKEN_INSTANCES))
 def test_broken_instances_are_refused_naming_the_record_and_nothing_is_written(coco, tmp_path, capsys, broken):
-    import re
-
     root, instances = coco
     change, expected = BROKEN_INSTANCES[broken]
     data = copy.deepcopy(instances)
@@ -129,6 +128,21 @@ def test_an_instances_file_that_is_no_json_object_is_refused(coco, tmp_path, cap
     out = tmp_path / "tasks"
     err = refusal(capsys, ["make-tasks", str(out), "--data", f"coco:{root}"], "make-tasks")
     assert "instances_val2017.json: not a COCO instances file" in err and expected in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--counts-from-captions"], "--counts-from-captions.*--objects-from-captions.*give both"),
+        (["--objects-from-captions", "--objects-min-captions", "0"], "--objects-min-captions.* 0: at least 1"),
+        (["--vqa-turns", "0"], "--vqa-turns.* 0: .*at least 1"),
+    ],
+)
+def test_make_tasks_options_are_refused_by_their_flags_before_the_data_is_read(tmp_path, capsys, flags, expected):
+    out = tmp_path / "tasks"
+    err = refusal(capsys, ["make-tasks", str(out), "--data", f"coco:{tmp_path / 'nowhere'}", *flags], "make-tasks")
+    assert re.search(expected, err) and "nowhere" not in err, err  # the option, not the (also missing) data
     assert not out.exists()
 
 

@@ -384,7 +384,7 @@ def demo_run_dir() -> Path:
 
 
 def cmd_make_tasks(args) -> None:
-    from .data.make_tasks import check_out_folder, make_tasks
+    from .data.make_tasks import check_out_folder, check_task_options, make_tasks
 
     cfg = _config(args)
     if args.data:
@@ -395,16 +395,8 @@ def cmd_make_tasks(args) -> None:
         from .config import ConfigError
 
         raise ConfigError("--objects-min-captions applies to --objects-from-captions; give both or neither")
-    if args.counts_from_captions and not args.objects_from_captions:
-        from .config import ConfigError
-
-        raise ConfigError("--counts-from-captions reads the photos --objects-from-captions grounds: give both")
     min_captions = 2 if args.objects_min_captions is None else args.objects_min_captions
-    for flag, value in (("--objects-min-captions", min_captions), ("--vqa-turns", args.vqa_turns)):
-        if value < 1:
-            from .config import ConfigError
-
-            raise ConfigError(f"{flag} {value}: at least 1")
+    check_task_options(args.objects_from_captions, min_captions, args.vqa_turns, args.counts_from_captions)
     check_out_folder(args.out_dir, args.overwrite)
     summary = make_tasks(
         cfg,

@@ -160,6 +160,21 @@ def check_out_folder(out_dir: str | Path, overwrite: bool = False) -> None:
         )
 
 
+def check_task_options(objects_from_captions: bool, min_captions: int, vqa_turns: int, counts_from_captions: bool):
+    """make_tasks' options (and `vlmlab make-tasks`' flags), refused before anything is read or written."""
+    if min_captions < 1:
+        raise ConfigError(
+            f"min_captions (--objects-min-captions) {min_captions}: at least 1 caption must name an object"
+        )
+    if vqa_turns < 1:
+        raise ConfigError(f"vqa_turns (--vqa-turns) {vqa_turns}: a conversation asks at least 1 question")
+    if counts_from_captions and not objects_from_captions:
+        raise ConfigError(
+            "counts_from_captions (--counts-from-captions) reads the photos objects_from_captions "
+            "(--objects-from-captions) grounds: give both"
+        )
+
+
 def make_tasks(
     cfg: Config,
     out_dir: str | Path,
@@ -188,11 +203,7 @@ def make_tasks(
     counts_from_captions (with objects_from_captions): the stage-3 files also ask "How many X are there?" of each
     training and validation photo whose captions agree on X's number (caption_objects.counts_from_captions: "two
     dogs" in 2 of them, or `min_captions`); every other file is the same as without it."""
-    if min_captions < 1:
-        raise ValueError(f"min_captions is how many captions must name an object: at least 1, got {min_captions}")
-    if counts_from_captions and not objects_from_captions:
-        raise ValueError("counts_from_captions reads the photos objects_from_captions grounds: give both")
-    grouped_turns([], vqa_turns, random.Random(0))  # refuses a bad count before anything is read
+    check_task_options(objects_from_captions, min_captions, vqa_turns, counts_from_captions)
     # everything is read and checked before OUT is made: a refused input leaves no folder behind
     check_datasets(cfg)
     samples = load_samples(cfg)
