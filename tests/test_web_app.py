@@ -117,15 +117,34 @@ def test_chat_endpoint_keeps_the_conversation(client, served):
 
     image = served[2][0]
     history, swapped_answer, status, question = client.predict(
-        handle_file(image), [], "What is in the image?", None, api_name="/chat"
+        handle_file(image), [], "What is in the image?", None, False, api_name="/chat"
     )
     assert status == "" and question == ""
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert _text_of(history[0]["content"]) == "What is in the image?"  # gradio 6 returns content as parts
     assert isinstance(swapped_answer, str)
-    history2, _, status2, _ = client.predict(handle_file(image), history, "And its colour?", None, api_name="/chat")
+    history2, _, status2, _ = client.predict(
+        handle_file(image), history, "And its colour?", None, False, api_name="/chat"
+    )
     assert status2 == ""
     assert [m["role"] for m in history2] == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_short_answer_is_asked_as_vlmlab_chat_short_asks_it(client, served):
+    from gradio_client import handle_file
+
+    from vlmlab.app.web import _text_of, read_upload
+    from vlmlab.data.grounded_questions import VQA_SUFFIX
+
+    image = served[2][0]
+    history, _, status, _ = client.predict(handle_file(image), [], "What colour is it?", None, True, api_name="/chat")
+    assert status == ""
+    asked = _text_of(history[0]["content"])
+    assert asked == "What colour is it?" + VQA_SUFFIX
+    # the reply is the model's to exactly that question (what the page shows is what the model writes)
+    model = load_run(served[1])
+    expected = model.chat_batch([read_upload(image)], [[{"role": "user", "content": asked}]])[0]
+    assert _text_of(history[1]["content"]) == expected
 
 
 def test_attention_endpoint_draws_the_query_maps(client, served):

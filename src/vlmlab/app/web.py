@@ -163,8 +163,11 @@ class RunSession:
         except Exception as e:  # noqa: BLE001
             return None, _failure(e)
 
-    def chat(self, upload: str | None, history, question: str | None, swap_with: str | None):
-        """/chat: one turn -> (history with the reply, the reply under the swapped image, status, cleared box)."""
+    def chat(self, upload: str | None, history, question: str | None, swap_with: str | None, short: bool = False):
+        """/chat: one turn -> (history with the reply, the reply under the swapped image, status, cleared box).
+        short: the question asks for a word or number, as `vlmlab chat --short` and the VQA scores ask (the
+        suffix stays in the history: the conversation shows what the model read)."""
+        from ..data.grounded_questions import VQA_SUFFIX
         from ..model.chat_format import IMAGE
 
         history = [{"role": m["role"], "content": _text_of(m["content"])} for m in (history or [])]
@@ -176,7 +179,7 @@ class RunSession:
             other, other_name = self.swap_for(name, swap_with)
         except BadUpload as e:
             return history, "", f"{BAD_UPLOAD} {e}", question
-        messages = history + [{"role": "user", "content": question}]
+        messages = history + [{"role": "user", "content": question + VQA_SUFFIX if short else question}]
         try:
             with self._lock:
                 reply, swapped = self.model.chat_batch([image, other], [messages, messages])
@@ -264,6 +267,7 @@ def build_app(session: RunSession):
         with gr.Row():
             question = gr.Textbox(label="question", placeholder="What is in the picture?", elem_id="question", scale=4)
             ask = gr.Button("Ask", elem_id="ask-btn", scale=1)
+        short = gr.Checkbox(False, label="short answer (a word or number, as the VQA scores ask)", elem_id="short")
         swapped_answer = gr.Markdown(elem_id="swapped-answer")
 
         with gr.Accordion("run card", open=False):
@@ -276,7 +280,7 @@ def build_app(session: RunSession):
             session.caption, [upload, swap_with], [caption, swapped, swapped_image, status], api_name="caption"
         )
         attention_btn.click(session.attention, upload, [attention, status], api_name="attention")
-        chat_io = ([upload, chatbot, question, swap_with], [chatbot, swapped_answer, status, question])
+        chat_io = ([upload, chatbot, question, swap_with, short], [chatbot, swapped_answer, status, question])
         ask.click(session.chat, *chat_io, api_name="chat")
         question.submit(session.chat, *chat_io, api_visibility="private")
         reload.click(session.card, None, card, api_name="card")
