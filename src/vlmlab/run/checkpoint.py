@@ -69,6 +69,16 @@ def save_checkpoint(run_dir: Path, model: VLM, optimizer, scheduler, step: int, 
         shutil.rmtree(old)
 
 
+def restore_rng(rng: dict) -> None:
+    """Puts back every random state a checkpoint captured (_write_files): torch, Python, NumPy and, where the
+    checkpoint was written on a GPU and this machine has one, CUDA."""
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def _write_files(tmp: Path, model: VLM, optimizer, scheduler, step: int, data_state: dict) -> None:
     """The checkpoint's files, each flushed to disk, into checkpoint.tmp/: the weights, the state, the manifest."""
     _write_durably(tmp / TRAINABLE_FILE, lambda p: _save_weights(model.trainable_state_dict(), p, step))

@@ -10,12 +10,10 @@ import functools
 import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -45,6 +43,7 @@ from ..run.checkpoint import (
     CheckpointError,
     find_checkpoint,
     load_trainable_from,
+    restore_rng,
     save_checkpoint,
     truncate_metrics,
     verify_checkpoint,
@@ -370,11 +369,7 @@ def resume_from(s: Session, checkpoint: Path) -> tuple[int, int]:
         )
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    restore_rng(state["rng"])
     step = state["step"]
     consumed = state["data"]["epoch"] * s.batches_per_epoch + state["data"]["batches_into_epoch"]
     # the log window open at the checkpoint: the first train_loss logged after resuming averages the same steps

@@ -1,9 +1,10 @@
 """The training loop of BLIP-2 stage 1 (train.stage = qformer): the Q-Former alone on image-caption pairs.
 
 No LLM in the step (only its embedding table, frozen), so this is a plain single-process loop: cached image
-tokens -> ITC / ITM / ITG (model/qformer_stage1.py) -> AdamW, on the GPU where there is one (as the caption loop). Its run folder is an ordinary run: the lock,
-config.yaml, metrics.jsonl (one key per loss), and a checkpoint by save_checkpoint whose `connector.*`
-tensors a caption run loads with `train.init_from` (train/stages.py).
+tokens -> ITC / ITM / ITG (model/qformer_stage1.py) -> AdamW, on the GPU where there is one (as the caption
+loop). Its run folder is an ordinary run: the lock, config.yaml, metrics.jsonl (one key per loss), and a
+checkpoint by save_checkpoint whose `connector.*` tensors a caption run loads with `train.init_from`
+(train/stages.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..data.features import FeatureCache
 from ..data.pairs import SplitFeatures, load_split_features
 from ..model.language_model import cache_dir
 from ..model.qformer_stage1 import QFormerStage1, build_stage1
-from ..run.checkpoint import STATE_FILE, load_trainable_from, save_checkpoint, truncate_metrics
+from ..run.checkpoint import STATE_FILE, load_trainable_from, restore_rng, save_checkpoint, truncate_metrics
 from ..run.hardware import device_description, training_device
 from ..run.lifecycle import training_run
 from ..run.record import METRICS_FILE
@@ -92,9 +93,7 @@ def train_stage1(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
             state = torch.load(start.checkpoint / STATE_FILE, weights_only=False)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if "cuda" in state["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])  # ITM draws its hard negatives there
+            restore_rng(state["rng"])  # ITM draws its hard negatives from torch's (CUDA's on a GPU)
             step = state["step"]
             truncate_metrics(start.run_dir / METRICS_FILE, step)
             print(f"resumed from {start.checkpoint} at step {step}")
