@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import write_atomic
 from ..data.features import FeatureCache
-from ..data.pairs import load_split_features
+from ..data.pairs import SplitFeatures, load_split_features
 from ..model.language_model import cache_dir
 from ..model.nll import derangement, validation_loss
 from ..run import load_run
@@ -48,38 +48,62 @@ def format_caption_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CHECK_IMAGES = 24  # the first images of a split, scored again on their own: a quick check of a released model
+
+
+def first_images(split: SplitFeatures, count: int) -> SplitFeatures:
+    """The first `count` images of a split, with their captions."""
+    pairs = [(row, c) for row, c in split.pairs if row < count]
+    return SplitFeatures(split.samples[:count], split.features[:count], pairs)
+
+
+def split_nll(model, split: SplitFeatures, seed: int) -> dict:
+    """Caption NLL per token over a split with the true images and with the images deranged (seeded)."""
+    order = derangement(len(split.samples), seed)
+    return {
+        "images": len(split.samples),
+        "nll_true_images": validation_loss(model, split, model.cfg.train.batch_size, None),
+        "nll_shuffled_images": validation_loss(model, split, model.cfg.train.batch_size, None, image_order=order),
+    }
+
+
+def load_split(model, split: str) -> SplitFeatures:
+    """A run's split of its own datasets, as cached image tokens of its encoder."""
+    cache = FeatureCache(cache_dir() / "features", model.vision)
+    data = load_split_features(model.cfg, cache, splits=(split,))[split]
+    if len(data.samples) < 2:
+        raise ValueError(f"the {split} split has {len(data.samples)} readable images; need at least 2")
+    return data
+
+
 def caption_report(
     run_dir: str | Path, split: str = "test", num_images: int = 8, out_dir: str | Path | None = None
 ) -> dict:
     """Loads a run, captions `num_images` images of a split (true and swapped image) and scores the
     split's caption NLL with true vs shuffled images. Prints a table; writes captions_<split>.json into
-    out_dir (default: the run's folder)."""
+    out_dir (default: the run's folder). The record also holds the NLL of the first CHECK_IMAGES images
+    alone, which a released model is re-scored against in seconds (tests/test_zoo.py)."""
     run_dir = Path(run_dir)
     model = load_run(run_dir)
-    cfg = model.cfg
-    cache = FeatureCache(cache_dir() / "features", model.vision)
-    data = load_split_features(cfg, cache, splits=(split,))[split]
-    if len(data.samples) < 2:
-        raise ValueError(f"the {split} split has {len(data.samples)} readable images; need at least 2")
-    rows = caption_split(model, data, num_images, seed=cfg.train.seed)
-    order = derangement(len(data.samples), cfg.train.seed)
-    true_loss = validation_loss(model, data, cfg.train.batch_size, None)
-    shuffled_loss = validation_loss(model, data, cfg.train.batch_size, None, image_order=order)
+    data = load_split(model, split)
+    rows = caption_split(model, data, num_images, seed=model.cfg.train.seed)
+    nll = split_nll(model, data, model.cfg.train.seed)
     changed = sum(r["caption"] != r["caption_with_swapped_image"] for r in rows)
     print(f"\n{split} images: reference | caption | caption when the image is swapped\n")
     print(format_caption_table(rows))
     print(
         f"\n{split} caption NLL per token over {len(data.pairs)} captions of {len(data.samples)} images: "
-        f"{true_loss:.3f} with the true image, {shuffled_loss:.3f} with images shuffled"
+        f"{nll['nll_true_images']:.3f} with the true image, {nll['nll_shuffled_images']:.3f} with images shuffled"
         f"\ncaptions that change when the image is swapped: {changed} of {len(rows)}"
     )
     report = {
         "split": split,
         "images": len(data.samples),
         "captions": rows,
-        "nll_true_images": true_loss,
-        "nll_shuffled_images": shuffled_loss,
+        "nll_true_images": nll["nll_true_images"],
+        "nll_shuffled_images": nll["nll_shuffled_images"],
         "captions_changed_by_swap": changed,
+        "first_images": split_nll(model, first_images(data, CHECK_IMAGES), model.cfg.train.seed),
     }
     out = Path(out_dir or run_dir) / f"captions_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
