@@ -10,7 +10,7 @@ from conftest import SHARED_DATA, require
 from vlmlab.data.questions import Question
 from vlmlab.eval.multiple_choice import choice_scores, extract_choice, likelihood_pick, rotations
 from vlmlab.eval.pope import parse_yes_no, pope_scores, pope_scores_by_setting
-from vlmlab.eval.question_scores import score
+from vlmlab.eval.question_scores import score, unconditional_logprobs
 from vlmlab.eval.vqa import normalize_answer, prior_answers, vqa_accuracy, vqa_scores
 
 
@@ -131,6 +131,27 @@ def test_likelihood_picks_the_likeliest_option_summed_or_per_character():
         likelihood_pick(logprobs, options, "token")
 
 
+def test_mutual_information_picks_the_option_the_context_raises_most_not_the_commonest():
+    options = ["dog", "aardvark"]
+    logprobs = [-2.0, -4.0]  # "dog" is likelier here...
+    unconditional = {"dog": -1.0, "aardvark": -9.0}  # ...but far likelier anywhere: the context raised "aardvark"
+    assert likelihood_pick(logprobs, options, "sum") == 0
+    assert likelihood_pick(logprobs, options, "mutual_info", unconditional) == 1
+    with pytest.raises(ValueError, match="unconditional"):
+        likelihood_pick(logprobs, options, "mutual_info")
+
+
+def test_unconditional_logprobs_are_each_option_as_the_reply_to_an_empty_message(tiny_vlm):
+    questions = [Question("q1", None, "Colour?", choices=["red", "blue"]), Question("q2", None, "?", choices=["red"])]
+    empty = [{"role": "user", "content": ""}]
+    got = unconditional_logprobs(tiny_vlm, questions, batch_size=1)
+    assert set(got) == {"red", "blue"}  # each distinct text once
+    for text, lp in got.items():
+        assert lp == pytest.approx(tiny_vlm.continuation_logprobs(None, empty, [text])[0][0], abs=1e-5)
+    asked = tiny_vlm.continuation_logprobs(None, [{"role": "user", "content": "Colour?"}], ["red", "blue"])
+    assert [lp for lp, _, _ in asked] != pytest.approx([got["red"], got["blue"]], abs=1e-3)  # the question counts
+
+
 def test_multiple_choice_rows_score_by_likelihood_and_by_letter():
     questions = [
         Question(f"q{k}", None, "Colour?", choices=rotated, answer_index=idx, group="q")
@@ -142,6 +163,9 @@ def test_multiple_choice_rows_score_by_likelihood_and_by_letter():
     assert row["accuracy[letter]"] == pytest.approx(1 / 3) and row["circular_accuracy[letter]"] == 0.0
     assert row["no_option_share[letter]"] == 0.0
     assert "accuracy" not in score("mmbench", questions, ["A", "A", "A"])  # no option scores: letters only
+    assert "accuracy[mutual_info]" not in row  # no unconditional log-probs given
+    flat = dict.fromkeys(["red", "blue", "a dark shade of green"], -1.0)
+    assert score("mmbench", questions, ["A"] * 3, right, flat)["circular_accuracy[mutual_info]"] == 1.0
 
 
 @given(st.lists(st.sampled_from(["a", "b", "c"]), min_size=4, max_size=4), st.integers(0, 3))

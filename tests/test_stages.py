@@ -132,6 +132,8 @@ def test_a_tiny_chain_trains_each_stage_from_the_previous_and_scores_with_contro
         assert {"model", "swapped image", "no image", "blind model", "prior"} <= set(rows)
         assert "answers changed by swap" in rows["model"]
     assert rows["prior"]["accuracy"] == pytest.approx(0.25)  # always "A" over 4 rotations
+    assert rows["prior"]["accuracy[mutual_info]"] == pytest.approx(0.25)
+    assert {"accuracy[mutual_info]", "circular_accuracy[mutual_info]"} <= set(rows["blind model"])
     assert summary["tables"]["pope"]["prior"]["yes_ratio"] == 1.0
     assert set(summary["forgetting"]) == {"caption", "instruct"}
     assert (out / "chain.md").read_text().startswith("## pope")

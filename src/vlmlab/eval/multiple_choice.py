@@ -12,8 +12,12 @@ only if every rotation is answered right, which a model that always says "A" can
 By likelihood (lm-evaluation-harness's `multiple_choice` output type, lmms-eval's `loglikelihood` requests):
 each option's text is scored as the start of the model's reply to the question (VLM.continuation_logprobs) and
 the likeliest is its pick, so a small LM that cannot keep to "answer with the letter" still says which option it
-finds likelier. Two scores of an option: its log-probability summed over its tokens ("sum"), which favours short
-options, and that sum divided by the option's length in characters ("char", lm-evaluation-harness's acc_norm).
+finds likelier. Three scores of an option: its log-probability summed over its tokens ("sum"), which favours short
+options; that sum divided by the option's length in characters ("char", lm-evaluation-harness's acc_norm); and
+that sum minus the log-probability of the same text as the reply to an empty message with no image
+("mutual_info", lm-evaluation-harness's acc_mutual_info, which scores each choice after an empty context): how
+much the image and the question raise the option over what the LM says anyway, so that a common word ("dog")
+does not win by being common.
 """
 
 from __future__ import annotations
@@ -60,14 +64,24 @@ def rotations(options: list[str], answer: int) -> list[tuple[list[str], int]]:
     return [(options[k:] + options[:k], (answer - k) % n) for k in range(n)]
 
 
-LIKELIHOOD_NORMS = ("char", "sum")  # the first is the default (question_scores says why)
+LIKELIHOOD_NORMS = ("char", "sum", "mutual_info")  # the first is the default (question_scores says why)
 
 
-def likelihood_pick(option_logprobs: list[float], options: list[str], norm: str) -> int:
-    """The option whose score is highest: its log-probability ("sum") or that per character ("char")."""
+def likelihood_pick(
+    option_logprobs: list[float], options: list[str], norm: str, unconditional: dict[str, float] | None = None
+) -> int:
+    """The option whose score is highest: its log-probability ("sum"), that per character ("char"), or that less
+    the option text's unconditional log-probability ("mutual_info": `unconditional` maps each text to it)."""
     if norm not in LIKELIHOOD_NORMS:
         raise ValueError(f"norm {norm!r}: one of {LIKELIHOOD_NORMS}")
-    values = [lp / max(len(o), 1) if norm == "char" else lp for lp, o in zip(option_logprobs, options)]
+    if norm == "mutual_info" and unconditional is None:
+        raise ValueError("mutual_info needs each option's unconditional log-probability")
+    if norm == "char":
+        values = [lp / max(len(o), 1) for lp, o in zip(option_logprobs, options)]
+    elif norm == "mutual_info":
+        values = [lp - unconditional[o] for lp, o in zip(option_logprobs, options)]
+    else:
+        values = list(option_logprobs)
     return max(range(len(values)), key=values.__getitem__)
 
 

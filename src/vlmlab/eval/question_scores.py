@@ -15,8 +15,9 @@ the likeliest of 0-10 as the whole reply (`vqa_accuracy[number, by likelihood 0-
 question type: a small LM may know the count and still write something else first.
 
 Multiple choice is scored two ways for every row (multiple_choice.py): by likelihood (each option's text as the
-start of the reply; `accuracy` and `circular_accuracy` normalise per character, `[sum]` does not) and by the letter
-the model writes (`[letter]`, with the share of replies that name no option).
+start of the reply; `accuracy` and `circular_accuracy` normalise per character, `[sum]` does not, `[mutual_info]`
+subtracts the option's log-probability as the reply to an empty message with no image, each answerer's own LM
+scoring it) and by the letter the model writes (`[letter]`, with the share of replies that name no option).
 """
 
 from __future__ import annotations
@@ -192,6 +193,19 @@ def option_logprobs(model, questions: list[Question], images: list, desc="") -> 
     return out
 
 
+def unconditional_logprobs(model, questions: list[Question], batch_size: int = 64) -> dict[str, float]:
+    """log p(text) as the reply to an empty message with no image, for every distinct option text: what the LM
+    says of an option with no image and no question (lm-evaluation-harness's acc_mutual_info scores each choice
+    after an empty context), the baseline that mutual-information scoring subtracts."""
+    texts = sorted({c for q in questions for c in q.choices})
+    empty = [{"role": "user", "content": ""}]
+    out = {}
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        out |= {t: lp for t, (lp, _, _) in zip(chunk, model.continuation_logprobs(None, empty, chunk))}
+    return out
+
+
 NUMBER_ANSWERS = [str(n) for n in range(11)]  # the closed vocabulary of number questions: 0-10, as make-tasks writes
 
 
@@ -226,8 +240,15 @@ def yes_no_margins(model, questions: list[Question], images: list, batch_size: i
 
 
 # ---- scoring ----------------------------------------------------------------------------------------
-def score(task: str, questions: list[Question], answers: list[str], options: list[list[float]] | None = None) -> dict:
-    """The task's scores of one answerer; multiple choice also by likelihood when its option log-probs are given."""
+def score(
+    task: str,
+    questions: list[Question],
+    answers: list[str],
+    options: list[list[float]] | None = None,
+    unconditional: dict[str, float] | None = None,
+) -> dict:
+    """The task's scores of one answerer; multiple choice also by likelihood when its option log-probs are given
+    (and by mutual information when the option texts' unconditional log-probs are given too)."""
     if task == "vqa":
         usable = [(q, a) for q, a in zip(questions, answers) if q.answers]
         if not usable:
@@ -244,7 +265,9 @@ def score(task: str, questions: list[Question], answers: list[str], options: lis
     out = {f"{k}[letter]": v for k, v in letters.items() if k in ("accuracy", "circular_accuracy", "no_option_share")}
     out |= {k: letters[k] for k in ("items", "questions") if k in letters}
     for norm in LIKELIHOOD_NORMS if options is not None else ():
-        picks = [likelihood_pick(lp, q.choices, norm) for lp, q in zip(options, questions)]
+        if norm == "mutual_info" and unconditional is None:
+            continue
+        picks = [likelihood_pick(lp, q.choices, norm, unconditional) for lp, q in zip(options, questions)]
         scores = choice_scores(picks, right, groups)
         suffix = "" if norm == LIKELIHOOD_NORMS[0] else f"[{norm}]"
         out |= {f"{k}{suffix}": scores[k] for k in ("accuracy", "circular_accuracy") if k in scores}
@@ -293,6 +316,8 @@ MAIN_COLUMNS = {
         "circular_accuracy",
         "accuracy[sum]",
         "circular_accuracy[sum]",
+        "accuracy[mutual_info]",
+        "circular_accuracy[mutual_info]",
         "accuracy[letter]",
         "circular_accuracy[letter]",
         "no_option_share[letter]",
@@ -380,8 +405,10 @@ def evaluate_task(
     if task == "pope":
         margins = {name: yes_no_margins(model, questions, imgs, desc=name) for name, imgs in asked.items()}
     options = {}  # multiple choice: every option's log-probability, for each answerer that is a model
+    unconditional = {}  # ... and each option text's with no image and no question, by that answerer's LM
     if task == "mmbench":
         options = {name: option_logprobs(model, questions, imgs, desc=name) for name, imgs in asked.items()}
+        unconditional = dict.fromkeys(asked, unconditional_logprobs(model, questions))
     numbers = {}  # VQA: number questions also answered from the closed vocabulary 0-10, by likelihood
     if task == "vqa":
         numbers = {name: number_picks(model, questions, imgs, desc=name) for name, imgs in asked.items()}
@@ -394,13 +421,15 @@ def evaluate_task(
             margins["blind model"] = yes_no_margins(blind, questions, true_images, desc="blind model")
         if task == "mmbench":
             options["blind model"] = option_logprobs(blind, questions, true_images, desc="blind model")
+            unconditional["blind model"] = unconditional_logprobs(blind, questions)
         if task == "vqa":
             numbers["blind model"] = number_picks(blind, questions, true_images, desc="blind model")
         del blind
     answers["prior"] = prior_predictions(task, questions, train_questions)
     if task == "mmbench":  # the prior picks option A, by letter and by likelihood alike
         options["prior"] = [[0.0] + [float("-inf")] * (len(q.choices) - 1) for q in questions]
-    rows = {name: score(task, questions, a, options.get(name)) for name, a in answers.items()}
+        unconditional["prior"] = dict.fromkeys(unconditional["model"], 0.0)
+    rows = {name: score(task, questions, a, options.get(name), unconditional.get(name)) for name, a in answers.items()}
     if any(numbers.values()):  # the prior's number answer is already one of the closed vocabulary
         for name, a in answers.items():
             closed = score(task, questions, with_number_picks(a, numbers.get(name, {})))
@@ -420,6 +449,7 @@ def evaluate_task(
         "dropped_trained_photos": dropped if unseen_only else None,
         "questions_cut_to_fit": cut,
         "rows": rows,
+        "unconditional option logprobs": {k: v for k, v in unconditional.items() if k in ("model", "blind model")},
         "answers": [
             {"question_id": q.question_id, "question_type": q.question_type, "question": q.question}
             | {k: v[i] for k, v in answers.items()}
