@@ -360,6 +360,23 @@ def test_a_question_about_one_of_two_alike_shapes_names_one_object(objects):
                 assert sum(o.colour in options for o in objects) == 1, (question, options)
 
 
+def test_four_objects_of_four_colours_get_a_colour_question_of_three_options():
+    """Six colours, four in the picture: two are left as distractors, so the question has three options (it
+    crashed make-tasks on the 1-4 shape world before)."""
+    from vlmlab.data.grounded_questions import choice_questions
+
+    objects = [O("red", "circle", "large", "top left"), O("blue", "square", "small", "right")]
+    objects += [O("green", "triangle", "small", "left"), O("yellow", "circle", "small", "bottom")]
+    facts = _synthetic_facts(objects)
+    asked = [
+        q for seed in range(20) for q in choice_questions(facts, ["circle", "square", "triangle"], random.Random(seed))
+    ]
+    colour = [(options, right) for question, options, right in asked if "colour" in question]
+    assert colour and all(len(options) == len(set(options)) == 3 for options, _ in colour)
+    assert all(sum(o.colour in options for o in objects) == 1 for options, _ in colour)
+    assert all(options[right] in ("red", "blue", "green", "yellow") for options, right in colour)
+
+
 def test_every_right_answer_to_what_shape_scores_full_marks(tasks):
     from vlmlab.eval.vqa import vqa_accuracy
 

@@ -368,7 +368,8 @@ def choice_questions(facts: ImageFacts, vocabulary: list[str], rng: random.Rando
     if described:
         o, the = rng.choice(described)
         others = {x["colour"] for x in facts.objects}  # no distractor is the colour of something in the picture
-        colours = [o["colour"]] + rng.sample([c for c in COLOURS if c not in others], 3)
+        absent = [c for c in COLOURS if c not in others]  # four objects of four colours leave two: 3 options then
+        colours = [o["colour"]] + rng.sample(absent, min(3, len(absent)))
         rng.shuffle(colours)
         out.append((f"What colour is {the}?", colours, colours.index(o["colour"])))
     return out
