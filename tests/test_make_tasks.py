@@ -377,6 +377,28 @@ def test_four_objects_of_four_colours_get_a_colour_question_of_three_options():
     assert all(options[right] in ("red", "blue", "green", "yellow") for options, right in colour)
 
 
+def test_a_three_option_question_reads_back_from_the_tsv(tmp_path):
+    """Three options leave column D empty, as in MMBench's own files; the rows read back with three choices and
+    the right one right in every rotation (the chain's multiple-choice eval refused the file before)."""
+    import csv
+
+    from vlmlab.data.make_tasks import rotated_rows
+
+    image = tmp_path / "scene.png"
+    image.write_bytes(b"")
+    rows = rotated_rows(0, str(image), "What colour is the square?", ["red", "blue", "green"], 1, "attribute")
+    with open(tmp_path / "mmbench_test.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["index", "group", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+        writer.writerows(rows)
+    read = read_mmbench_tsv(tmp_path / "mmbench_test.tsv")
+    assert [len(q.choices) for q in read] == [3, 3, 3]
+    assert all(q.choices[q.answer_index] == "blue" for q in read)
+    assert len({q.group for q in read}) == 1
+    with pytest.raises(ValueError, match="5 options"):
+        rotated_rows(0, str(image), "?", list("abcde"), 0, "object")
+
+
 def test_every_right_answer_to_what_shape_scores_full_marks(tasks):
     from vlmlab.eval.vqa import vqa_accuracy
 

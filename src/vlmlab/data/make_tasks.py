@@ -80,10 +80,13 @@ def _vqa_files(questions, out: Path, split: str) -> int:
 
 
 def rotated_rows(start: int, image: str, question: str, options: list[str], right: int, category: str) -> list:
-    """One TSV row per rotation of the options (A B C D, B C D A, ...), sharing a `group` for CircularEval."""
+    """One TSV row per rotation of the options (A B C D, B C D A, ...), sharing a `group` for CircularEval.
+    A question of fewer than four options leaves the last columns empty, as MMBench's own files do."""
+    if not 2 <= len(options) <= 4:
+        raise ValueError(f"{question!r}: {len(options)} options; the TSV holds 2 to 4")
     rows = []
     for k in range(len(options)):
-        rotated = options[k:] + options[:k]
+        rotated = options[k:] + options[:k] + [""] * (4 - len(options))
         letter = "ABCD"[(right - k) % len(options)]
         rows.append([start + k, start, question, "", *rotated, letter, category, str(Path(image).resolve())])
     return rows
