@@ -78,6 +78,8 @@ def test_lmms_eval_offline_matches_vlmlab_eval(tmp_path, tiny_clip_dir, tiny_gpt
     # multiple choice by likelihood: lmms-eval's multiple_choice requests, answered by the plugin's loglikelihood
     likelihood = {"accuracy": "mc_likelihood_accuracy", "circular_accuracy": "mc_likelihood_circular_accuracy"}
     likelihood["accuracy[sum]"] = "mc_likelihood_sum_accuracy"
+    likelihood["accuracy[mutual_info]"] = "mc_likelihood_mutual_info_accuracy"
+    likelihood["circular_accuracy[mutual_info]"] = "mc_likelihood_circular_mutual_info_accuracy"
     for ours_key, metric in likelihood.items():
         assert lmms("vlmlab_mmbench_likelihood", metric) == pytest.approx(ours["mmbench"][ours_key]), metric
     # not only the same scores: the same replies, question by question (lmms-eval logs doc_id, the row of the

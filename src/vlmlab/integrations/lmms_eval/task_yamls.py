@@ -3,7 +3,8 @@
 `vlmlab lmms-tasks TASKS_DIR OUT` turns a make-tasks folder into OUT/vlmlab_{caption,vqa,pope,mmbench}.yaml, their
 JSON-lines documents, and the task functions (vlmlab_utils.py); vlmlab_mmbench_likelihood asks the same multiple-choice
 questions through lmms-eval's `multiple_choice` output type (one loglikelihood request per option), scored as
-`vlmlab eval questions` scores them (per character, CircularEval, and by the summed score); then
+`vlmlab eval questions` scores them (per character, CircularEval, by the summed score, and by mutual information
+from a second request per option with no context and no image); then
 
     python -m lmms_eval --model vlmlab --model_args run=RUN_DIR --tasks vlmlab_pope --include_path OUT
 
@@ -19,12 +20,18 @@ from ...config import write_atomic
 from ...eval.question_scores import read_questions
 
 HERE = Path(__file__).parent / "task_files"
-METRICS = {
+METRICS = {  # per task kind, the metric names its yaml lists (vlmlab_utils.py reads them here)
     "caption": ["caption_cider_d", "caption_bleu_4"],
     "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
     "vqa": ["vqa_accuracy"],
     "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
-    "mmbench_likelihood": ["mc_likelihood_accuracy", "mc_likelihood_circular_accuracy", "mc_likelihood_sum_accuracy"],
+    "mmbench_likelihood": [
+        "mc_likelihood_accuracy",
+        "mc_likelihood_circular_accuracy",
+        "mc_likelihood_sum_accuracy",
+        "mc_likelihood_mutual_info_accuracy",
+        "mc_likelihood_circular_mutual_info_accuracy",
+    ],
 }
 TEXT = {
     "caption": "caption_doc_to_text",
@@ -102,6 +109,7 @@ def _likelihood_yaml(data: Path) -> str:
     )
     return (
         "task: vlmlab_mmbench_likelihood\n"
+        "class: !function vlmlab_utils.MutualInfoChoiceTask\n"
         "dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
         "test_split: test\n"

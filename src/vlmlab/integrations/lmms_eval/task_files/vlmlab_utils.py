@@ -7,11 +7,15 @@ and the yes-ratio of the predictions; multiple choice by static extraction with 
 vlmlab's caption metrics (pycocoevalcap CIDEr-D, PTB tokenizer when Java is present), as `vlmlab eval` does.
 """
 
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.task import ConfigurableTask
+
 from vlmlab.data.questions import Question
 from vlmlab.eval.multiple_choice import choice_scores, extract_choice
 from vlmlab.eval.pope import pope_scores
 from vlmlab.eval.question_scores import question_text
 from vlmlab.eval.vqa import vqa_scores
+from vlmlab.integrations.lmms_eval.task_yamls import METRICS
 
 
 def _question(doc) -> Question:
@@ -66,12 +70,57 @@ def _loss(result) -> float:
     return float(value[0])
 
 
+def no_visual(doc):
+    return []
+
+
+class MutualInfoChoiceTask(ConfigurableTask):
+    """lmms-eval's `multiple_choice` task plus, per option, its log-likelihood as the reply to an empty message with
+    no image: the baseline that mutual-information scoring subtracts (as `vlmlab eval questions` scores it).
+
+    Written here because lmms-eval's own way cannot run: a metric named `acc_mutual_info` makes construct_requests
+    add unconditional requests of two arguments, `("", option)`, and build_requests then reads `arguments[2]` of
+    every request (its doc_to_visual cache fix, api/task.py) and fails with "tuple index out of range", for any
+    model (lmms-eval 0.7.3, and its main branch of 2026-08). These requests carry all six arguments, an image
+    function that gives none, and idx after the options' so that each document's results come back as the
+    options' then the baselines' (the evaluator sorts a document's requests by idx)."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config={k: v for k, v in (config or {}).items() if k != "class"}, **kwargs)
+
+    def construct_requests(self, doc_id, ctx, **kwargs):
+        requests = super().construct_requests(doc_id, ctx, **kwargs)
+        split = kwargs["metadata"]["split"]
+        options = self.doc_to_choice(self.dataset[split][doc_id])
+        return requests + [
+            Instance(
+                request_type="loglikelihood",
+                arguments=("", option, no_visual, doc_id, self.config.task, split),
+                idx=len(options) + i,
+                task_name=self.config.task,
+                doc_id=doc_id,
+                **kwargs,
+            )
+            for i, option in enumerate(options)
+        ]
+
+
 def mc_likelihood_keep(doc, results):
-    """Each option's loss (the plugin returns -log p summed): the picks by the summed score and per character."""
+    """Each option's loss (the plugin returns -log p summed), then each option's with no context and no image
+    (MutualInfoChoiceTask): the picks by the summed score, per character and by mutual information."""
+    options = doc["options"]
     losses = [_loss(r) for r in results]
-    per_char = [loss / max(len(o), 1) for loss, o in zip(losses, doc["options"])]
-    picks = {"sum": losses.index(min(losses)), "char": per_char.index(min(per_char))}
-    return {name: {"doc": doc, "picks": picks} for name in _METRICS[doc["task_kind"]]}
+    if len(losses) != 2 * len(options):
+        raise ValueError(f"doc {doc['question_id']}: {len(losses)} results for {len(options)} options and baselines")
+    losses, unconditional = losses[: len(options)], losses[len(options) :]
+    per_char = [loss / max(len(o), 1) for loss, o in zip(losses, options)]
+    mutual_info = [u - c for c, u in zip(losses, unconditional)]  # log p(o | image, question) - log p(o)
+    picks = {
+        "sum": losses.index(min(losses)),
+        "char": per_char.index(min(per_char)),
+        "mutual_info": mutual_info.index(max(mutual_info)),
+    }
+    return {name: {"doc": doc, "picks": picks} for name in METRICS[doc["task_kind"]]}
 
 
 def mc_likelihood_metric(name, norm):
@@ -85,7 +134,7 @@ def mc_likelihood_metric(name, norm):
 
 def keep(doc, results):
     """Every metric receives the document and the reply; the aggregations score them all at once."""
-    return {name: {"doc": doc, "reply": results[0]} for name in _METRICS[doc["task_kind"]]}
+    return {name: {"doc": doc, "reply": results[0]} for name in METRICS[doc["task_kind"]]}
 
 
 def _split(items):
@@ -133,11 +182,5 @@ mc_accuracy, mc_circular_accuracy = mc_metric("accuracy"), mc_metric("circular_a
 mc_likelihood_accuracy = mc_likelihood_metric("accuracy", "char")
 mc_likelihood_circular_accuracy = mc_likelihood_metric("circular_accuracy", "char")
 mc_likelihood_sum_accuracy = mc_likelihood_metric("accuracy", "sum")
-
-_METRICS = {
-    "caption": ["caption_cider_d", "caption_bleu_4"],
-    "pope": ["pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"],
-    "vqa": ["vqa_accuracy"],
-    "mmbench": ["mc_accuracy", "mc_circular_accuracy"],
-    "mmbench_likelihood": ["mc_likelihood_accuracy", "mc_likelihood_circular_accuracy", "mc_likelihood_sum_accuracy"],
-}
+mc_likelihood_mutual_info_accuracy = mc_likelihood_metric("accuracy", "mutual_info")
+mc_likelihood_circular_mutual_info_accuracy = mc_likelihood_metric("circular_accuracy", "mutual_info")
