@@ -66,6 +66,31 @@ def test_a_recorded_suite_finishes_on_a_machine_without_its_runs(tiny_suite, tmp
     assert not (tmp_path / "other").exists()
 
 
+def test_a_table_of_unequal_seeds_trains_nothing_and_says_what_is_missing(tiny_suite, tmp_path, monkeypatch, capsys):
+    suite_file, trained = tiny_suite
+    suite = load_suite(str(suite_file))
+    records = tmp_path / "records"
+    run_suite(suite, shutil.copytree(trained, tmp_path / "out"), records=records)
+    arm_record_path(records, "meanpool", 1).unlink()  # meanpool has one seed recorded, qformer two
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--table-only trained or evaluated an arm")
+
+    monkeypatch.setattr("vlmlab.train.loop.train", no_training)
+    monkeypatch.setattr("vlmlab.eval.captioning.evaluate_run", no_training)
+    fresh = tmp_path / "another-machine"
+    run_suite(suite, fresh, records=records, table_only=True)
+    assert "not in the table (neither evaluated in" in capsys.readouterr().out
+    assert [(v, s) for v, s, _, _ in _rows(fresh / "results.csv")] == [
+        ("meanpool", "0"),
+        ("qformer", "0"),
+        ("qformer", "1"),
+    ]
+    table = (fresh / "results.md").read_text()
+    assert "| meanpool | 1 |" in table and "| qformer | 2 |" in table
+    assert not list(fresh.glob("*/seed*"))
+
+
 def test_a_damaged_or_unfinished_record_is_refused(tiny_suite, tmp_path):
     suite_file, out = tiny_suite
     suite = load_suite(str(suite_file))

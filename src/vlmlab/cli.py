@@ -201,7 +201,8 @@ def cmd_ablate(args) -> None:
     suite = load_suite(args.suite)
     if args.seeds:
         suite.seeds = [int(x) for x in args.seeds.split(",")]
-    run_suite(suite, args.out_dir, only=args.only.split(",") if args.only else None, records=args.records)
+    only = args.only.split(",") if args.only else None
+    run_suite(suite, args.out_dir, only=only, records=args.records, table_only=args.table_only)
 
 
 def cmd_inspect(args) -> None:
@@ -781,6 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a folder of arm records (e.g. results/ablate/SUITE): each finished arm is recorded there; an arm "
         "recorded there with the same settings is not trained again (commit them to finish a study across machines)",
+    )
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: table the arms already evaluated in OUT or recorded in --records (rows whose seeds are "
+        "missing average the seeds there are, and say how many)",
     )
     p.set_defaults(func=cmd_ablate)
 

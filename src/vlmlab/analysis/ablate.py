@@ -125,10 +125,16 @@ def load_suite(spec: str | Path) -> Suite:
 
 
 def run_suite(
-    suite: Suite, out_dir: str | Path | None = None, only: list[str] | None = None, records: str | Path | None = None
+    suite: Suite,
+    out_dir: str | Path | None = None,
+    only: list[str] | None = None,
+    records: str | Path | None = None,
+    table_only: bool = False,
 ) -> Path:
     """Trains and evaluates what is missing (neither in OUT nor recorded in `records`), records each finished arm
-    there, then writes the results; returns the output folder."""
+    there, then writes the results; returns the output folder. `table_only` trains nothing: the tables are built
+    from the arms already evaluated or recorded, so a study whose arms have unequal seed counts can still be
+    tabled (each row says how many seeds it averages)."""
     from accelerate.state import AcceleratorState
 
     from ..eval.captioning import evaluate_run
@@ -162,6 +168,12 @@ def run_suite(
         "overrides": suite.overrides,
     }
     write_atomic(out / "suite.json", json.dumps(described, indent=1))
+    if table_only:
+        missing = [f"{v} seed {seed}" for v, seed, _, _ in arms if arm_results(out, v, seed, records) is None]
+        if missing:
+            print(f"[{suite.name}] not in the table (neither evaluated in {out} nor recorded): {', '.join(missing)}")
+        write_results(suite, out, variants, records)
+        return out
     for variant, seed, cfg, stage1 in arms:
         run_dir = Path(cfg.train.output_dir)
         label = f"[{suite.name}] {variant}, seed {seed}"
