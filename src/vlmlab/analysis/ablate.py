@@ -277,14 +277,15 @@ def metrics_present(rows: list[dict]) -> list[tuple[str, str, bool]]:
 
 
 def metric_cells(rows: list[dict], metrics, separator: str = " +- ") -> list[str]:
-    """Per metric, 'mean<separator>std' over the rows (one per seed) that have a value, else 'n/a'."""
+    """Per metric, 'mean<separator>std' over the rows (one per seed) that have a value, the mean alone where one
+    seed has it (its spread is unknown, not zero), else 'n/a'."""
     cells = []
     for _, key, _ in metrics:
         values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
         values = [v for v in values if not math.isnan(v)]  # a statistic undefined for that run (one query's corr)
         if values:
             mean, std = _mean_std(values)
-            cells.append(f"{mean:.3f}{separator}{std:.3f}")
+            cells.append(f"{mean:.3f}{separator}{std:.3f}" if len(values) > 1 else f"{mean:.3f}")
         else:
             cells.append("n/a")
     return cells
