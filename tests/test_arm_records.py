@@ -43,6 +43,7 @@ def test_a_recorded_suite_finishes_on_a_machine_without_its_runs(tiny_suite, tmp
     record = json.loads((records / "qformer" / "seed1.json").read_text())
     assert record["step"] == 4 and record["eval"]["split"] == "val" and record["val_curve"]
     assert record["model_info"]["visual_tokens"] == 4 and record["machine"] and record["commit"]
+    assert record["speed"]["samples_per_s"] > 0 and record["speed"]["threads"] >= 1  # to size the next arm
 
     def no_training(*args, **kwargs):
         raise AssertionError("a recorded arm was trained or evaluated again")

@@ -385,12 +385,14 @@ def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -
 
     present = [v for v in variants if any(r["variant"] == v for r in records)]
     for name, key, higher in metrics:
-        stats = [
-            _mean_std([r[key] for r in records if r["variant"] == v and key in r] or [float("nan")]) for v in present
-        ]
-        fig, ax = plt.subplots(figsize=(1.1 * len(present) + 2, 3.6))
-        ax.bar(range(len(present)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
-        ax.set_xticks(range(len(present)), present, rotation=30, ha="right")
+        values = [[r[key] for r in records if r["variant"] == v and key in r] for v in present]
+        means = [statistics.fmean(vs) if vs else float("nan") for vs in values]
+        # no error bar where one seed ran: its spread is unknown, not zero (matplotlib draws none for NaN)
+        stds = [statistics.stdev(vs) if len(vs) > 1 else float("nan") for vs in values]
+        labels = [f"{v}\n({len(vs)} seed{'s' * (len(vs) != 1)})" for v, vs in zip(present, values, strict=True)]
+        fig, ax = plt.subplots(figsize=(1.1 * len(present) + 2, 3.8))
+        ax.bar(range(len(present)), means, yerr=stds, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(present)), labels, rotation=30, ha="right")
         ax.set_ylabel(name + (" (higher is better)" if higher else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()

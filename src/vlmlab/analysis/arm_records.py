@@ -67,6 +67,19 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
 
 
+def training_speed(run_dir: Path) -> float | None:
+    """The median samples/s over a run's logged windows (its metrics.jsonl), None when it logged none: with the
+    record's machine and threads, what a planner needs to size the next arm on another machine."""
+    import statistics
+
+    from ..run.record import METRICS_FILE
+
+    path = run_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    speeds = [r["samples_per_s"] for r in map(json.loads, lines) if "samples_per_s" in r]
+    return round(statistics.median(speeds), 3) if speeds else None
+
+
 def arm_record_path(records_dir: str | Path, variant: str, seed: int) -> Path:
     return Path(records_dir) / variant / f"seed{seed}.json"
 
@@ -75,6 +88,8 @@ def write_arm_record(
     path: Path, suite: str, variant: str, seed: int, cfg: Config, run_dir: Path, stage1: Config | None = None
 ) -> Path:
     """The finished, evaluated arm in run_dir (and its stage-1 run) -> one JSON at path."""
+    import torch
+
     from ..run.checkpoint import checkpoint_step
     from ..run.hardware import cpu_info
     from ..run.record import MODEL_INFO_FILE
@@ -94,9 +109,11 @@ def write_arm_record(
         "commit": git_commit(),
         "date": date.today().isoformat(),
         "machine": cpu_info().describe(),
+        "speed": {"threads": torch.get_num_threads(), "samples_per_s": training_speed(run_dir)},
     }
     if stage1 is not None:
         record["stage1_eval"] = json.loads((Path(stage1.train.output_dir) / "eval.json").read_text())
+        record["speed"]["stage1_samples_per_s"] = training_speed(Path(stage1.train.output_dir))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path
