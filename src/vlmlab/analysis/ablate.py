@@ -267,7 +267,8 @@ def _model_info(run_dir: Path) -> dict:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    """Mean and std over seeds; the std of one seed is NaN: its spread is unknown, not zero."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
 def metrics_present(rows: list[dict]) -> list[tuple[str, str, bool]]:
@@ -386,12 +387,10 @@ def plot_results(records: list[dict], metrics, variants: list[str], out: Path) -
     present = [v for v in variants if any(r["variant"] == v for r in records)]
     for name, key, higher in metrics:
         values = [[r[key] for r in records if r["variant"] == v and key in r] for v in present]
-        means = [statistics.fmean(vs) if vs else float("nan") for vs in values]
-        # no error bar where one seed ran: its spread is unknown, not zero (matplotlib draws none for NaN)
-        stds = [statistics.stdev(vs) if len(vs) > 1 else float("nan") for vs in values]
+        stats = [_mean_std(vs or [math.nan]) for vs in values]  # one seed: NaN std, and matplotlib draws no bar
         labels = [f"{v}\n({len(vs)} seed{'s' * (len(vs) != 1)})" for v, vs in zip(present, values, strict=True)]
         fig, ax = plt.subplots(figsize=(1.1 * len(present) + 2, 3.8))
-        ax.bar(range(len(present)), means, yerr=stds, capsize=4, color="#4c72b0")
+        ax.bar(range(len(present)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(present)), labels, rotation=30, ha="right")
         ax.set_ylabel(name + (" (higher is better)" if higher else " (lower is better)"))
         ax.grid(axis="y", alpha=0.3)

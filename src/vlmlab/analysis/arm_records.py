@@ -58,25 +58,25 @@ def portable_config(cfg: Config, root: str | None = None) -> dict:
     return {k: v for k, v in values.items() if k not in NOT_COMPARED}
 
 
-def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, validation loss) from a run's metrics.jsonl; empty when it logged none."""
+def logged(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per line; empty when it logged nothing."""
     from ..run.record import METRICS_FILE
 
     path = run_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation loss) from a run's metrics.jsonl; empty when it logged none."""
+    return [(r["step"], r["val_loss"]) for r in logged(run_dir) if "val_loss" in r]
 
 
 def training_speed(run_dir: Path) -> float | None:
-    """The median samples/s over a run's logged windows (its metrics.jsonl), None when it logged none: with the
-    record's machine and threads, what a planner needs to size the next arm on another machine."""
+    """The median samples/s over a run's logged windows, None when it logged none: with the record's machine and
+    threads, what a planner needs to size the next arm on another machine."""
     import statistics
 
-    from ..run.record import METRICS_FILE
-
-    path = run_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
-    speeds = [r["samples_per_s"] for r in map(json.loads, lines) if "samples_per_s" in r]
+    speeds = [r["samples_per_s"] for r in logged(run_dir) if "samples_per_s" in r]
     return round(statistics.median(speeds), 3) if speeds else None
 
 
