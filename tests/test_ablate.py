@@ -3,13 +3,14 @@
 import csv
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from vlmlab.analysis.ablate import load_suite, run_suite
+from vlmlab.analysis.ablate import arm_results, load_suite, paired_rows, paired_table, per_image_cider, run_suite
 from vlmlab.config import ConfigError
 
 
@@ -154,3 +155,29 @@ def test_readout_marks_better_worse_and_noise_against_the_reference():
     assert "<td class='noise'>+0.000</td><td class='noise'>+0.000</td>" in html_rows["same"]
     assert "<td class='noise'>" not in html_rows["one"]  # one seed: no noise estimate, so no cell is greyed
     assert "<td class='better'>+0.200</td><td class='better'>-0.100</td>" in html_rows["one"]  # lower NLL is better
+
+
+PHOTO_RECORDS = Path(__file__).resolve().parents[1] / "results" / "ablate" / "photos-16-tokens"
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the photo records were scored with the PTB tokenizer")
+def test_the_paired_table_of_the_photo_records_matches_their_scores_and_refuses_altered_captions(tmp_path):
+    """Per-image CIDEr-D recomputed from each committed record averages to the score its eval reported; one seed
+    paired on the same images, the mean difference is the difference of the two arms' scores."""
+    suite = load_suite("photos-16-tokens")
+    variants = list(suite.variants)
+    paired = paired_rows(suite, tmp_path, variants, PHOTO_RECORDS)
+    lines = paired_table(variants[0], paired, suite.split)
+    rows = {cells[0]: cells for line in lines if line.startswith("| ") for cells in [line.strip("| ").split(" | ")]}
+    score = {
+        v: next(iter(arm_results(tmp_path, v, 0, PHOTO_RECORDS)["eval"]["rows"].values()))["CIDEr-D"] for v in variants
+    }
+    for variant in variants[1:]:
+        _, seeds, images, difference, error, higher, lower = rows[variant]
+        assert (seeds, images) == ("0", "228")
+        assert float(difference) == pytest.approx(score[variant] - score[variants[0]], abs=5e-4)
+        assert 0 < float(error) < 0.1 and int(higher) + int(lower) <= 228
+    arm = arm_results(tmp_path, "meanpool", 0, PHOTO_RECORDS)
+    next(iter(arm["eval"]["rows"].values()))["examples"][0]["caption"] = "a cat"  # not the caption it scored
+    with pytest.raises(ValueError, match="the kept captions are not the ones scored"):
+        per_image_cider(arm)

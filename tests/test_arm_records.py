@@ -91,6 +91,8 @@ def test_a_table_of_unequal_seeds_trains_nothing_and_says_what_is_missing(tiny_s
     one_seed = next(line for line in table.splitlines() if line.startswith("| meanpool | 1 |"))
     assert "+-" not in one_seed  # one seed: the mean alone, no spread claimed
     assert "| qformer | 2 |" in table and "+-" in table
+    paired = table[table.index("## Paired against meanpool") :]  # the suite file's first variant
+    assert "| qformer | 0 | " in paired  # seed-matched: qformer's seed 0 against meanpool's only seed
     assert not list(fresh.glob("*/seed*"))
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from vlmlab.eval.metrics import _ptb_tokenize, caption_metrics, plain_tokenize
+from vlmlab.eval.metrics import _ptb_tokenize, caption_metrics, cider_per_image, plain_tokenize
 
 HAS_JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="no java on PATH")
@@ -132,3 +132,16 @@ def test_java_path_identical_after_tokenization(java_metrics):
     assert m["ROUGE-L"] == pytest.approx(1.0)
     assert m["METEOR"] > 0.9
     assert m["CIDEr-D"] == pytest.approx(10.0)  # pycocoevalcap scales CIDEr-D by 10
+
+
+def test_cider_per_image_averages_to_the_corpus_score_and_ranks_within_it():
+    refs = {"a": ["a red square on the left", "a red square"], "b": ["two dogs on grass"], "c": ["a blue circle"]}
+    cands = {"a": "a red square on the left", "b": "a dog on the beach", "c": "two black cats"}
+    per_image = cider_per_image(refs, cands, use_java=False)
+    corpus = caption_metrics(refs, cands, use_java=False, meteor=False)["CIDEr-D"]
+    assert set(per_image) == set(refs)
+    assert math.fsum(per_image.values()) / 3 == pytest.approx(corpus)
+    assert per_image["c"] == 0.0 < per_image["a"]  # no word shared with its references
+    # document frequencies come from the references alone: another image's caption moves only its own score
+    moved = cider_per_image(refs, cands | {"b": "two dogs on grass"}, use_java=False)
+    assert moved["b"] > per_image["b"] and {k: moved[k] for k in "ac"} == {k: per_image[k] for k in "ac"}

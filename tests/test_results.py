@@ -125,22 +125,44 @@ def test_add_copies_the_figures_of_an_eval_json_and_records_where_they_came_from
         add_record(run, "../escape", tmp_path / "results")
 
 
-def test_add_from_an_ablation_folder_gives_mean_and_std_over_seeds(tmp_path):
+def test_add_from_an_ablation_folder_gives_mean_and_std_over_seeds_and_the_paired_differences(tmp_path):
     from vlmlab.analysis.ablate import Suite, write_results
+    from vlmlab.eval.metrics import caption_metrics
 
     out = tmp_path / "suite"
     suite = Suite(name="tiny", path=out / "suite.yaml", variants={"a": {}, "b": {}}, seeds=[0, 1])
-    for variant, seed, cider in (("a", 0, 1.0), ("a", 1, 2.0), ("b", 0, 3.0), ("b", 1, 5.0)):
+    references = {
+        "1.jpg": ["a red square on the left"],
+        "2.jpg": ["two dogs on the grass"],
+        "3.jpg": ["a blue circle at the top"],
+    }
+    captions = {  # b says more of what the references say than a, on each seed
+        ("a", 0): ["a square", "dogs", "a circle"],
+        ("a", 1): ["a red thing", "two cats", "a circle on top"],
+        ("b", 0): ["a red square", "two dogs on grass", "a blue circle"],
+        ("b", 1): ["a red square on the left", "two dogs", "a blue circle at the top"],
+    }
+    cider = {}
+    for (variant, seed), written in captions.items():
+        cands = dict(zip(references, written))
+        cider[variant, seed] = caption_metrics(references, cands, use_java=False, meteor=False)["CIDEr-D"]
+        examples = [{"image": f"/x/{k}", "references": references[k], "caption": cands[k]} for k in references]
+        model = {"CIDEr-D": cider[variant, seed], "nll_true": 1.5, "tokenizer": "plain", "examples": examples}
         run = out / variant / f"seed{seed}"
         run.mkdir(parents=True)
-        (run / "eval.json").write_text(json.dumps({"rows": {"model": {"CIDEr-D": cider, "nll_true": 1.5}}}))
+        (run / "eval.json").write_text(json.dumps({"run": str(run), "images": 3, "rows": {"model": model}}))
         (run / "model_info.json").write_text(json.dumps({"trainable_params": 10, "visual_tokens": 4}))
-    write_results(suite, out, ["a", "b"])  # results.csv, as `vlmlab ablate` writes it
+    with pytest.warns(UserWarning, match="Java not used"):
+        write_results(suite, out, ["a", "b"])  # results.csv and paired.json, as `vlmlab ablate` writes them
     (out / "suite.json").write_text(json.dumps({"name": "tiny", "split": "test", "seeds": [0, 1]}))
     record = record_from_run(out, "tiny-suite")
-    (rows,) = record["figures"].values()
-    assert record["kind"] == "ablation" and rows["a"]["CIDEr-D"] == 1.5 and rows["b"]["CIDEr-D"] == 4.0
-    assert rows["b"]["CIDEr-D std"] == pytest.approx(2**0.5) and rows["a"]["seeds"] == 2
+    rows, paired = record["figures"].values()
+    mean = {v: (cider[v, 0] + cider[v, 1]) / 2 for v in "ab"}
+    assert record["kind"] == "ablation" and rows["a"]["CIDEr-D"] == pytest.approx(mean["a"])
+    assert rows["b"]["CIDEr-D std"] == pytest.approx(abs(cider["b", 0] - cider["b", 1]) / 2**0.5)
+    assert rows["a"]["seeds"] == 2 and list(paired) == ["b"]
+    assert paired["b"]["difference"] == pytest.approx(mean["b"] - mean["a"]) and paired["b"]["seeds"] == 2
+    assert paired["b"]["higher"] + paired["b"]["lower"] <= 3 and paired["b"]["standard error"] > 0
 
 
 def test_a_folder_with_nothing_vlmlab_wrote_is_refused(tmp_path, capsys):

@@ -16,6 +16,7 @@ import gc
 import io
 import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 
 from ..config import Config, ConfigError, apply_settings, load_config, write_atomic
 from ..eval.captioning import ATTRIBUTE_COLUMNS
+from ..eval.metrics import cider_per_image
 from .arm_records import arm_record_path, read_arm_record, val_curve, write_arm_record
 from .baselines import finished_step, stale_keys
 from .recipes import find_recipe
@@ -324,11 +326,94 @@ def write_results(suite: Suite, out: Path, variants: list[str], records_dir: str
             else f"| {variant} | {len(rows)} | n/a | n/a | "
         )
         lines[-1] += " | ".join(cells) + " |"
+    present = [v for v in variants if any(r["variant"] == v for r in records)]
+    paired = paired_rows(suite, out, present, records_dir)
+    write_atomic(out / "paired.json", json.dumps({"reference": present[0], "metric": "CIDEr-D", "rows": paired}))
+    lines += paired_table(present[0], paired, suite.split)
     lines += stage1_table(suite, out, variants, records_dir)
     write_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(records, metrics, variants, out)
     print("\n".join(lines))
     return records
+
+
+def per_image_cider(arm: dict) -> dict[str, float]:
+    """One arm's CIDEr-D per test image, recomputed from the captions and references its eval kept (every image's),
+    keyed by file name; refused where their mean is not the CIDEr-D the eval reported (they are not what it
+    scored)."""
+    row = next(iter(arm["eval"]["rows"].values()))
+    examples = row.get("examples") or []
+    names = [Path(e["image"]).name for e in examples]
+    if len(examples) != arm["eval"]["images"] or len(set(names)) != len(names):
+        raise ValueError(
+            f"{arm['eval']['run']}: its eval kept {len(examples)} captions (distinct names: {len(set(names))}) "
+            f"for {arm['eval']['images']} images: no per-image comparison"
+        )
+    if row["tokenizer"] == "ptb" and shutil.which("java") is None:
+        raise ValueError(f"{arm['eval']['run']}: its eval tokenized with PTB, which needs Java; none is on PATH")
+    references = {n: e["references"] for n, e in zip(names, examples)}
+    scores = cider_per_image(references, {n: e["caption"] for n, e in zip(names, examples)}, row["tokenizer"] == "ptb")
+    if not math.isclose(statistics.fmean(scores.values()), row["CIDEr-D"], rel_tol=1e-6, abs_tol=1e-9):
+        raise ValueError(
+            f"{arm['eval']['run']}: per-image CIDEr-D averages {statistics.fmean(scores.values()):.6f}, "
+            f"the eval reported {row['CIDEr-D']:.6f}: the kept captions are not the ones scored"
+        )
+    return scores
+
+
+def paired_rows(suite: Suite, out: Path, variants: list[str], records: str | Path | None = None) -> dict[str, dict]:
+    """Each variant minus the first (the reference), CIDEr-D image by image on the seeds both ran: the mean
+    difference over images (each image's difference averaged over those seeds), its standard error over images,
+    and on how many images the variant scores higher / lower.
+
+    Seeds' means differ by more than their std suggests when both arms caption the same hard images badly: the
+    paired difference per image removes what the images share, and its standard error says whether a gap is more
+    than which images the split drew. It does not measure seed-to-seed spread (the main table's std does)."""
+    scores = {
+        (variant, seed): per_image_cider(arm)
+        for variant in variants
+        for seed in suite.seeds
+        if (arm := arm_results(out, variant, seed, records)) is not None
+    }
+    reference, rows = variants[0], {}
+    for variant in variants[1:]:
+        seeds = [s for s in suite.seeds if (variant, s) in scores and (reference, s) in scores]
+        if not seeds:
+            continue
+        images = sorted(set.intersection(*(set(scores[k, s]) for s in seeds for k in (variant, reference))))
+        diffs = [statistics.fmean(scores[variant, s][i] - scores[reference, s][i] for s in seeds) for i in images]
+        rows[variant] = {
+            "seeds": seeds,
+            "images": len(images),
+            "difference": statistics.fmean(diffs),
+            "standard error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+            "higher": sum(d > 0 for d in diffs),
+            "lower": sum(d < 0 for d in diffs),
+        }
+    return rows
+
+
+def paired_table(reference: str, rows: dict[str, dict], split: str) -> list[str]:
+    """Markdown lines of paired_rows."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Paired against {reference}: CIDEr-D per {split} image, variant minus {reference}",
+        "",
+        "Mean over the images of the difference (averaged over the seeds both ran), its standard error over "
+        "images, and how many images each side scores higher on. Image-to-image noise only; seed-to-seed "
+        "spread is the table above.",
+        "",
+        "| variant | seeds paired | images | difference | standard error | higher | lower |",
+        "|" + " --- |" * 7,
+    ]
+    for variant, r in rows.items():
+        lines.append(
+            f"| {variant} | {','.join(map(str, r['seeds']))} | {r['images']} | {r['difference']:+.3f} | "
+            f"{r['standard error']:.3f} | {r['higher']} | {r['lower']} |"
+        )
+    return lines
 
 
 STAGE1_METRICS = [  # (column, key in a stage-1 run's eval.json, flattened)

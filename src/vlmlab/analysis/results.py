@@ -334,7 +334,12 @@ def ablation_figures(folder: Path) -> tuple[str, dict, dict, str]:
                 cells[f"{key} std"] = statistics.stdev(values)
         rows[variant] = cells
     label = f"{suite['name']}: {suite['split']} split, mean over seeds {suite['seeds']}"
-    return "ablation", {label: rows}, {}, f"suite {suite['name']}"
+    figures = {label: rows}
+    paired = folder / "paired.json"  # written by vlmlab ablate since 2026-12-07
+    if paired.exists() and (pairs := json.loads(paired.read_text()))["rows"]:
+        label = f"{suite['name']}: {pairs['metric']} per {suite['split']} image, minus {pairs['reference']} (paired)"
+        figures[label] = {v: {**r, "seeds": len(r["seeds"])} for v, r in pairs["rows"].items()}
+    return "ablation", figures, {}, f"suite {suite['name']}"
 
 
 def _float(text):

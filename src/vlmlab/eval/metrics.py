@@ -71,6 +71,33 @@ def _meteor(gts: dict, res: dict) -> float:
         meteor.lock = threading.Lock()
 
 
+def _tokenized(references: dict, candidates: dict, use_java: bool | None) -> tuple[dict, dict, bool]:
+    """Both sides tokenized as the COCO pipeline does (PTB, with Java), else by plain_tokenize (with a warning)."""
+    _check(references, candidates)
+    if use_java is None:
+        use_java = shutil.which("java") is not None
+    if use_java:
+        return *_ptb_tokenize(references, candidates), True
+    warnings.warn(
+        "Java not used: METEOR is skipped and a plain regex tokenizer replaces PTB "
+        "(scores are close to, not exactly, the official COCO ones)",
+        stacklevel=3,
+    )
+    gts = {k: [plain_tokenize(c) for c in refs] for k, refs in references.items()}
+    res = {k: [plain_tokenize(c)] for k, c in candidates.items()}
+    return gts, res, False
+
+
+def cider_per_image(
+    references: dict[str, list[str]], candidates: dict[str, str], use_java: bool | None = None
+) -> dict[str, float]:
+    """Each image's CIDEr-D, document frequencies from all the references given (so their mean is the corpus
+    CIDEr-D that caption_metrics reports for the same captions): what a paired comparison of two runs needs."""
+    gts, res, _ = _tokenized(references, candidates, use_java)
+    _, scores = Cider().compute_score(gts, res)
+    return {k: float(v) for k, v in zip(gts, scores)}
+
+
 def caption_metrics(
     references: dict[str, list[str]], candidates: dict[str, str], use_java: bool | None = None, meteor: bool = True
 ) -> dict:
@@ -82,20 +109,7 @@ def caption_metrics(
     CIDEr-D weights n-grams by document frequency across images, so it needs several images to mean
     anything (with one image every idf, and so the score, is 0).
     """
-    _check(references, candidates)
-    if use_java is None:
-        use_java = shutil.which("java") is not None
-    if use_java:
-        gts, res = _ptb_tokenize(references, candidates)
-    else:
-        warnings.warn(
-            "Java not used: METEOR is skipped and a plain regex tokenizer replaces PTB "
-            "(scores are close to, not exactly, the official COCO ones)",
-            stacklevel=2,
-        )
-        gts = {k: [plain_tokenize(c) for c in refs] for k, refs in references.items()}
-        res = {k: [plain_tokenize(c)] for k, c in candidates.items()}
-
+    gts, res, use_java = _tokenized(references, candidates, use_java)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
