@@ -132,3 +132,52 @@ def test_a_record_older_than_a_config_key_reads_that_key_at_its_default(tiny_sui
     assert read_arm_record(path, cfg, "val") is not None
     with pytest.raises(ConfigError, match=r"train.gate_lr: recorded 0.01, now 0.5"):
         read_arm_record(path, apply_settings(cfg, {"train.gate_lr": 0.5}), "val")
+
+
+def test_an_arm_is_the_same_experiment_only_in_the_precision_it_trained_in(tiny_suite, tmp_path, monkeypatch, capsys):
+    """`auto` is float32 on one CPU and bf16 on another: a record is compared by the precision it used, a new arm
+    in another precision than the records' is refused before it trains (unless --precision says so), and a table
+    that mixes them names each arm's precision and says so."""
+    suite_file, out = tiny_suite
+    suite = load_suite(str(suite_file))
+    records = tmp_path / "records"
+    run_suite(suite, shutil.copytree(out, tmp_path / "out"), records=records)  # the tiny runs: float32
+    path = arm_record_path(records, "meanpool", 0)
+    cfg = suite.config("meanpool", 0, tmp_path / "out")
+    assert read_arm_record(path, cfg, "val", precision_here="float32") is not None
+    assert read_arm_record(path, apply_settings(cfg, {"train.mixed_precision": "auto"}), "val", None, "float32")
+    with pytest.raises(
+        ConfigError, match=r"train.mixed_precision: recorded 'float32', now 'bf16'.*--precision float32"
+    ):
+        read_arm_record(path, apply_settings(cfg, {"train.mixed_precision": "bf16"}), "val", None, "bf16")
+
+    def no_training(cfg, **kwargs):
+        raise AssertionError(f"an arm trained in {cfg.train.mixed_precision}")
+
+    monkeypatch.setattr("vlmlab.train.loop.train", no_training)
+    for seed in (0, 1):  # every meanpool arm as if trained on a CPU where `auto` meant bf16
+        path = arm_record_path(records, "meanpool", seed)
+        record = json.loads(path.read_text())
+        record["model_info"]["precision"]["used"] = "bf16"
+        path.write_text(json.dumps(record))
+    arm_record_path(records, "qformer", 1).unlink()  # an arm left to train, on this float32 run's settings
+    for path in records.rglob("seed*.json"):  # every record bf16: the float32 arm is refused before it trains
+        record = json.loads(path.read_text())
+        record["model_info"]["precision"]["used"] = "bf16"
+        path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"qformer/seed0.json records .* recorded 'bf16', now 'float32'"):
+        run_suite(suite, tmp_path / "fresh", records=records, only=["qformer"])
+    suite.seeds = [1]  # the unrecorded arm alone: the records of other arms still say which precision
+    with pytest.raises(ConfigError, match=r"trained in bf16; here train.mixed_precision='no' means float32: pass "):
+        run_suite(suite, tmp_path / "fresh", records=records, only=["qformer"])
+    with pytest.raises(AssertionError, match="an arm trained in bf16"):  # --precision bf16: it goes on to train
+        run_suite(suite, tmp_path / "fresh", records=records, only=["qformer"], precision="bf16")
+    suite.seeds = [0, 1]
+
+    record = json.loads(arm_record_path(records, "qformer", 0).read_text())
+    record["model_info"]["precision"]["used"] = "float32"
+    arm_record_path(records, "qformer", 0).write_text(json.dumps(record))
+    run_suite(suite, tmp_path / "table", records=records, table_only=True)  # tables take any precision
+    table = (tmp_path / "table" / "results.md").read_text()
+    assert "| meanpool | 2 | 38,176 | 2 | bf16 | " in table and "| qformer | 1 | 53,696 | 4 | float32 | " in table
+    assert "**The arms trained in different precisions** (bf16, float32;" in table

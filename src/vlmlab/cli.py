@@ -202,7 +202,9 @@ def cmd_ablate(args) -> None:
     if args.seeds:
         suite.seeds = [int(x) for x in args.seeds.split(",")]
     only = args.only.split(",") if args.only else None
-    run_suite(suite, args.out_dir, only=only, records=args.records, table_only=args.table_only)
+    run_suite(
+        suite, args.out_dir, only=only, records=args.records, table_only=args.table_only, precision=args.precision
+    )
 
 
 def cmd_inspect(args) -> None:
@@ -788,6 +790,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train nothing: table the arms already evaluated in OUT or recorded in --records (rows whose seeds are "
         "missing average the seeds there are, and say how many)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["float32", "bf16", "auto"],
+        default=None,
+        help="train every arm in this precision instead of the suite's train.mixed_precision (`auto` is bf16 on a "
+        "CPU with AVX512-BF16, float32 elsewhere): a study continues in the precision its records trained in",
     )
     p.set_defaults(func=cmd_ablate)
 

@@ -10,6 +10,7 @@ another machine, a few arms at a time, without training the recorded arms again.
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import gc
@@ -26,7 +27,9 @@ import yaml
 from ..config import Config, ConfigError, apply_settings, load_config, write_atomic
 from ..eval.captioning import ATTRIBUTE_COLUMNS
 from ..eval.metrics import cider_per_image
-from .arm_records import arm_record_path, read_arm_record, val_curve, write_arm_record
+from ..run.hardware import training_device
+from ..train.precision import resolve_precision
+from .arm_records import arm_record_path, read_arm_record, recorded_precision, val_curve, write_arm_record
 from .baselines import finished_step, stale_keys
 from .recipes import find_recipe
 
@@ -96,6 +99,27 @@ class Suite:
         return apply_settings(cfg, {"train.seed": seed, "train.output_dir": str(stage1_dir(out_dir, variant, seed))})
 
 
+PRECISION_SETTING = {"float32": "no", "bf16": "bf16", "auto": "auto"}  # vlmlab ablate --precision -> the config's
+
+
+def _refuse_a_precision_the_records_lack(records: Path, suite: Suite, setting: str, here: str) -> None:
+    """A new arm would train in `here` (from the suite's train.mixed_precision on this machine) while every arm
+    recorded so far trained in another: refused unless --precision says which one is meant, since `auto` is
+    float32 on one CPU and bf16 on another and a gap between such arms includes the precision's."""
+    recorded = {
+        recorded_precision(json.loads(path.read_text()))
+        for variant in suite.variants
+        for path in sorted((records / variant).glob("seed*.json"))
+    } - {None}
+    if recorded and here not in recorded:
+        raise ConfigError(
+            f"the arms recorded in {records} trained in {', '.join(sorted(recorded))}; here "
+            f"train.mixed_precision={setting!r} "
+            f"means {here}: pass --precision {sorted(recorded)[0]} to train new arms as they did "
+            f"(or --precision {here} to mix precisions knowingly; the table names each arm's)"
+        )
+
+
 def arm_dir(out_dir: Path, variant: str, seed: int) -> Path:
     """Where a suite trains one arm (variant x seed)."""
     return Path(out_dir) / variant / f"seed{seed}"
@@ -132,11 +156,13 @@ def run_suite(
     only: list[str] | None = None,
     records: str | Path | None = None,
     table_only: bool = False,
+    precision: str | None = None,
 ) -> Path:
     """Trains and evaluates what is missing (neither in OUT nor recorded in `records`), records each finished arm
     there, then writes the results; returns the output folder. `table_only` trains nothing: the tables are built
     from the arms already evaluated or recorded, so a study whose arms have unequal seed counts can still be
-    tabled (each row says how many seeds it averages)."""
+    tabled (each row says how many seeds it averages). `precision` (float32 | bf16 | auto) replaces every arm's
+    train.mixed_precision: a study begun in float32 continues in float32 on a CPU where `auto` means bf16."""
     from accelerate.state import AcceleratorState
 
     from ..eval.captioning import evaluate_run
@@ -154,11 +180,17 @@ def run_suite(
         for v in variants
         for seed in suite.seeds
     ]
+    if precision is not None:
+        for config in (c for _, _, main, stage1 in arms for c in (main, stage1) if c is not None):
+            config.train.mixed_precision = PRECISION_SETTING[precision]
+    here = None if table_only or not arms else resolve_precision(arms[0][2].train.mixed_precision, training_device())
     recorded = {  # every record read and checked before anything trains
-        (v, seed): read_arm_record(arm_record_path(records, v, seed), cfg, suite.split, stage1)
+        (v, seed): read_arm_record(arm_record_path(records, v, seed), cfg, suite.split, stage1, here and here.used)
         for v, seed, cfg, stage1 in arms
         if records is not None
     }  # fmt: skip
+    if here is not None and records is not None and precision is None:
+        _refuse_a_precision_the_records_lack(Path(records), suite, arms[0][2].train.mixed_precision, here.used)
     out.mkdir(parents=True, exist_ok=True)
     described = {
         "name": suite.name,
@@ -252,8 +284,16 @@ def collect(suite: Suite, out: Path, variants: list[str], records: str | Path | 
             row = next(iter(result["rows"].values()))  # the run's own row comes first, then controls / baselines
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             metrics.update(result.get("attention") or {})  # Q-Former runs: attention statistics
+            precision = (arm["model_info"].get("precision") or {}).get("used") or "unknown"  # float32 | bf16 | ...
             rows.append(
-                {"variant": variant, "seed": seed, **arm["model_info"], **metrics, "val_curve": arm["val_curve"]}
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    **arm["model_info"],
+                    "precision": precision,
+                    **metrics,
+                    "val_curve": arm["val_curve"],
+                }
             )
     return rows
 
@@ -271,6 +311,12 @@ def _model_info(run_dir: Path) -> dict:
 def _mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and std over seeds; the std of one seed is NaN: its spread is unknown, not zero."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def precision_cell(rows: list[dict]) -> str:
+    """'float32', or 'float32 x2, bf16 x1' where a variant's seeds trained in different precisions."""
+    counts = collections.Counter(r["precision"] for r in rows)
+    return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{p} x{n}" for p, n in sorted(counts.items()))
 
 
 def metrics_present(rows: list[dict]) -> list[tuple[str, str, bool]]:
@@ -310,8 +356,10 @@ def write_results(suite: Suite, out: Path, variants: list[str], records_dir: str
     lines = [
         f"# {suite.name}: {suite.split} split, mean +- std over seeds {suite.seeds}",
         "",
-        "| variant | seeds | trainable params | visual tokens | " + " | ".join(n for n, _, _ in metrics) + " |",
-        "|" + " --- |" * (len(metrics) + 4),
+        "| variant | seeds | trainable params | visual tokens | precision | "
+        + " | ".join(n for n, _, _ in metrics)
+        + " |",
+        "|" + " --- |" * (len(metrics) + 5),
     ]
     for variant in variants:
         rows = [r for r in records if r["variant"] == variant]
@@ -325,7 +373,14 @@ def write_results(suite: Suite, out: Path, variants: list[str], records_dir: str
             if params is not None
             else f"| {variant} | {len(rows)} | n/a | n/a | "
         )
-        lines[-1] += " | ".join(cells) + " |"
+        lines[-1] += f"{precision_cell(rows)} | " + " | ".join(cells) + " |"
+    used = {r["precision"] for r in records}
+    if len(used) > 1:
+        lines += [
+            "",
+            f"**The arms trained in different precisions** ({', '.join(sorted(used))}; `auto` is bf16 on a CPU with "
+            "AVX512-BF16 and float32 elsewhere): a gap between arms of different precisions includes the precision's.",
+        ]
     present = [v for v in variants if any(r["variant"] == v for r in records)]
     paired = paired_rows(suite, out, present, records_dir)
     write_atomic(out / "paired.json", json.dumps({"reference": present[0], "metric": "CIDEr-D", "rows": paired}))

@@ -126,9 +126,31 @@ def with_added_keys(recorded: dict) -> dict:
     return {**defaults, **recorded}
 
 
-def read_arm_record(path: Path, cfg: Config, split: str, stage1: Config | None = None) -> dict | None:
+PRECISION_KEY = "train.mixed_precision"
+
+
+def recorded_precision(record: dict) -> str | None:
+    """The precision the arm trained in ("float32", "bf16", ...), as its run recorded it."""
+    return (record.get("model_info", {}).get("precision") or {}).get("used")
+
+
+def _as_trained(config: dict, used: str | None) -> dict:
+    """A flat config whose train.mixed_precision is the precision used instead of the one asked for: `auto` is
+    float32 on one CPU and bf16 on another, so the request alone does not say which experiment ran. None: the
+    precision is left out of the comparison."""
+    config = {k: v for k, v in config.items() if k != PRECISION_KEY}
+    return config if used is None else config | {PRECISION_KEY: used}
+
+
+def read_arm_record(
+    path: Path, cfg: Config, split: str, stage1: Config | None = None, precision_here: str | None = None
+) -> dict | None:
     """The record at path when it is the arm the suite asks for (None when there is none); ConfigError when it
-    records another experiment: other settings, another split, an unfinished run, or a file that is no record."""
+    records another experiment: other settings, another split, an unfinished run, or a file that is no record.
+
+    precision_here: the precision an arm would train in on this machine (train/precision.py); a record trained
+    in another is another experiment. None (tables only, nothing trains): any precision is taken, and the table
+    names each arm's."""
     if not path.exists():
         return None
     try:
@@ -137,22 +159,31 @@ def read_arm_record(path: Path, cfg: Config, split: str, stage1: Config | None =
             raise ValueError(f"format {record.get('format')!r}, not {ARM_RECORD_FORMAT!r}")
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(f"{path}: not an arm record ({e}); move it away") from e
+    used = None if precision_here is None else recorded_precision(record)
     problems = [
         f"{k}: recorded {a!r}, now {b!r}"
-        for k, a, b in flat_differences(with_added_keys(record["config"]), portable_config(cfg))
+        for k, a, b in flat_differences(
+            _as_trained(with_added_keys(record["config"]), used), _as_trained(portable_config(cfg), precision_here)
+        )
     ]
     if (stage1 is None) != (record.get("stage1_config") is None):
         problems.append("stage 1: " + ("recorded none, now asked for" if stage1 is not None else "recorded, now none"))
     elif stage1 is not None:
-        problems += [f"stage 1 {k}: recorded {a!r}, now {b!r}"
-                     for k, a, b in flat_differences(with_added_keys(record["stage1_config"]), portable_config(stage1))]  # fmt: skip
+        problems += [f"stage 1 {k}: recorded {a!r}, now {b!r}"  # stage 1 trains in float32 whatever is asked
+                     for k, a, b in flat_differences(_as_trained(with_added_keys(record["stage1_config"]), None),
+                                                     _as_trained(portable_config(stage1), None))]  # fmt: skip
     if record.get("step") != cfg.train.max_steps:
         problems.append(f"step: recorded {record.get('step')!r}, the arm trains to {cfg.train.max_steps}")
     if record["eval"].get("split") != split:
         problems.append(f"split: recorded {record['eval'].get('split')!r}, the suite scores {split!r}")
     if problems:
+        hint = (
+            f" (`auto` picks the precision by hardware: --precision {used} trains new arms as the record did)"
+            if any(p.startswith(PRECISION_KEY) for p in problems)
+            else ""
+        )
         raise ConfigError(
             f"{path} records this arm with other settings ({'; '.join(problems)}): it is another experiment; "
-            "move it away, or give another --records folder"
+            f"move it away, or give another --records folder{hint}"
         )
     return record

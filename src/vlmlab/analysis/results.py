@@ -28,6 +28,7 @@ what the records render.
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import re
@@ -332,6 +333,8 @@ def ablation_figures(folder: Path) -> tuple[str, dict, dict, str]:
             cells[key] = statistics.mean(values)
             if len(values) > 1 and key not in ("trainable_params", "visual_tokens"):
                 cells[f"{key} std"] = statistics.stdev(values)
+        for precision, n in collections.Counter(r.get("precision") for r in runs if r.get("precision")).items():
+            cells[f"{precision} seeds"] = n  # float32 | bf16: `auto` trains in either, by CPU
         rows[variant] = cells
     label = f"{suite['name']}: {suite['split']} split, mean over seeds {suite['seeds']}"
     figures = {label: rows}
