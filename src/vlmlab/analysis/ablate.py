@@ -421,9 +421,9 @@ def paired_rows(suite: Suite, out: Path, variants: list[str], records: str | Pat
     difference over images (each image's difference averaged over those seeds), its standard error over images,
     and on how many images the variant scores higher / lower.
 
-    Seeds' means differ by more than their std suggests when both arms caption the same hard images badly: the
-    paired difference per image removes what the images share, and its standard error says whether a gap is more
-    than which images the split drew. It does not measure seed-to-seed spread (the main table's std does)."""
+    Both arms caption the same images, some easy and some hard: the difference per image removes what the images
+    share, and its standard error says whether a gap is more than which images the split drew. It does not
+    measure seed-to-seed spread (the main table's std does)."""
     scores = {
         (variant, seed): per_image_cider(arm)
         for variant in variants
