@@ -284,7 +284,7 @@ def collect(suite: Suite, out: Path, variants: list[str], records: str | Path | 
             row = next(iter(result["rows"].values()))  # the run's own row comes first, then controls / baselines
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
             metrics.update(result.get("attention") or {})  # Q-Former runs: attention statistics
-            precision = (arm["model_info"].get("precision") or {}).get("used") or "unknown"  # float32 | bf16 | ...
+            precision = recorded_precision(arm) or "unknown"  # float32 | bf16 | ...
             rows.append(
                 {
                     "variant": variant,
