@@ -11,6 +11,9 @@ from PIL import Image
 
 from conftest import SHARED_DATA, require
 from vlmlab.eval.caption_matching import (
+    IMAGE_PMI,
+    SWAPPED_PMI,
+    add_image_pmi_rows,
     caption_logprobs,
     caption_matching,
     format_caption_matching,
@@ -54,6 +57,26 @@ def test_ties_count_half_and_the_gain_is_paired_item_by_item():
     assert gain["x"][1] == pytest.approx(1 / 3)  # the sd of (1, 1, 0), sqrt(1/3), over sqrt(3)
 
 
+def test_image_pmi_matches_the_caption_its_image_raises_most_not_the_likeliest_one():
+    """Item 1: the text prior prefers the negative (-4 > -5) but the image raises the true caption by 3 nats and the
+    negative by 0.5: PMI matches it, plain likelihood does not. Item 2: the image raises neither: a tie."""
+    record = {
+        "logprobs": {
+            "model": {"x": [[-5.0, -4.0], [-6.0, -7.0]]},
+            "swapped image": {"x": [[-8.0, -4.0], [-6.0, -7.0]]},
+            "no image": {"x": [[-8.0, -4.5], [-6.0, -7.0]]},
+        },
+        "rows": {},
+        "errors": {},
+    }
+    assert matched(*zip(*record["logprobs"]["model"]["x"])) == [0.0, 1.0]
+    add_image_pmi_rows(record)
+    assert record["logprobs"][IMAGE_PMI]["x"] == [[3.0, 0.5], [0.0, 0.0]]
+    assert record["rows"][IMAGE_PMI] == {"x": 0.75, "all": 0.75}
+    assert record["rows"][SWAPPED_PMI]["x"] == 0.25  # the swapped photo raises the true caption not at all
+    assert paired_gain(record, IMAGE_PMI, SWAPPED_PMI)["x"][0] == pytest.approx(0.5)
+
+
 def test_a_conversation_run_and_a_seeing_blind_run_are_refused_before_loading(tmp_path):
     from vlmlab.config import load_config, save_config
 
@@ -86,10 +109,12 @@ def test_the_photo_captioner_is_scored_on_photos_it_never_trained_on(tmp_path):
     unseen = {c: sum(photo_key(r["image"]) not in seen for r in rows) for c, rows in asked.items()}
     assert record["items"] == {c: n for c, n in unseen.items() if n >= 2}  # only photos it never trained on
     assert record["dropped_trained_photos"] > 0 and record["run"] == "zoo:photo-captioner"  # trained on its photos
-    assert set(record["rows"]) == {"model", "swapped image", "no image"} and "model - no image" in record
+    assert set(record["rows"]) == {"model", "swapped image", "no image", IMAGE_PMI, SWAPPED_PMI}
+    assert "model - no image" in record and f"{IMAGE_PMI} - {SWAPPED_PMI}" in record
     # the true caption is more likely given its photo than given none, on average over the kept items
     model, none = record["logprobs"]["model"], record["logprobs"]["no image"]
     lift = [m[0] - n[0] for c in model for m, n in zip(model[c], none[c])]
     assert sum(lift) / len(lift) > 0
     assert "| model - no image (paired) |" in format_caption_matching(record)
+    assert f"| {IMAGE_PMI} - {SWAPPED_PMI} (paired) |" in format_caption_matching(record)
     assert (tmp_path / "sugarcrepe.md").read_text().startswith("SugarCrepe by caption likelihood")

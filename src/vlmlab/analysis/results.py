@@ -295,6 +295,8 @@ def run_figures(result: dict, path: Path) -> tuple[str, dict, dict, str]:
 
 def caption_matching_figures(result: dict) -> dict:
     """SugarCrepe: accuracy per category (and all) of each row +- its standard error, chance, the paired gains."""
+    from ..eval.caption_matching import PAIRED_GAINS
+
     label = f"SugarCrepe by caption likelihood ({sum(result['items'].values())} items about unseen photos)"
     rows = {}
     for name, cells in result["rows"].items():
@@ -302,7 +304,7 @@ def caption_matching_figures(result: dict) -> dict:
         for category, value in cells.items():
             rows[name] |= {category: value, f"{category} std": result["errors"][name][category]}
     rows["chance"] = {category: result["chance"] for category in [*result["items"], "all"]}
-    for key in ("model - blind LM", "model - no image"):
+    for key in (f"{row} - {control}" for row, control in PAIRED_GAINS):
         if key in result:
             rows[f"{key} (paired)"] = {}
             for category, (gain, error) in result[key].items():

@@ -12,6 +12,13 @@ the text prior asked the same way:
 - *blind LM*: the same LLM + LoRA trained on the same captions with no image (`baselines/blind` of the run).
 
 What the image adds is the model row minus the blind LM row, item by item (paired), with its standard error.
+
+A second scoring asks only what the image adds: each caption scored by log p(caption | image) - log p(caption | no
+image) under the same model, its pointwise mutual information with the image (the "domain-conditional PMI" of
+Holtzman et al. 2021; VisualGPTScore, Lin et al. 2023, divides by the text prior the same way). Plain likelihood
+lets the captioner's text prior (its LoRA read COCO captions) vote on every item; PMI cancels it, so an item is
+matched only if the image raises the true caption more than the negative. Its control is the same score under a
+swapped photo: an image-specific gain is gone there. Both scorings stand in the table; neither replaces the other.
 SugarCrepe's true caption is one of the photo's COCO captions: a run that trained on a photo has read it, so only
 photos the run never trained on are scored (`unseen_only`, the default; matched by COCO id).
 """
@@ -115,6 +122,29 @@ def score_rows(answerers: dict[str, tuple[object, str]], items: dict[str, list[d
     return {"rows": rows, "errors": errors, "logprobs": per_item}
 
 
+IMAGE_PMI = "model, image PMI"  # log p(c | image) - log p(c | no image)
+SWAPPED_PMI = "swapped image, image PMI"  # the same with another photo: its control
+# the paired gains a record can hold, (row, control): the table's and the results record's order
+PAIRED_GAINS = (("model", "blind LM"), ("model", "no image"), (IMAGE_PMI, "blind LM"), (IMAGE_PMI, SWAPPED_PMI))
+
+
+def add_image_pmi_rows(record: dict) -> None:
+    """The PMI rows (module docstring) from the rows' logprobs: each caption's score with its image (or a swapped
+    one) minus its score with none, item by item."""
+    none = record["logprobs"]["no image"]
+    for source, name in (("model", IMAGE_PMI), ("swapped image", SWAPPED_PMI)):
+        per_item, rows, errors, pooled = {}, {}, {}, []
+        for category, pairs in record["logprobs"][source].items():
+            per_item[category] = [
+                [round(t - tn, 4), round(g - gn, 4)] for (t, g), (tn, gn) in zip(pairs, none[category])
+            ]
+            correct = matched(*zip(*per_item[category]))
+            pooled += correct
+            rows[category], errors[category] = accuracy_with_error(correct)
+        rows["all"], errors["all"] = accuracy_with_error(pooled)
+        record["logprobs"][name], record["rows"][name], record["errors"][name] = per_item, rows, errors
+
+
 def paired_gain(record: dict, row: str, control: str) -> dict[str, tuple[float, float]]:
     """Per category (and all): mean of (row matched - control matched) over the same items, and its standard error."""
     out, pooled = {}, []
@@ -192,9 +222,10 @@ def caption_matching(
         "dropped_trained_photos": asked - sum(len(v) for v in items.values()) if unseen_only else None,
         "chance": CHANCE,
     }
-    for control in ("blind LM", "no image"):
+    add_image_pmi_rows(record)
+    for row, control in PAIRED_GAINS:
         if control in record["rows"]:
-            record[f"model - {control}"] = paired_gain(record, "model", control)
+            record[f"{row} - {control}"] = paired_gain(record, row, control)
     return record
 
 
@@ -207,14 +238,15 @@ def format_caption_matching(record: dict) -> str:
         err = record["errors"][name]
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f} ± {err[c]:.3f}" for c in categories) + " |")
     lines.append("| chance | " + " | ".join(f"{record['chance']:.3f}" for _ in categories) + " |")
-    for key in ("model - blind LM", "model - no image"):
+    for key in (f"{row} - {control}" for row, control in PAIRED_GAINS):
         if key in record:
             lines.append(f"| {key} (paired) | " + " | ".join(f"{record[key][c][0]:+.3f} ± {record[key][c][1]:.3f}" for c in categories) + " |")  # fmt: skip
     dropped = record.get("dropped_trained_photos")
     note = f"; {dropped} of {record['asked']} items about photos the run trained on left out" if dropped else ""
     return (
         "SugarCrepe by caption likelihood: how often log p(true caption | image) > log p(hard negative | image) "
-        f"(summed over tokens){note}.\n\n" + "\n".join(lines)
+        f"(summed over tokens){note}. The image PMI rows compare log p(caption | image) - log p(caption | no image) "
+        "instead: only what the image adds.\n\n" + "\n".join(lines)
     )
 
 
