@@ -1,6 +1,7 @@
 """`vlmlab ablate`: a tiny two-variant, two-seed suite runs, tabulates, plots, and is skipped on a rerun."""
 
 import csv
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from vlmlab.analysis.ablate import arm_results, load_suite, paired_rows, paired_table, per_image_cider, run_suite
+from vlmlab.analysis.ablate import (
+    arm_results,
+    load_suite,
+    pair_arm_records,
+    paired_rows,
+    paired_table,
+    per_image_cider,
+    run_suite,
+)
 from vlmlab.config import ConfigError
 
 
@@ -177,6 +186,17 @@ def test_the_paired_table_of_the_photo_records_matches_their_scores_and_refuses_
         assert (seeds, images) == ("0", "228")
         assert float(difference) == pytest.approx(score[variant] - score[variants[0]], abs=5e-4)
         assert 0 < float(error) < 0.1 and int(higher) + int(lower) <= 228
+    # two record files paired directly (`vlmlab results pair`) give the suite table's figures
+    pair = pair_arm_records(*(PHOTO_RECORDS / v / "seed0.json" for v in (variants[0], "meanpool")))
+    assert pair["difference"] == pytest.approx(paired["meanpool"]["difference"])
+    assert pair["standard error"] == pytest.approx(paired["meanpool"]["standard error"])
+    assert [a["CIDEr-D"] for a in pair["arms"]] == [score[variants[0]], score["meanpool"]]
+    other_split = tmp_path / "other.json"  # the same arm with one test image another photo: not the same split
+    arm = arm_results(tmp_path, "meanpool", 0, PHOTO_RECORDS)
+    next(iter(arm["eval"]["rows"].values()))["examples"][0]["image"] = "elsewhere/another-photo.jpg"
+    other_split.write_text(json.dumps(arm))
+    with pytest.raises(ValueError, match="captioned different images"):
+        pair_arm_records(PHOTO_RECORDS / "meanpool" / "seed0.json", other_split)
     arm = arm_results(tmp_path, "meanpool", 0, PHOTO_RECORDS)
     next(iter(arm["eval"]["rows"].values()))["examples"][0]["caption"] = "a cat"  # not the caption it scored
     with pytest.raises(ValueError, match="the kept captions are not the ones scored"):

@@ -235,3 +235,19 @@ def test_add_from_a_sugarcrepe_json_keeps_each_row_with_its_error_the_chance_and
     assert table["model - blind LM (paired)"]["all std"] == pytest.approx(1 / 3)
     assert table["chance"] == {"replace_obj": 0.5, "all": 0.5} and table["items"]["all"] == 3
     assert "| model - blind LM (paired) | 0.667 +- 0.333 | 0.667 +- 0.333 |" in render([record])
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the committed arm records were scored with the PTB tokenizer")
+def test_pair_prints_two_arm_records_paired_and_refuses_a_missing_one(tmp_path, capsys):
+    """`vlmlab results pair`: the committed multi-object qformer-16 seed 0 in float32 and in bf16, image by image."""
+    root = Path(__file__).resolve().parents[1] / "results" / "ablate"
+    fp32, bf16 = (
+        root / "multi-object" / "qformer-16" / "seed0.json",
+        root / "multi-object-bf16" / "qformer-16" / "seed0.json",
+    )
+    assert main(["results", "pair", str(fp32), str(bf16)]) == 0
+    out = capsys.readouterr().out
+    assert "(float32), CIDEr-D 0.973" in out and "(bf16), CIDEr-D 2.545" in out
+    assert "over 75 images: +1.572 +- 0.231" in out  # the figure docs/ablations-and-qformer.md quotes
+    assert main(["results", "pair", str(fp32), str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err

@@ -230,7 +230,14 @@ def cmd_results(args) -> int:
     from .analysis.results import RecordError, add_record, check_page, write_page
 
     try:
-        if args.action == "add":
+        if args.action == "pair":
+            from .analysis.ablate import format_pair, pair_arm_records
+
+            try:
+                print(format_pair(pair_arm_records(args.reference, args.other)))
+            except (OSError, ValueError, KeyError) as e:
+                raise RecordError(str(e)) from e
+        elif args.action == "add":
             path = add_record(args.source, args.name, args.results_dir, args.run_command, args.overwrite)
             print(f"results: wrote {path}; run `vlmlab results` to render {args.page}")
         elif args.check:
@@ -825,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="the record's name: results/NAME.json")
     a.add_argument("--command", dest="run_command", default=None, help="the command that produced the run")
     a.add_argument("--overwrite", action="store_true", help="replace an existing record of that name")
+    a = actions.add_parser("pair", help="two arm records paired image by image on CIDEr-D (other minus reference)")
+    a.add_argument("reference", help="an arm record: results/ablate/SUITE/VARIANT/seedK.json")
+    a.add_argument("other", help="another arm record over the same test images")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("params", help="print the parameter table of a config's model")

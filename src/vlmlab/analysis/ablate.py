@@ -433,19 +433,63 @@ def paired_rows(suite: Suite, out: Path, variants: list[str], records: str | Pat
     reference, rows = variants[0], {}
     for variant in variants[1:]:
         seeds = [s for s in suite.seeds if (variant, s) in scores and (reference, s) in scores]
-        if not seeds:
-            continue
-        images = sorted(set.intersection(*(set(scores[k, s]) for s in seeds for k in (variant, reference))))
-        diffs = [statistics.fmean(scores[variant, s][i] - scores[reference, s][i] for s in seeds) for i in images]
-        rows[variant] = {
-            "seeds": seeds,
-            "images": len(images),
-            "difference": statistics.fmean(diffs),
-            "standard error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-            "higher": sum(d > 0 for d in diffs),
-            "lower": sum(d < 0 for d in diffs),
-        }
+        if seeds:
+            rows[variant] = {"seeds": seeds} | paired_difference(
+                [scores[reference, s] for s in seeds], [scores[variant, s] for s in seeds]
+            )
     return rows
+
+
+def paired_difference(reference: list[dict[str, float]], other: list[dict[str, float]]) -> dict:
+    """other minus reference, image by image on the images all of them scored: per seed pair (the lists are
+    matched by position) a per-image score dict each; each image's difference is averaged over the pairs. -> the
+    mean difference, its standard error over images, and on how many images `other` is higher / lower."""
+    images = sorted(set.intersection(*(set(scores) for scores in reference + other)))
+    diffs = [statistics.fmean(b[i] - a[i] for a, b in zip(reference, other)) for i in images]
+    return {
+        "images": len(images),
+        "difference": statistics.fmean(diffs),
+        "standard error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+        "higher": sum(d > 0 for d in diffs),
+        "lower": sum(d < 0 for d in diffs),
+    }
+
+
+def pair_arm_records(reference: str | Path, other: str | Path) -> dict:
+    """Two arm records (results/ablate/SUITE/VARIANT/seedK.json) paired image by image on CIDEr-D, as the suites'
+    paired tables pair their arms, for arms no one suite table holds together (the same arm in two precisions, or
+    from two records folders). Refused unless both captioned the same test images."""
+    arms = [json.loads(Path(p).read_text()) for p in (reference, other)]
+    scores = [per_image_cider(arm) for arm in arms]
+    if set(scores[0]) != set(scores[1]):
+        raise ValueError(
+            f"{reference} and {other} captioned different images ({len(scores[0])} and {len(scores[1])}, "
+            f"{len(set(scores[0]) & set(scores[1]))} in common): a paired difference needs the same test split"
+        )
+    return {
+        "arms": [
+            {
+                "record": str(path),
+                "variant": f"{arm['suite']}/{arm['variant']} seed {arm['seed']}",
+                "precision": recorded_precision(arm),
+                "CIDEr-D": next(iter(arm["eval"]["rows"].values()))["CIDEr-D"],
+            }
+            for path, arm in zip((reference, other), arms)
+        ]
+    } | paired_difference([scores[0]], [scores[1]])
+
+
+def format_pair(pair: dict) -> str:
+    """pair_arm_records as a few lines of text."""
+    (a, b) = pair["arms"]
+    lines = [f"{name}: {arm['variant']} ({arm['precision']}), CIDEr-D {arm['CIDEr-D']:.3f}  [{arm['record']}]"
+             for name, arm in (("reference", a), ("other", b))]  # fmt: skip
+    lines.append(
+        f"other minus reference, CIDEr-D per image over {pair['images']} images: {pair['difference']:+.3f} "
+        f"+- {pair['standard error']:.3f} (standard error over images); other higher on {pair['higher']}, "
+        f"lower on {pair['lower']}"
+    )
+    return "\n".join(lines)
 
 
 def paired_table(reference: str, rows: dict[str, dict], split: str) -> list[str]:
