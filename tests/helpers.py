@@ -1,7 +1,9 @@
 """Plain helper functions shared by several test modules (fixtures are in conftest.py)."""
 
+import json
 import struct
 import zlib
+from pathlib import Path
 
 from vlmlab.model.sequence import IGNORE_INDEX
 
@@ -72,3 +74,17 @@ def tiny_chain_file(root, clip_dir, gpt2_dir, overrides=None, steps=2, **keys):
     }
     (root / "chain.yaml").write_text(yaml.safe_dump(chain))
     return str(root / "chain.yaml")
+
+
+def write_vqa_training_files(folder: Path, rows: list[tuple[str, str, list[str]]]) -> None:
+    """VQA-v2 vqa_train_questions.json + vqa_train_annotations.json in `folder`: (question id, question type,
+    human answers) per row, what make-tasks writes for a run's stage-3 training questions."""
+    questions = [{"question_id": qid, "image_id": 1, "question": "?"} for qid, _, _ in rows]
+    annotations = [
+        {"question_id": qid, "image_id": 1, "question_type": kind, "answer_type": "other",
+         "answers": [{"answer": a, "answer_id": k + 1} for k, a in enumerate(answers)],
+         "multiple_choice_answer": answers[0]}
+        for qid, kind, answers in rows
+    ]  # fmt: skip
+    (folder / "vqa_train_questions.json").write_text(json.dumps({"questions": questions}))
+    (folder / "vqa_train_annotations.json").write_text(json.dumps({"annotations": annotations}))

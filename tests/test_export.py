@@ -2,12 +2,14 @@
 figures come from the run's own records; `zoo:NAME` wherever a run folder is accepted."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
 
+from helpers import write_vqa_training_files
 from vlmlab.analysis.export import ExportError, export_run
 from vlmlab.cli import main as cli_main
 from vlmlab.run import load_run
@@ -61,6 +63,25 @@ def test_a_float32_export_holds_the_weights_exactly_and_records_of_one_name_keep
         assert torch.equal(released.trainable_state_dict()[name], value), name
     with pytest.raises(ExportError, match="given twice"):
         export_run(finished_run, tmp_path / "twice", extra_records=[copies[0], copies[0]])
+
+
+def test_a_run_trained_on_questions_exports_its_vqa_prior(finished_run, tmp_path):
+    """Its training questions stay on the machine that made them; the prior row of every later evaluation needs
+    them, so the export carries the prior they give (listed in the manifest, checked on loading)."""
+    from vlmlab.config import load_config, save_config
+    from vlmlab.eval.question_scores import PRIOR_FILE, training_prior
+
+    run, tasks = tmp_path / "run", tmp_path / "tasks"
+    shutil.copytree(finished_run, run)
+    tasks.mkdir()
+    write_vqa_training_files(tasks, [("1", "how many", ["3"] * 10), ("2", "is there a", ["yes"] * 10)])
+    save_config(load_config(run / "config.yaml", [f"data.tasks={tasks}"]), run / "config.yaml")
+    out = export_run(run, tmp_path / "asked")
+    assert PRIOR_FILE in verify_release(out)["files"]
+    shutil.rmtree(tasks)  # elsewhere: the release alone gives the prior
+    prior = training_prior(out, load_config(out / "config.yaml"))
+    assert prior["by question type"] == {"how many": "3", "is there a": "yes"}
+    assert PRIOR_FILE not in verify_release(export_run(finished_run, tmp_path / "captions"))["files"]
 
 
 def test_an_unfinished_run_or_a_taken_folder_is_not_exported(finished_run, tmp_path):

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, require
+from helpers import write_vqa_training_files
 from vlmlab.data.questions import Question
 from vlmlab.eval.multiple_choice import choice_scores, extract_choice, likelihood_pick, rotations
 from vlmlab.eval.pope import parse_yes_no, pope_scores, pope_scores_by_setting
@@ -231,3 +232,32 @@ def test_vqa_accuracy_by_question_type_per_answerer():
     assert table.splitlines()[0] == "| question type | questions | model | blind model |"
     assert "| what color is the | 2 | 1.000 | 0.500 |" in table
     assert "| where is the | 1 | 0.000 | 1.000 |" in table
+
+
+def test_the_prior_row_comes_from_the_runs_own_training_questions_or_is_refused(tmp_path):
+    """The prior is what the run's training answers alone would say. Where the run trained on questions that are
+    not here, the prior is refused before anything loads (it was "yes" to every question), and an exported
+    model's saved prior stands in for them."""
+    from vlmlab.config import load_config, save_config
+    from vlmlab.eval.question_scores import PRIOR_FILE, prior_predictions, training_prior
+
+    def asked(qid, kind, answers):
+        return Question(qid, "a.jpg", "?", answers=answers, question_type=kind)
+
+    tasks, run = tmp_path / "tasks", tmp_path / "run"
+    tasks.mkdir(), run.mkdir()
+    save_config(load_config(None, [f"data.tasks={tasks}"]), run / "config.yaml")
+    cfg = load_config(run / "config.yaml")
+    with pytest.raises(ValueError, match="vqa_train_questions.json is not here: the prior row"):
+        training_prior(run, cfg)
+    rows = [(str(i), "how many", ["2"] * 10) for i in range(3)] + [("9", "is there a", ["no"] * 10)]
+    write_vqa_training_files(tasks, rows)
+    prior = training_prior(run, cfg)
+    assert prior["by question type"] == {"how many": "2", "is there a": "no"} and prior["overall"] == "2"
+    test = [asked("a", "how many", ["3"]), asked("b", "is there a", ["no"]), asked("c", "what color", ["red"])]
+    assert prior_predictions("vqa", test, prior) == ["2", "no", "2"]
+    for f in tasks.iterdir():  # an exported model elsewhere: the tasks folder is gone, its saved prior is not
+        f.unlink()
+    (run / PRIOR_FILE).write_text(json.dumps(prior))
+    assert training_prior(run, cfg) == prior
+    assert training_prior(run, load_config(None)) is None  # a caption run trained on no questions

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import SHARED_DATA, require
 from vlmlab.app.demo import first_images, load_split, split_nll
+from vlmlab.config import load_config
+from vlmlab.eval.question_scores import PRIOR_FILE
 from vlmlab.run import load_run
 from vlmlab.run.release import RELEASE_MANIFEST, verify_release, zoo_dir, zoo_names
 
@@ -35,6 +37,27 @@ def test_each_model_loads_verified_and_answers_a_photo(name):
     if model.cfg.train.stage in ("instruct", "vqa"):
         answer = model.chat(a_photo(), [{"role": "user", "content": "<image>\nIs there a person in the image?"}])
         assert answer.strip()
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if (zoo_dir() / n / PRIOR_FILE).exists()])
+def test_a_chat_models_saved_prior_gives_the_prior_answers_its_records_hold(name):
+    """The VQA prior row is read from the model's training questions, which the zoo does not carry; the prior its
+    export saved must give every answer the recorded prior row gave."""
+    from vlmlab.data.questions import Question
+    from vlmlab.eval.question_scores import prior_predictions
+
+    prior = json.loads((zoo_dir() / name / PRIOR_FILE).read_text())
+    records = sorted((zoo_dir() / name / "records").glob("*eval_vqa.json"))
+    assert records and prior["training questions"] > 0
+    for record in records:
+        answers = json.loads(record.read_text())["answers"]
+        asked = [Question(a["question_id"], "", a["question"], question_type=a["question_type"]) for a in answers]
+        assert prior_predictions("vqa", asked, prior) == [a["prior"] for a in answers], record.name
+
+
+def test_every_chat_model_carries_its_prior():
+    chat = [n for n in ZOO if load_config(zoo_dir() / n / "config.yaml").data.tasks]
+    assert chat and all((zoo_dir() / n / PRIOR_FILE).exists() for n in chat)
 
 
 RESCORED = [(name, r.name) for name in ZOO for r in sorted((zoo_dir() / name / "records").glob("captions_*.json"))]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import load_config
 from ..data.features import file_digest
+from ..eval.question_scores import PRIOR_FILE, training_prior
 from ..run.checkpoint import TRAINABLE_FILE, find_checkpoint, verify_checkpoint
 from ..run.record import CONFIG_FILE, MODEL_INFO_FILE, git_commit
 from ..run.release import RELEASE_FORMAT, RELEASE_MANIFEST, RELEASE_WEIGHTS, is_release
@@ -96,6 +97,10 @@ def export_run(
     (tmp / "README.md").write_text(model_card(name, cfg, info, step, dtype, tables, command or "", own_row))
 
     files = [RELEASE_WEIGHTS, CONFIG_FILE, MODEL_INFO_FILE, *(f"records/{name}" for name in names)]
+    prior = training_prior(run_dir, cfg)  # the VQA prior row of its evaluations, wherever its task files are not
+    if prior is not None:
+        (tmp / PRIOR_FILE).write_text(json.dumps(prior, indent=1) + "\n")
+        files.append(PRIOR_FILE)
     manifest = {
         "format": RELEASE_FORMAT,
         "step": step,

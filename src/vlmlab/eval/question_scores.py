@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import write_atomic
+from ..config import ConfigError, write_atomic
 from ..data.grounded_questions import MC_SUFFIX, VQA_SUFFIX
 from ..data.questions import Question, QuestionFileError, read_aokvqa, read_mmbench_tsv, read_pope, read_vqa_v2
 from ..model.nll import derangement
@@ -274,16 +274,46 @@ def score(
     return out
 
 
-def prior_predictions(task: str, questions: list[Question], train_questions: list[Question] | None) -> list[str]:
+PRIOR_FILE = "prior_answers.json"  # an exported model's VQA prior, for machines without its training questions
+
+
+def vqa_prior(train: list[Question]) -> dict:
+    """The prior row's answers: the most frequent training answer per question type, and overall (for types the
+    training questions never asked)."""
+    overall = Counter(normalize_answer(a) for q in train for a in q.answers).most_common(1)
+    return {
+        "by question type": prior_answers([q.question_type for q in train], [q.answers for q in train]),
+        "overall": overall[0][0] if overall else "yes",
+        "training questions": len(train),
+    }
+
+
+def training_prior(run_dir: Path, cfg) -> dict | None:
+    """vqa_prior of the questions the run trained on (data.tasks/vqa_train_questions.json); in an exported model
+    whose tasks folder is not on this machine, the one its export saved (PRIOR_FILE). None: the run trained on no
+    questions. Refused where it did but neither is here: a prior of other answers would stand in the table as this
+    run's (it did, as "yes" to every question, before this check)."""
+    if not cfg.data.tasks:
+        return None
+    path = Path(cfg.data.tasks) / "vqa_train_questions.json"
+    if path.exists():
+        return vqa_prior(read_questions(path)[1])
+    if (run_dir / PRIOR_FILE).exists():
+        return json.loads((run_dir / PRIOR_FILE).read_text())
+    raise ConfigError(
+        f"{run_dir} trained on the questions of {cfg.data.tasks}, and {path} is not here: the prior row (the most "
+        "frequent training answer per question type) needs them. Write that folder with `vlmlab make-tasks` as "
+        f"the run's chain did, or evaluate a model exported with its {PRIOR_FILE}."
+    )
+
+
+def prior_predictions(task: str, questions: list[Question], prior: dict | None) -> list[str]:
     if task == "pope":
         return ["yes"] * len(questions)
     if task == "mmbench":
         return ["A"] * len(questions)
-    train = train_questions or []
-    by_type = prior_answers([q.question_type for q in train], [q.answers for q in train]) if train else {}
-    overall = Counter(normalize_answer(a) for q in train for a in q.answers).most_common(1)
-    fallback = overall[0][0] if overall else "yes"
-    return [by_type.get(q.question_type, fallback) for q in questions]
+    prior = prior or {"by question type": {}, "overall": "yes"}
+    return [prior["by question type"].get(q.question_type, prior["overall"]) for q in questions]
 
 
 def by_question_type(questions: list[Question], answers: dict[str, list[str]]) -> str:
@@ -376,9 +406,7 @@ def evaluate_task(
     if len(questions) < 2:
         left_out = f" ({dropped} about photos the run trained on left out)" if unseen_only else ""
         raise TooFewQuestions(f"{len(questions)} question(s){left_out}: the swapped-image control needs at least 2")
-    train_questions = None
-    if task == "vqa" and cfg.data.tasks and (Path(cfg.data.tasks) / "vqa_train_questions.json").exists():
-        train_questions = read_questions(Path(cfg.data.tasks) / "vqa_train_questions.json")[1]
+    prior = training_prior(run_dir, cfg) if task == "vqa" else None  # refused here, before any model loads
 
     true_images = [image_of(q) for q in questions]
     distinct = sorted({str(im) for im in true_images if not hasattr(im, "size")})
@@ -425,7 +453,7 @@ def evaluate_task(
         if task == "vqa":
             numbers["blind model"] = number_picks(blind, questions, true_images, desc="blind model")
         del blind
-    answers["prior"] = prior_predictions(task, questions, train_questions)
+    answers["prior"] = prior_predictions(task, questions, prior)
     if task == "mmbench":  # the prior picks option A, by letter and by likelihood alike
         options["prior"] = [[0.0] + [float("-inf")] * (len(q.choices) - 1) for q in questions]
         unconditional["prior"] = dict.fromkeys(unconditional["model"], 0.0)

@@ -8,6 +8,8 @@ installs, and `zoo:NAME` for the ones committed in the repository's zoo/.
       model_info.json        parameter counts, visual tokens, the precision it trained in
       manifest.json          {"format", "step", "dtype", "files": {name: SHA-256}}: what is verified on loading
       records/               the run's own result JSON the card's figures were read from
+      prior_answers.json     a run trained on questions: the VQA prior row's answers (its training questions stay
+                             behind; eval/question_scores.training_prior)
 
 The folder is a Hugging Face model repository as it is (`huggingface_hub.upload_folder`); `hf:ORG/NAME` loads one
 back from the hub (or the local hub cache) with `snapshot_download`.
