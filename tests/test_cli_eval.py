@@ -7,6 +7,7 @@ import pytest
 
 from vlmlab.cli import main as cli_main
 from vlmlab.config import load_config, save_config
+from vlmlab.eval.caption_matching import IMAGE_PMI, SWAPPED_PMI
 
 
 def refused(argv, capsys) -> str:
@@ -170,5 +171,5 @@ def test_eval_retrieval_scores_a_stage1_run_and_sugarcrepe_by_a_caption_runs_lik
     assert cli_main(argv + ["--out-dir", str(tmp_path / "sugarcrepe")]) == 0
     record = json.loads((tmp_path / "sugarcrepe" / "sugarcrepe.json").read_text())
     assert record["items"] == dict.fromkeys(record["items"], 2) and len(record["items"]) == 7  # none trained on
-    assert set(record["rows"]) == {"model", "swapped image", "no image"}
+    assert set(record["rows"]) == {"model", "swapped image", "no image", IMAGE_PMI, SWAPPED_PMI}
     assert not (caption_run / "sugarcrepe.json").exists()  # --out-dir is where it goes

@@ -97,7 +97,7 @@ def export_run(
     (tmp / "README.md").write_text(model_card(name, cfg, info, step, dtype, tables, command or "", own_row))
 
     files = [RELEASE_WEIGHTS, CONFIG_FILE, MODEL_INFO_FILE, *(f"records/{name}" for name in names)]
-    prior = training_prior(run_dir, cfg)  # the VQA prior row of its evaluations, wherever its task files are not
+    prior = training_prior(run_dir, cfg, required=False)  # the VQA prior row, wherever its task files are not
     if prior is not None:
         (tmp / PRIOR_FILE).write_text(json.dumps(prior, indent=1) + "\n")
         files.append(PRIOR_FILE)

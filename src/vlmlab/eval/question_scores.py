@@ -288,11 +288,12 @@ def vqa_prior(train: list[Question]) -> dict:
     }
 
 
-def training_prior(run_dir: Path, cfg) -> dict | None:
+def training_prior(run_dir: Path, cfg, required: bool = True) -> dict | None:
     """vqa_prior of the questions the run trained on (data.tasks/vqa_train_questions.json); in an exported model
     whose tasks folder is not on this machine, the one its export saved (PRIOR_FILE). None: the run trained on no
     questions. Refused where it did but neither is here: a prior of other answers would stand in the table as this
-    run's (it did, as "yes" to every question, before this check)."""
+    run's (it did, as "yes" to every question, before this check); with required=False (an export, which carries
+    the prior only where there is one) None instead."""
     if not cfg.data.tasks:
         return None
     path = Path(cfg.data.tasks) / "vqa_train_questions.json"
@@ -300,6 +301,8 @@ def training_prior(run_dir: Path, cfg) -> dict | None:
         return vqa_prior(read_questions(path)[1])
     if (run_dir / PRIOR_FILE).exists():
         return json.loads((run_dir / PRIOR_FILE).read_text())
+    if not required:
+        return None
     raise ConfigError(
         f"{run_dir} trained on the questions of {cfg.data.tasks}, and {path} is not here: the prior row (the most "
         "frequent training answer per question type) needs them. Write that folder with `vlmlab make-tasks` as "
