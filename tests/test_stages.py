@@ -16,6 +16,7 @@ from vlmlab.data.formats import CaptionSample
 from vlmlab.data.grounded_questions import ImageFacts, article, plural, pope_questions, short_questions
 from vlmlab.data.make_tasks import make_tasks
 from vlmlab.data.questions import read_llava_conversations, read_mmbench_tsv, read_pope, read_vqa_v2
+from vlmlab.eval.caption_matching import IMAGE_PMI, SWAPPED_PMI
 from vlmlab.run import load_run
 from vlmlab.run.checkpoint import TRAINABLE_FILE
 
@@ -386,7 +387,8 @@ def test_a_chain_scores_its_caption_stage_on_sugarcrepe_beside_the_blind_arm(tin
     (tmp / "sugarcrepe.yaml").write_text(yaml.safe_dump(spec | {"sugarcrepe": str(folder)}))
     summary = run_chain(load_chain(str(tmp / "sugarcrepe.yaml")), tmp / "sugarcrepe")
     record = summary["caption_matching"]["caption"]
-    assert set(record["rows"]) == {"model", "swapped image", "no image", "blind LM"} and "logprobs" not in record
+    assert set(record["rows"]) == {"model", "swapped image", "no image", "blind LM", IMAGE_PMI, SWAPPED_PMI}
+    assert "logprobs" not in record and f"{IMAGE_PMI} - blind LM" in record
     assert record["blind_run"] == summary["runs"]["blind"]["caption"] and record["items"] == {"replace_obj": 3}
     assert "model - blind LM" in record and "sugarcrepe caption" in summary["seconds"]
     assert "## SugarCrepe: the caption stage" in (tmp / "sugarcrepe" / "chain.md").read_text()
