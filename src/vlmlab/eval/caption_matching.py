@@ -19,6 +19,7 @@ Holtzman et al. 2021; VisualGPTScore, Lin et al. 2023, divides by the text prior
 lets the captioner's text prior (its LoRA read COCO captions) vote on every item; PMI cancels it, so an item is
 matched only if the image raises the true caption more than the negative. Its control is the same score under a
 swapped photo: an image-specific gain is gone there. Both scorings stand in the table; neither replaces the other.
+
 SugarCrepe's true caption is one of the photo's COCO captions: a run that trained on a photo has read it, so only
 photos the run never trained on are scored (`unseen_only`, the default; matched by COCO id).
 """
@@ -102,23 +103,31 @@ def matched(true: list[float], negative: list[float]) -> list[float]:
     return [1.0 if t > g else 0.5 if t == g else 0.0 for t, g in zip(true, negative)]
 
 
+def accuracies(correct: dict[str, list[float]]) -> tuple[dict, dict]:
+    """matched() per category -> (accuracy per category and "all", its standard error the same way)."""
+    rows, errors = {}, {}
+    for category, values in correct.items():
+        rows[category], errors[category] = accuracy_with_error(values)
+    pooled = [v for values in correct.values() for v in values]
+    rows["all"], errors["all"] = accuracy_with_error(pooled) if pooled else (float("nan"), 0.0)
+    return rows, errors
+
+
 def score_rows(answerers: dict[str, tuple[object, str]], items: dict[str, list[dict]], desc: str = "") -> dict:
     """answerers: row name -> (model, 'true' | 'swapped' | 'none'); items: category -> SugarCrepe items.
     -> {"rows": {row: {category: accuracy, ..., "all"}}, "errors": the same with standard errors, "logprobs":
     {row: {category: [[true, negative], ...]}}}."""
     rows, errors, per_item = {}, {}, {}
     for name, (model, which) in answerers.items():
-        rows[name], errors[name], per_item[name], pooled = {}, {}, {}, []
+        per_item[name], correct = {}, {}
         for category, rows_of in tqdm(items.items(), desc=f"{desc}{name}", leave=False):
             photos = [r["image"] for r in rows_of]
             photos = {"true": photos, "swapped": swapped_images(photos), "none": [None] * len(photos)}[which]
             true = caption_logprobs(model, photos, [r["caption"] for r in rows_of])
             negative = caption_logprobs(model, photos, [r["negative_caption"] for r in rows_of])
             per_item[name][category] = [[round(t, 4), round(g, 4)] for t, g in zip(true, negative)]
-            correct = matched(true, negative)
-            pooled += correct
-            rows[name][category], errors[name][category] = accuracy_with_error(correct)
-        rows[name]["all"], errors[name]["all"] = accuracy_with_error(pooled) if pooled else (float("nan"), 0.0)
+            correct[category] = matched(true, negative)
+        rows[name], errors[name] = accuracies(correct)
     return {"rows": rows, "errors": errors, "logprobs": per_item}
 
 
@@ -133,16 +142,12 @@ def add_image_pmi_rows(record: dict) -> None:
     one) minus its score with none, item by item."""
     none = record["logprobs"]["no image"]
     for source, name in (("model", IMAGE_PMI), ("swapped image", SWAPPED_PMI)):
-        per_item, rows, errors, pooled = {}, {}, {}, []
-        for category, pairs in record["logprobs"][source].items():
-            per_item[category] = [
-                [round(t - tn, 4), round(g - gn, 4)] for (t, g), (tn, gn) in zip(pairs, none[category])
-            ]
-            correct = matched(*zip(*per_item[category]))
-            pooled += correct
-            rows[category], errors[category] = accuracy_with_error(correct)
-        rows["all"], errors["all"] = accuracy_with_error(pooled)
-        record["logprobs"][name], record["rows"][name], record["errors"][name] = per_item, rows, errors
+        per_item = {
+            category: [[round(t - tn, 4), round(g - gn, 4)] for (t, g), (tn, gn) in zip(pairs, none[category])]
+            for category, pairs in record["logprobs"][source].items()
+        }
+        record["logprobs"][name] = per_item
+        record["rows"][name], record["errors"][name] = accuracies({c: matched(*zip(*v)) for c, v in per_item.items()})
 
 
 def paired_gain(record: dict, row: str, control: str) -> dict[str, tuple[float, float]]:
